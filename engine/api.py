@@ -1,0 +1,206 @@
+"""The contract between the chat side and the GPU workers.
+
+Importable without torch: the chat side (``bot/``) uses these names and types to enqueue jobs and read
+their results; ``engine.worker`` implements them. Everything that crosses the queue is a plain dict of
+strings, numbers and lists (msgpack), built from and parsed into the dataclasses below. Payloads carry
+ids and blob keys, never image bytes or model weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Self, TypeVar
+
+QUEUE_INTERACTIVE = "avatarbooth:queue:interactive"
+"""Short jobs a user is waiting on: photo checks, previews, draws."""
+QUEUE_TRAINING = "avatarbooth:queue:training"
+"""Long jobs: personal-model training."""
+
+PROGRESS_KEY_PREFIX = "avatarbooth:progress:"
+
+
+def progress_key(job_id: str) -> str:
+    """Redis key of the hash a worker writes a job's progress to (step, total, loss, eta_s, stage)."""
+    return PROGRESS_KEY_PREFIX + job_id
+
+
+class JobName(StrEnum):
+    """Names of the worker functions, as registered with arq."""
+
+    CHECK_PHOTO = "check_photo"
+    PREVIEW = "preview"
+    TRAIN = "train"
+    DRAW = "draw"
+
+
+JOB_QUEUES: dict[JobName, str] = {
+    JobName.CHECK_PHOTO: QUEUE_INTERACTIVE,
+    JobName.PREVIEW: QUEUE_INTERACTIVE,
+    JobName.DRAW: QUEUE_INTERACTIVE,
+    JobName.TRAIN: QUEUE_TRAINING,
+}
+
+
+class TrainingMethod(StrEnum):
+    LORA = "lora"
+    TEXTUAL_INVERSION = "ti"
+    DREAMBOOTH = "dreambooth"
+
+
+class Refusal(StrEnum):
+    """Why a photo was not accepted. The chat side turns each code into a sentence (bot/texts.py)."""
+
+    # Found by the chat side before anything is stored.
+    NOT_AN_IMAGE = "not_an_image"
+    TRUNCATED = "truncated"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    TOO_FEW_PIXELS = "too_few_pixels"
+    FILE_TOO_LARGE = "file_too_large"
+    DUPLICATE = "duplicate"
+    # Found by the worker's face checks.
+    NO_FACE = "no_face"
+    SEVERAL_FACES = "several_faces"
+    FACE_TOO_SMALL = "face_too_small"
+    TOO_BLURRY = "too_blurry"
+    DIFFERENT_PERSON = "different_person"
+
+
+class ErrorCode(StrEnum):
+    """Why a job failed, as the worker reports it. Mapped to user-facing text by the chat side."""
+
+    MISSING_BLOB = "missing_blob"
+    INVALID_REQUEST = "invalid_request"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    INTERNAL = "internal"
+
+
+_T = TypeVar("_T", bound="_Message")
+
+
+@dataclass(frozen=True)
+class _Message:
+    """A dataclass that travels over the queue as a plain dict."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unexpected fields {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class CheckPhotoRequest(_Message):
+    """Check one stored photo: detect the face, embed it, compare with the user's accepted photos.
+
+    ``reference_embedding_keys`` are the face records of the photos already accepted for this user;
+    the worker refuses the photo as ``different_person`` when it does not match them.
+    On acceptance the worker writes two blobs under ``owner``: the face record and the training crop.
+    """
+
+    job_id: str
+    owner: str
+    photo_key: str
+    reference_embedding_keys: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CheckPhotoResult(_Message):
+    accepted: bool
+    refusal: str | None = None  # a Refusal value when not accepted
+    embedding_key: str | None = None  # face record: embedding, keypoints, box (engine-private format)
+    crop_key: str | None = None  # face-centred square PNG at the training resolution
+    faces_found: int = 0
+    similarity: float | None = None  # cosine to the mean of the references, when there were any
+
+
+@dataclass(frozen=True)
+class PreviewRequest(_Message):
+    """Zero-shot InstantID images from the mean face embedding of the enrolled photos."""
+
+    job_id: str
+    owner: str
+    embedding_keys: list[str]
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    num_images: int = 1
+
+
+@dataclass(frozen=True)
+class TrainRequest(_Message):
+    """Train a personal model on the user's training crops."""
+
+    job_id: str
+    owner: str
+    method: str  # a TrainingMethod value
+    crop_keys: list[str]
+    token: str  # the rare token that will stand for the user, e.g. "sks"
+    class_word: str  # e.g. "person"
+    steps: int | None = None  # None: the preset's default
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainResult(_Message):
+    adapter_key: str  # blob key of the trained weights
+    method: str
+    base_preset: str
+    steps: int
+    token: str
+    class_word: str
+    final_loss: float | None = None
+
+
+@dataclass(frozen=True)
+class DrawRequest(_Message):
+    """Render a prompt for one user, from their personal model when ``adapter_key`` is set.
+
+    With no adapter, the worker falls back to InstantID on ``embedding_keys``. ``prompt`` still holds
+    the user's words; the worker replaces "me" with ``token`` + ``class_word``.
+    """
+
+    job_id: str
+    owner: str
+    prompt: str
+    embedding_keys: list[str]
+    adapter_key: str | None = None
+    method: str | None = None
+    token: str | None = None
+    class_word: str | None = None
+    negative_prompt: str = ""
+    seed: int = 0
+    num_images: int = 1
+
+
+@dataclass(frozen=True)
+class ImagesResult(_Message):
+    """Images written to the blob store, best first, with their face similarity to the enrolled set."""
+
+    image_keys: list[str]
+    scores: list[float]
+    seed: int
+    prompt_used: str
+    note: str | None = None  # e.g. that the tiny preset's images are noise
+
+
+@dataclass(frozen=True)
+class JobFailure(_Message):
+    """What a worker returns instead of raising: arq's msgpack serializer cannot carry exceptions."""
+
+    failed: bool
+    code: str  # an ErrorCode value
+    detail: str
+
+
+def parse_result(data: dict[str, Any], kind: type[_T]) -> _T | JobFailure:
+    """Read a worker's return value as either the expected result type or a ``JobFailure``."""
+    if data.get("failed"):
+        return JobFailure.from_dict(data)
+    return kind.from_dict(data)
