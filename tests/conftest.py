@@ -1,0 +1,26 @@
+"""Shared fixtures: an isolated environment, and the tiny preset built once per test session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# No test may reach a model hub or write into the user's caches.
+_SANDBOX = Path(tempfile.mkdtemp(prefix="avatarbooth-tests-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HOME"] = str(_SANDBOX / "hf")
+os.environ["XDG_CACHE_HOME"] = str(_SANDBOX / "cache")
+os.environ["INSIGHTFACE_HOME"] = str(_SANDBOX / "insightface")
+
+
+@pytest.fixture(scope="session")
+def tiny_preset_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The tiny preset's model folder, built once for the whole test session."""
+    from engine.tiny import build_tiny_preset
+
+    yield build_tiny_preset(tmp_path_factory.mktemp("models") / "tiny")
