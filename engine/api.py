@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Self, TypeVar
 
+import msgpack
+
 QUEUE_INTERACTIVE = "avatarbooth:queue:interactive"
 """Short jobs a user is waiting on: photo checks, previews, draws."""
 QUEUE_TRAINING = "avatarbooth:queue:training"
@@ -24,6 +26,22 @@ PROGRESS_KEY_PREFIX = "avatarbooth:progress:"
 def progress_key(job_id: str) -> str:
     """Redis key of the hash a worker writes a job's progress to (step, total, loss, eta_s, stage)."""
     return PROGRESS_KEY_PREFIX + job_id
+
+
+def serialize_job(data: dict[str, Any]) -> bytes:
+    """arq's job serializer on both sides: msgpack, never pickle (a queue must not execute code)."""
+    packed: bytes = msgpack.packb(data, use_bin_type=True)
+    return packed
+
+
+def deserialize_job(data: bytes) -> dict[str, Any]:
+    unpacked: dict[str, Any] = msgpack.unpackb(data, raw=False)
+    return unpacked
+
+
+def arq_job_id(kind: str, db_job_id: int) -> str:
+    """The queue's job id for database job ``db_job_id``: re-enqueueing the same row is a no-op."""
+    return f"{kind}-{db_job_id}"
 
 
 class JobName(StrEnum):
