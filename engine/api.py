@@ -21,6 +21,9 @@ QUEUE_TRAINING = "avatarbooth:queue:training"
 """Long jobs: personal-model training."""
 
 PROGRESS_KEY_PREFIX = "avatarbooth:progress:"
+WORKER_KEY_PREFIX = "avatarbooth:worker:"
+"""A worker sets ``WORKER_KEY_PREFIX + <host>:<pid>`` (with a short expiry, refreshed) once its
+models are loaded, so a supervisor can tell a worker that is ready from one still loading."""
 
 
 def progress_key(job_id: str) -> str:
@@ -202,7 +205,7 @@ class ImagesResult(_Message):
     """Images written to the blob store, best first, with their face similarity to the enrolled set."""
 
     image_keys: list[str]
-    scores: list[float]
+    scores: list[float | None]  # cosine to the enrolled mean; None where no face was found
     seed: int
     prompt_used: str
     note: str | None = None  # e.g. that the tiny preset's images are noise

@@ -1,0 +1,5 @@
+import sys
+
+from avatarbooth.cli import main
+
+sys.exit(main())

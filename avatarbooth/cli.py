@@ -1,0 +1,123 @@
+"""The ``avatarbooth`` command: demo, chat, run, worker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from avatarbooth.config import KNOWN_PRESETS, AppConfig, ConfigError, load_config
+
+_log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="avatarbooth", description="A chatbot that turns 3-5 selfies into a private personal image model."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", type=Path, default=None, help="config file (default: ./config.toml)")
+        sub.add_argument("--preset", choices=KNOWN_PRESETS, default=None, help="model preset (overrides config)")
+        sub.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
+        return sub
+
+    demo = command("demo", "run the scripted journey offline: consent, selfies, preview, train, draw")
+    demo.add_argument("--out", type=Path, default=None, help="folder for the images (default: DATA/out/demo)")
+    demo.add_argument("--json", action="store_true", help="end stdout with one JSON line: images and job ids")
+    chat = command("chat", "chat with the bot in this terminal (commands from stdin, interactive or piped)")
+    chat.add_argument("--out", type=Path, default=None, help="folder for the images (default: DATA/out/chat)")
+    command("run", "serve the configured chat adapters with a worker and the embedded Valkey")
+    worker = command("worker", "run a worker alone (for more GPUs or hosts); needs a Redis URL")
+    worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO if args.command == "worker" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = load_config(args.config, preset=args.preset if args.preset else _default_preset(args))
+    except ConfigError as e:
+        print(f"avatarbooth: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "worker":
+            return _run_worker(config, burst=args.burst)
+        if args.command == "demo":
+            from avatarbooth.demo import run_demo
+
+            return asyncio.run(run_demo(config, out_dir=args.out, as_json=args.json))
+        return asyncio.run(_chat(config, out_dir=getattr(args, "out", None)))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        from avatarbooth.runtime import StartupError
+
+        if isinstance(e, StartupError):
+            print(f"avatarbooth: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _default_preset(args: argparse.Namespace) -> str | None:
+    # The demo is the offline showcase: it runs on the tiny models unless told otherwise.
+    return "tiny" if args.command == "demo" and args.config is None else None
+
+
+async def _chat(config: AppConfig, *, out_dir: Path | None) -> int:
+    from avatarbooth.runtime import default_out_dir, serve_chat
+    from bot.console import ConsoleAdapter
+    from bot.service import UserRef
+
+    async with serve_chat(config) as running:
+        console = ConsoleAdapter(
+            running.service,
+            user=UserRef(platform="console", platform_user_id="local"),
+            out_dir=out_dir or default_out_dir(config, "chat"),
+            stdin=sys.stdin,
+            stdout=sys.stdout,
+        )
+        return await console.run()
+
+
+def _run_worker(config: AppConfig, *, burst: bool) -> int:
+    if not config.engine.redis_url:
+        print(
+            "avatarbooth: a worker alone needs a queue server: set [queue] redis_url in config.toml "
+            "or AVATARBOOTH_REDIS_URL (to try everything on one machine, use `avatarbooth chat`)",
+            file=sys.stderr,
+        )
+        return 2
+    from engine.errors import EngineError
+    from engine.worker import run_worker
+
+    async def serve() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        await run_worker(config.engine, burst=burst)
+
+    try:
+        asyncio.run(serve())
+    except asyncio.CancelledError:
+        _log.info("worker stopped")
+    except EngineError as e:
+        print(f"avatarbooth worker: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Read config.toml (and the environment) into each package's settings.
+
+Precedence, highest first: command-line flags (``--preset``), environment variables
+(``AVATARBOOTH_DATA``, ``AVATARBOOTH_REDIS_URL``), config.toml, built-in defaults. Secrets never come
+from config.toml: tokens and passwords are read from the environment (or a ``.env`` file) only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bot.settings import BotSettings
+from engine.settings import EngineSettings
+
+DEFAULT_CONFIG = Path("config.toml")
+KNOWN_PRESETS = ("sdxl", "tiny")
+
+
+class ConfigError(Exception):
+    """config.toml or the environment holds something we cannot use; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    config_path: Path | None
+    data_dir: Path
+    redis_url: str | None  # None: start the embedded Valkey server
+    bot: BotSettings
+    engine: EngineSettings
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "avatarbooth.sqlite3"
+
+    @property
+    def valkey_dir(self) -> Path:
+        return self.data_dir / "valkey"
+
+    def with_redis_url(self, url: str) -> AppConfig:
+        """The same configuration, pointed at a running Redis/Valkey (e.g. the embedded one)."""
+        engine = dataclasses.replace(self.engine, redis_url=url)
+        return dataclasses.replace(self, redis_url=url, engine=engine)
+
+
+_SECTIONS = {"storage", "queue", "engine", "limits", "identity", "training"}
+_ENGINE_KEYS = {"preset", "device", "models_dir", "preview_steps", "draw_steps"}
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    preset: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> AppConfig:
+    """Build the whole configuration. ``path=None`` uses ./config.toml when present, else defaults."""
+    env = os.environ if env is None else env
+    raw, base_dir = _read_toml(path)
+    unknown = set(raw) - _SECTIONS
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; known: {sorted(_SECTIONS)}")
+
+    data_dir = _data_dir(raw.get("storage", {}), base_dir, env)
+    redis_url = env.get("AVATARBOOTH_REDIS_URL") or _section(raw, "queue").get("redis_url") or None
+    engine = _engine_settings(raw, data_dir, redis_url or "", preset)
+    return AppConfig(
+        config_path=path,
+        data_dir=data_dir,
+        redis_url=redis_url,
+        bot=_bot_settings(raw),
+        engine=engine,
+    )
+
+
+def _read_toml(path: Path | None) -> tuple[dict[str, Any], Path]:
+    if path is None:
+        if not DEFAULT_CONFIG.exists():
+            return {}, Path.cwd()
+        path = DEFAULT_CONFIG
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f), path.resolve().parent
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; pass --config with an existing file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from e
+
+
+def _section(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return value
+
+
+def _data_dir(storage: Mapping[str, Any], base_dir: Path, env: Mapping[str, str]) -> Path:
+    configured = env.get("AVATARBOOTH_DATA") or storage.get("data_dir") or "data"
+    data_dir = Path(str(configured)).expanduser()
+    # A relative data_dir in config.toml is relative to that file, not to wherever the command runs.
+    if not data_dir.is_absolute() and not env.get("AVATARBOOTH_DATA"):
+        data_dir = base_dir / data_dir
+    return data_dir.resolve()
+
+
+def _engine_settings(
+    raw: Mapping[str, Any], data_dir: Path, redis_url: str, preset: str | None
+) -> EngineSettings:
+    engine = _section(raw, "engine")
+    queue = _section(raw, "queue")
+    training = _section(raw, "training")
+    unknown = set(engine) - _ENGINE_KEYS
+    if unknown:
+        raise ConfigError(f"[engine] unknown setting(s) {sorted(unknown)}; known: {sorted(_ENGINE_KEYS)}")
+    chosen = preset or engine.get("preset", "sdxl")
+    if chosen not in KNOWN_PRESETS:
+        raise ConfigError(f"unknown preset {chosen!r}; choose one of: {', '.join(KNOWN_PRESETS)}")
+    models_dir = Path(engine["models_dir"]).expanduser() if engine.get("models_dir") else data_dir / "models"
+    return EngineSettings(
+        preset=chosen,
+        models_dir=models_dir,
+        blobs_dir=data_dir / "blobs",
+        redis_url=redis_url,
+        device=str(engine.get("device", "auto")),
+        max_jobs=_positive_int(queue, "max_jobs", 4),
+        interactive_timeout_s=_positive_int(queue, "interactive_timeout_s", 300),
+        training_timeout_s=_positive_int(queue, "training_timeout_s", 3600),
+        train_steps=_optional_positive_int(training, "steps"),
+        preview_steps=_optional_positive_int(engine, "preview_steps"),
+        draw_steps=_optional_positive_int(engine, "draw_steps"),
+    )
+
+
+# config.toml name -> BotSettings field, per section.
+_BOT_KEYS: dict[str, dict[str, str]] = {
+    "limits": {
+        "min_photos": "min_photos",
+        "max_photos": "max_photos",
+        "max_upload_bytes": "max_upload_bytes",
+        "max_pixels": "max_pixels",
+        "min_side": "min_side",
+        "draws_per_hour": "draws_per_hour",
+        "max_prompt_chars": "max_prompt_chars",
+    },
+    "identity": {"token": "token", "class_word": "class_word"},
+    "training": {"enabled_methods": "enabled_methods"},
+    "queue": {
+        "interactive_timeout_s": "interactive_timeout_s",
+        "training_timeout_s": "training_timeout_s",
+    },
+}
+_ENGINE_ONLY = {
+    "queue": {"redis_url", "max_jobs"},
+    "training": {"steps"},
+}
+
+
+def _bot_settings(raw: Mapping[str, Any]) -> BotSettings:
+    defaults = BotSettings()
+    fields = {f.name for f in dataclasses.fields(BotSettings)}
+    overrides: dict[str, Any] = {}
+    for section, mapping in _BOT_KEYS.items():
+        values = _section(raw, section)
+        allowed = set(mapping) | _ENGINE_ONLY.get(section, set())
+        for key, value in values.items():
+            if key not in allowed:
+                raise ConfigError(f"[{section}] {key}: unknown setting; known: {', '.join(sorted(allowed))}")
+            if key in mapping and mapping[key] in fields:
+                overrides[mapping[key]] = _coerce(section, key, value, getattr(defaults, mapping[key]))
+    return dataclasses.replace(defaults, **overrides)
+
+
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"[{section}] {key} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if isinstance(default, bool) or not isinstance(value, type(default)):
+        raise ConfigError(f"[{section}] {key} must be a {type(default).__name__}, got {value!r}")
+    if isinstance(value, int) and value <= 0:
+        raise ConfigError(f"[{section}] {key} must be positive, got {value}")
+    return value
+
+
+def _positive_int(section: Mapping[str, Any], key: str, default: int) -> int:
+    value = section.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key} must be a positive whole number, got {value!r}")
+    return value
+
+
+def _optional_positive_int(section: Mapping[str, Any], key: str) -> int | None:
+    if section.get(key) in (None, 0):
+        return None
+    return _positive_int(section, key, 1)

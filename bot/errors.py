@@ -1,0 +1,109 @@
+"""The chat side's error tree: every refusal of a command is a `BotError` with a message to show.
+
+Adapters catch `BotError` in one place and reply with `user_message`; each message says what to do next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from bot import texts
+from engine.api import JobFailure
+
+
+class BotError(Exception):
+    """Root of the chat side's errors; `user_message` is what the user sees."""
+
+    def __init__(self, user_message: str) -> None:
+        super().__init__(user_message)
+        self.user_message = user_message
+
+
+class ConsentRequired(BotError):
+    def __init__(self) -> None:
+        super().__init__(texts.CONSENT_REQUIRED)
+
+
+class NotEnoughPhotos(BotError):
+    def __init__(self, have: int, need: int) -> None:
+        super().__init__(texts.NOT_ENOUGH_PHOTOS.format(have=have, need=need, missing=need - have))
+        self.have, self.need = have, need
+
+
+class TooManyPhotos(BotError):
+    def __init__(self, max_photos: int) -> None:
+        super().__init__(texts.TOO_MANY_PHOTOS.format(max_photos=max_photos))
+
+
+class TrainingAlreadyRunning(BotError):
+    def __init__(self) -> None:
+        super().__init__(texts.TRAINING_ALREADY_RUNNING)
+
+
+class NoModelYet(BotError):
+    def __init__(self) -> None:
+        super().__init__(texts.NO_MODEL_YET)
+
+
+class UnknownMethod(BotError):
+    def __init__(self, method: str, choices: Sequence[str]) -> None:
+        super().__init__(texts.UNKNOWN_METHOD.format(method=method, choices=", ".join(choices)))
+        self.method = method
+
+
+class MethodNotEnabled(BotError):
+    """A real training method (ti, dreambooth) that this version does not offer."""
+
+    def __init__(self, method: str, enabled: Sequence[str]) -> None:
+        super().__init__(
+            texts.METHOD_NOT_ENABLED.format(method=method, enabled=", ".join(enabled), default=enabled[0])
+        )
+        self.method = method
+
+
+class EmptyPrompt(BotError):
+    def __init__(self) -> None:
+        super().__init__(texts.EMPTY_PROMPT)
+
+
+class PromptTooLong(BotError):
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(texts.PROMPT_TOO_LONG.format(length=length, limit=limit))
+
+
+class RateLimited(BotError):
+    def __init__(self, limit: int, retry_after_s: float) -> None:
+        super().__init__(texts.RATE_LIMITED.format(limit=limit, wait=texts.duration(retry_after_s)))
+        self.retry_after_s = retry_after_s
+
+
+class JobFailed(BotError):
+    """A worker job failed, timed out or returned something unreadable.
+
+    `failure` is the worker's own `JobFailure` when it reported one (None for a timeout); the
+    original exception, if any, is kept as `__cause__` by ``raise ... from``.
+    """
+
+    def __init__(self, user_message: str, failure: JobFailure | None = None) -> None:
+        super().__init__(user_message)
+        self.failure = failure
+
+    @classmethod
+    def from_failure(cls, what: str, failure: JobFailure) -> JobFailed:
+        return cls(texts.job_failed(what, failure.code), failure)
+
+    @classmethod
+    def timed_out(cls, what: str, seconds: float) -> JobFailed:
+        return cls(texts.job_timed_out(what, seconds))
+
+    @classmethod
+    def unreadable(cls, what: str) -> JobFailed:
+        return cls(texts.JOB_BROKEN_RESULT.format(what=what))
+
+
+class QueueUnavailable(BotError):
+    """Redis/Valkey could not be reached; `__cause__` holds the connection error."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(texts.QUEUE_UNAVAILABLE)
+        self.detail = detail

@@ -1,0 +1,46 @@
+"""The chat side's limits and identity settings, filled in from config.toml by the composition root."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BotSettings:
+    """Limits the chat side enforces before anything reaches a worker.
+
+    Field names match config.toml's keys (see ``avatarbooth.config``); every number is positive.
+    """
+
+    min_photos: int = 3
+    max_photos: int = 5
+    max_upload_bytes: int = 20 * MIB
+    # Checked from the image header, before decoding: a 20000x20000 "photo" is refused unread.
+    max_pixels: int = 40_000_000
+    min_side: int = 256  # the tiny preset may lower it in config.toml
+    draws_per_hour: int = 30  # images (previews and draws) per user per rolling hour
+    max_prompt_chars: int = 300
+    default_preview_prompt: str = "a portrait photo of me, soft light, detailed face"
+    token: str = "sks"  # the rare word that stands for the user in prompts
+    class_word: str = "person"
+    enabled_methods: tuple[str, ...] = ("lora",)
+    preview_num_images: int = 1
+    draw_num_images: int = 2
+    interactive_timeout_s: int = 300
+    training_timeout_s: int = 3600
+    consent_version: str = "1"
+
+    def __post_init__(self) -> None:
+        if self.min_photos > self.max_photos:
+            raise ValueError(
+                f"min_photos ({self.min_photos}) must not exceed max_photos ({self.max_photos})"
+            )
+        if not self.enabled_methods:
+            raise ValueError("enabled_methods must name at least one training method, e.g. 'lora'")
+
+    @property
+    def default_method(self) -> str:
+        """The training method /train uses when none is named."""
+        return self.enabled_methods[0]

@@ -1,0 +1,312 @@
+"""Every sentence the bot says to a user, in one place.
+
+Commands are written in the console's syntax (``/draw PROMPT``); chat platforms use the same names.
+Every text about something that went wrong says what to do next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from bot.settings import BotSettings
+from engine.api import ErrorCode, Refusal
+
+# --- consent and help -----------------------------------------------------------------------------
+
+CONSENT = """\
+Welcome to AvatarBooth. Send 3 to 5 selfies and I will build a private image model of you.
+
+Before anything is stored, please read what that means. Faces are biometric data.
+If you agree, I store:
+  - the photos you send me;
+  - face embeddings: numbers that describe your face, computed from each photo;
+  - the personal model trained on your photos;
+  - the images you ask me to draw.
+Why: to check your photos, to train your model and to draw you. Nothing is shared or used for
+anything else.
+/forget erases all of it at any time: photos, embeddings, models, images and job records.
+Nothing about you is stored before you send /agree."""
+
+CONSENT_RECORDED = (
+    "Thank you, your consent is recorded. Send {min_photos} to {max_photos} selfies with /photo: "
+    "one face per photo, well lit and in focus, different angles welcome."
+)
+ALREADY_CONSENTED = "You have already agreed. Send selfies with /photo, or see /help."
+
+HELP = """\
+Commands:
+  /start                         what is stored and why; how to agree
+  /agree                         give your consent (nothing is stored before this)
+  /photo PATH...                 send 3 to 5 selfies (quote paths with spaces)
+  /photos                        your photos and whether each was accepted
+  /preview [PROMPT]              an instant picture of you, before any training
+  /train [lora|ti|dreambooth]    train your personal model (lora is the default)
+  /draw PROMPT                   draw a picture, e.g. /draw me as an astronaut
+  /status                        your photos, models and running jobs
+  /forget                        erase everything stored about you
+  /help                          this list"""
+
+UNKNOWN_COMMAND = "I don't know {command!r}. Send /help for the list of commands."
+NOT_A_COMMAND = "Commands start with '/'. Send /help for the list of commands."
+
+# --- errors (BotError messages) -------------------------------------------------------------------
+
+CONSENT_REQUIRED = "I can't store anything before you agree. Read /start, then send /agree."
+NOT_ENOUGH_PHOTOS = (
+    "You have {have} accepted photo(s); {need} are needed. Send {missing} more with /photo."
+)
+TOO_MANY_PHOTOS = (
+    "You already have {max_photos} photos, the most I keep. "
+    "To start over with other photos, use /forget and then /agree again."
+)
+TRAINING_ALREADY_RUNNING = (
+    "Your model is already training. Wait for it to finish (see /status) before starting another."
+)
+NO_MODEL_YET = "You have no personal model yet. Use /train to make one."
+UNKNOWN_METHOD = "I don't know the training method {method!r}. Choose one of: {choices}."
+METHOD_NOT_ENABLED = (
+    "{method!r} is a valid method, but this version only trains with {enabled}. "
+    "Send /train {default} instead."
+)
+EMPTY_PROMPT = "Tell me what to draw, e.g. /draw me as an astronaut."
+PROMPT_TOO_LONG = (
+    "Your prompt has {length} characters; the limit is {limit}. Shorten it and send it again."
+)
+RATE_LIMITED = "You have reached the limit of {limit} images per hour. Try again in {wait}."
+QUEUE_UNAVAILABLE = (
+    "The image service can't be reached right now. Nothing was lost; try again in a minute."
+)
+JOB_TIMED_OUT = (
+    "The {what} took longer than {seconds} s and I stopped waiting. "
+    "Try again later; /status shows what is still running."
+)
+JOB_BROKEN_RESULT = (
+    "The {what} came back in a form I can't read. Try again; if it keeps happening, "
+    "tell the bot's operator."
+)
+
+_ERROR_CODES: dict[ErrorCode, str] = {
+    ErrorCode.MISSING_BLOB: (
+        "a file it needed was missing. If you used /forget meanwhile, start again with /agree; "
+        "otherwise send the photo again."
+    ),
+    ErrorCode.INVALID_REQUEST: (
+        "it could not work with this request. Check the command with /help and try again."
+    ),
+    ErrorCode.MODEL_UNAVAILABLE: (
+        "the image model is not available right now. Try again in a few minutes."
+    ),
+    ErrorCode.INTERNAL: (
+        "something broke on the image server. Try again; if it keeps happening, "
+        "tell the bot's operator."
+    ),
+}
+
+
+def job_failed(what: str, code: str) -> str:
+    """Why a worker job failed, from its `ErrorCode`, and what to do next."""
+    try:
+        reason = _ERROR_CODES[ErrorCode(code)]
+    except ValueError:
+        reason = _ERROR_CODES[ErrorCode.INTERNAL]
+    return f"The {what} failed: {reason}"
+
+
+def job_timed_out(what: str, seconds: float) -> str:
+    return JOB_TIMED_OUT.format(what=what, seconds=round(seconds))
+
+
+def duration(seconds: float) -> str:
+    """A short human duration: '45 s', '12 min', '1 h 5 min'."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = (seconds + 59) // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
+# --- photos ----------------------------------------------------------------------------------------
+
+_REFUSALS: dict[Refusal, str] = {
+    Refusal.NOT_AN_IMAGE: "not a photo I can read: send a JPEG, PNG or WebP image.",
+    Refusal.TRUNCATED: "the file is cut off or damaged: send it again, or export it anew.",
+    Refusal.TOO_MANY_PIXELS: (
+        "the image has too many pixels: send a smaller version (under {max_megapixels} megapixels)."
+    ),
+    Refusal.TOO_FEW_PIXELS: (
+        "the image is too small: send one at least {min_side} pixels on its shorter side."
+    ),
+    Refusal.FILE_TOO_LARGE: "the file is too large: send one under {max_mib} MiB.",
+    Refusal.DUPLICATE: "you already sent this exact photo: send a different one.",
+    Refusal.NO_FACE: "I found no face: send a photo where your face is clearly visible.",
+    Refusal.SEVERAL_FACES: (
+        "I found more than one face: send a photo with only you in it, or crop the others out."
+    ),
+    Refusal.FACE_TOO_SMALL: (
+        "your face is too small in the picture: send a closer photo where it fills more of the frame."
+    ),
+    Refusal.TOO_BLURRY: "too blurry: send a sharper photo, in good light, face in focus.",
+    Refusal.DIFFERENT_PERSON: (
+        "this looks like a different person from your other photos: send photos of yourself only."
+    ),
+}
+
+
+def refusal(code: str, settings: BotSettings) -> str:
+    """One sentence for a `Refusal` code: what is wrong and what to send instead."""
+    try:
+        template = _REFUSALS[Refusal(code)]
+    except ValueError:
+        return f"refused ({code}): send a different photo."
+    return template.format(
+        max_megapixels=settings.max_pixels // 1_000_000,
+        min_side=settings.min_side,
+        max_mib=settings.max_upload_bytes // (1024 * 1024),
+    )
+
+
+def photo_label(index: int, filename: str | None) -> str:
+    return f"photo {index} ({filename})" if filename else f"photo {index}"
+
+
+def photo_accepted(label: str) -> str:
+    return f"{label}: accepted."
+
+
+def photo_refused(label: str, reason: str) -> str:
+    return f"{label}: refused, {reason}"
+
+
+def photo_failed(label: str, message: str) -> str:
+    return f"{label}: not kept. {message}"
+
+
+def photo_over_limit(label: str, max_photos: int) -> str:
+    return f"{label}: not kept, you already have {max_photos} photos (the most I keep)."
+
+
+def enrollment_standing(accepted: int, min_photos: int, max_photos: int) -> str:
+    """Where the user stands after sending photos."""
+    if accepted >= max_photos:
+        return f"{accepted} of {max_photos} photos: you can /preview and /train now."
+    if accepted >= min_photos:
+        return (
+            f"{accepted} of {min_photos} photos: you can /preview and /train now "
+            f"(up to {max_photos} photos improve the result)."
+        )
+    missing = min_photos - accepted
+    return f"{accepted} of {min_photos} photos: send {missing} more with /photo."
+
+
+CHECKING_PHOTO = "checking {label}..."
+NO_PHOTOS = "You have no photos yet. Send {min_photos} to {max_photos} selfies with /photo."
+
+
+def photo_list_line(index: int, status: str, reason: str | None) -> str:
+    if status == "accepted":
+        return f"  {index}. accepted"
+    if status == "refused":
+        return f"  {index}. refused: {reason or 'no reason given'}"
+    return f"  {index}. still being checked"
+
+
+# --- progress, results ------------------------------------------------------------------------------
+
+def progress(what: str, fields: Mapping[str, str]) -> str:
+    """A progress line from a worker's progress hash, e.g.
+    'training: step 12/40, loss 0.123, about 8 s left'."""
+    stage = fields.get("stage") or what
+    parts: list[str] = []
+    step, total = fields.get("step"), fields.get("total")
+    if step and total:
+        parts.append(f"step {step}/{total}")
+    elif step:
+        parts.append(f"step {step}")
+    if fields.get("loss"):
+        parts.append(f"loss {fields['loss']}")
+    eta = _as_float(fields.get("eta_s"))
+    if eta is not None and eta > 0:
+        parts.append(f"about {duration(eta)} left")
+    return f"{stage}: {', '.join(parts)}" if parts else f"{stage}..."
+
+
+def _as_float(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+TINY_NOTE = (
+    "Note: this bot runs the 'tiny' test preset; its images are random noise, not pictures of you."
+)
+QUEUED = "{what} queued..."
+PREVIEW_DONE = "Here is your instant preview (InstantID, no training yet). /train makes a personal model."
+TRAINING_STARTED = "Training your {method} model on {count} photos. This can take a while."
+TRAINING_DONE = (
+    "Your {method} model v{version} is ready. Try /draw me as an astronaut."
+)
+DRAWN_BY_MODEL = "Drawn by your {method} model v{version}."
+DRAWN_BY_INSTANTID = (
+    "Drawn with the instant preview model (InstantID): you have no personal model yet, /train makes one."
+)
+
+
+def image_line(index: int, score: float | None) -> str:
+    if score is None:
+        return f"image {index}: no face found to compare"
+    return f"image {index}: face similarity {score:.2f}"
+
+
+# --- status, forget ---------------------------------------------------------------------------------
+
+def status_photos(accepted: int, pending: int, refused: int, min_photos: int) -> str:
+    line = f"Photos: {accepted} accepted"
+    if pending:
+        line += f", {pending} being checked"
+    if refused:
+        line += f", {refused} refused"
+    if accepted < min_photos:
+        line += f" ({min_photos - accepted} more needed)"
+    return line + "."
+
+
+def status_models(models: Sequence[tuple[int, str, str]]) -> str:
+    """`models`: (version, method, base preset), newest last."""
+    if not models:
+        return "Models: none yet (/train makes one)."
+    listed = ", ".join(f"v{v} {method} on {base}" for v, method, base in models)
+    return f"Models: {listed}."
+
+
+def status_jobs(jobs: Sequence[tuple[str, str, float | None]]) -> str:
+    """`jobs`: (kind, state, progress 0..1 or None)."""
+    if not jobs:
+        return "Jobs: nothing running."
+    parts = []
+    for kind, state, fraction in jobs:
+        part = f"{kind} {state}"
+        if fraction is not None:
+            part += f" {round(fraction * 100)}%"
+        parts.append(part)
+    return "Jobs: " + ", ".join(parts) + "."
+
+
+STATUS_NOT_CONSENTED = "You have not agreed yet, so nothing about you is stored. Read /start."
+FORGOTTEN = (
+    "Done: I erased your photos, face embeddings, models, images and job records "
+    "({blobs} files). Send /start to begin again."
+)
+FORGOTTEN_NOTHING = "There was nothing stored about you. Send /start to begin."
+ERASED_MEANWHILE = "You used /forget while this was running, so its result was discarded."
+RESUMED = "Finished work that was interrupted by a restart:"
+
+# --- console ---------------------------------------------------------------------------------------
+
+FILE_MISSING = "not sent: {path}: no such file."
+FILE_UNREADABLE = "not sent: {path}: can't read it ({reason})."
+NO_FILES = "Give one or more file paths: /photo PATH... (quote paths with spaces)."
+BAD_QUOTING = "I couldn't read that line ({reason}); check the quotes and send it again."
+IMAGE_SAVED = "saved {path}"

@@ -1,0 +1,15 @@
+"""The engine's errors: one root, ``EngineError``; each message says what to do about it."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Root of every error the engine raises on purpose."""
+
+
+class UnknownPreset(EngineError):
+    """A preset name that the engine does not know."""
+
+
+class WeightsMissing(EngineError):
+    """A preset's weight files are not on disk."""

@@ -1,0 +1,24 @@
+"""What a worker process needs to know; filled in from config.toml by the composition root.
+
+Kept free of heavy imports so the chat side's process can build it without loading torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    preset: str
+    models_dir: Path
+    blobs_dir: Path
+    redis_url: str
+    device: str = "auto"  # "auto" picks CUDA when present, else CPU
+    max_jobs: int = 4  # concurrent jobs per queue; the GPU itself is shared through a lock
+    interactive_timeout_s: int = 300
+    training_timeout_s: int = 3600
+    train_steps: int | None = None  # None: the preset's default
+    preview_steps: int | None = None
+    draw_steps: int | None = None

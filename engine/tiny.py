@@ -1,0 +1,312 @@
+"""The tiny preset: real SDXL + InstantID architectures in miniature, with random seeded weights.
+
+Everything here is built offline in a few seconds on a CPU and written with ``save_pretrained`` (or in
+the checkpoint layout of the real file), so the project's real loading code is what tests and the
+demo exercise. The images it draws are noise.
+
+Layout of a built preset::
+
+    dest/
+    ├── sdxl/               StableDiffusionXLPipeline.save_pretrained
+    ├── identitynet/        ControlNetModel.save_pretrained (InstantID's IdentityNet)
+    ├── ip-adapter.bin      InstantID's adapter: image_proj.* (Resampler) + ip_adapter.* (to_k_ip/to_v_ip)
+    ├── antelopev2/         scrfd_10g_bnkps.onnx + glintr100.onnx (engine.tiny_faces)
+    └── .complete           written last
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+_log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = ".complete"
+"""Written last into a finished build; a folder without it is not a preset."""
+
+IMAGE_SIZE = 128
+"""Pixel size of the tiny preset's images (latents are 16×16: the VAE downsamples by 8, like SDXL)."""
+
+FACE_EMBEDDING_DIM = 512
+"""Width of an antelopev2 (glintr100) face embedding, the Resampler's input."""
+
+NUM_ID_TOKENS = 16
+"""Identity tokens the Resampler produces, as in InstantID."""
+
+_TEXT_HIDDEN = 32  # each CLIP text encoder; the UNet cross-attention width is their sum
+_POOLED_DIM = 32  # text_encoder_2 projection width (SDXL's pooled text embedding)
+_TIME_EMBED_DIM = 8  # SDXL's addition_time_embed_dim; six micro-conditioning numbers
+_RESAMPLER_HIDDEN = 64  # one 64-wide head: diffusers' loader infers heads = width // 64
+_RESAMPLER_DEPTH = 4  # diffusers' loader assumes InstantID's depth of 4
+
+# Whole-word BPE merges so that prompt words the project uses are single tokens.
+_WORDS = (
+    "sks", "ohwx", "person", "man", "woman", "photo", "portrait", "astronaut", "of", "a", "an",
+    "the", "in", "on", "with", "style", "me", "face", "selfie", "painting", "space", "suit",
+)
+
+
+def build_tiny_sdxl(dest: Path, *, seed: int = 0) -> Path:
+    """Build and save a miniature SDXL pipeline (random weights, seeded) into ``dest``.
+
+    ``dest`` must not exist yet or be empty. Returns ``dest``; load it with
+    ``StableDiffusionXLPipeline.from_pretrained(dest)``.
+    """
+    pipe = _tiny_sdxl_pipeline(seed)
+    dest.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+def build_tiny_preset(dest: Path, *, seed: int = 0) -> Path:
+    """Build the whole tiny preset into ``dest`` (see the module docstring), or reuse a finished one.
+
+    The parts are written into a temporary sibling folder that is renamed to ``dest`` once complete,
+    so a half-built preset is never seen. Returns ``dest``.
+    """
+    if (dest / COMPLETE_MARKER).is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-building-", dir=dest.parent))
+    try:
+        _build_parts(work, seed)
+        (work / COMPLETE_MARKER).write_text("tiny preset\n")
+        _install(work, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def _build_parts(work: Path, seed: int) -> None:
+    """Write every part of the preset into ``work``."""
+    from diffusers import ControlNetModel
+
+    from engine.tiny_faces import build_tiny_face_models
+
+    build_tiny_sdxl(work / "sdxl", seed=seed)
+    unet = _tiny_unet(seed)  # same config and weights as the saved one, without reloading it
+    _seed(seed + 1)
+    ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32)).save_pretrained(
+        work / "identitynet", safe_serialization=True
+    )
+    _save_instantid_adapter(work / "ip-adapter.bin", unet, seed + 2)
+    build_tiny_face_models(work / "antelopev2")
+
+
+def _install(work: Path, dest: Path) -> None:
+    """Move a finished build into place; a concurrent builder that finished first wins."""
+    if dest.exists() and not (dest / COMPLETE_MARKER).is_file():
+        shutil.rmtree(dest)  # an old, incomplete folder (not ours to keep)
+    try:
+        os.replace(work, dest)
+    except OSError:
+        if not (dest / COMPLETE_MARKER).is_file():
+            raise
+        _log.info("tiny preset at %s was finished by another builder", dest)
+
+
+def _seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _tiny_sdxl_pipeline(seed: int) -> StableDiffusionXLPipeline:
+    """The miniature SDXL pipeline, in memory."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = _tiny_clip_tokenizer()
+    text_config = _tiny_clip_text_config(tokenizer)
+    _seed(seed + 10)
+    text_encoder = CLIPTextModel(text_config)
+    _seed(seed + 11)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    _seed(seed + 12)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        scaling_factor=0.13025,  # SDXL's
+    )
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=_tiny_unet(seed),
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def _tiny_unet(seed: int) -> UNet2DConditionModel:
+    """SDXL's UNet shape in miniature: text_time micro-conditioning, cross-attention on both encoders."""
+    from diffusers import UNet2DConditionModel
+
+    _seed(seed)
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        norm_num_groups=8,
+        cross_attention_dim=2 * _TEXT_HIDDEN,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * _TIME_EMBED_DIM + _POOLED_DIM,
+    )
+
+
+def _tiny_clip_text_config(tokenizer: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=_TEXT_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=_POOLED_DIM,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _tiny_clip_tokenizer() -> Any:
+    """A byte-level CLIP BPE tokenizer: every byte is a token, plus whole-word merges for ``_WORDS``.
+
+    Any text tokenizes (no unknown tokens); saved and loaded with ``save_pretrained``/``from_pretrained``.
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:
+        # Merge what earlier merges leave of the word, so they cannot split it again.
+        pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], merges)
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            merges.append((merged, piece))
+            merged += piece
+            tokens.append(merged)
+    tokens = list(dict.fromkeys(tokens)) + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _apply_merges(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly apply the best-ranked merge present."""
+    ranks = {pair: rank for rank, pair in enumerate(merges)}
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
+    return pieces
+
+
+def _save_instantid_adapter(path: Path, unet: UNet2DConditionModel, seed: int) -> None:
+    """Write an adapter checkpoint in InstantID's key layout for ``unet``'s cross-attention."""
+    import torch
+
+    _seed(seed)
+    state = {"image_proj": _resampler_state(unet.config.cross_attention_dim), "ip_adapter": _ip_attn_state(unet)}
+    torch.save(state, path)
+
+
+def _resampler_state(output_dim: int) -> dict[str, torch.Tensor]:
+    """Random weights in the original IP-Adapter/InstantID Resampler's key layout."""
+    import torch
+
+    dim, inner, ff = _RESAMPLER_HIDDEN, _RESAMPLER_HIDDEN, 4 * _RESAMPLER_HIDDEN
+
+    def linear(out_f: int, in_f: int) -> torch.Tensor:
+        return torch.randn(out_f, in_f) / in_f**0.5
+
+    state = {
+        "latents": torch.randn(1, NUM_ID_TOKENS, dim) / dim**0.5,
+        "proj_in.weight": linear(dim, FACE_EMBEDDING_DIM),
+        "proj_in.bias": torch.zeros(dim),
+        "proj_out.weight": linear(output_dim, dim),
+        "proj_out.bias": torch.zeros(output_dim),
+        "norm_out.weight": torch.ones(output_dim),
+        "norm_out.bias": torch.zeros(output_dim),
+    }
+    for i in range(_RESAMPLER_DEPTH):
+        attn, mlp = f"layers.{i}.0", f"layers.{i}.1"
+        for norm in ("norm1", "norm2"):
+            state[f"{attn}.{norm}.weight"] = torch.ones(dim)
+            state[f"{attn}.{norm}.bias"] = torch.zeros(dim)
+        state[f"{attn}.to_q.weight"] = linear(inner, dim)
+        state[f"{attn}.to_kv.weight"] = linear(2 * inner, dim)
+        state[f"{attn}.to_out.weight"] = linear(dim, inner)
+        state[f"{mlp}.0.weight"] = torch.ones(dim)
+        state[f"{mlp}.0.bias"] = torch.zeros(dim)
+        state[f"{mlp}.1.weight"] = linear(ff, dim)
+        state[f"{mlp}.3.weight"] = linear(dim, ff)
+    return state
+
+
+def _ip_attn_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """``<n>.to_k_ip.weight``/``<n>.to_v_ip.weight`` per cross-attention, numbered as IP-Adapter does.
+
+    IP-Adapter numbers all attention processors (self- and cross-attention alternate) and keeps
+    the cross-attention ones, so they get the odd numbers 1, 3, 5, ... in ``attn_processors`` order.
+    """
+    import torch
+
+    state: dict[str, torch.Tensor] = {}
+    cross_dim = unet.config.cross_attention_dim
+    cross_names = [n for n in unet.attn_processors if not n.endswith("attn1.processor")]
+    for number, name in zip(range(1, 2 * len(cross_names), 2), cross_names):
+        hidden = _attn_hidden_size(unet, name)
+        for proj in ("to_k_ip", "to_v_ip"):
+            state[f"{number}.{proj}.weight"] = torch.randn(hidden, cross_dim) / cross_dim**0.5
+    return state
+
+
+def _attn_hidden_size(unet: UNet2DConditionModel, processor_name: str) -> int:
+    channels = list(unet.config.block_out_channels)
+    if processor_name.startswith("mid_block"):
+        return channels[-1]
+    block_id = int(processor_name.split(".")[1])
+    if processor_name.startswith("up_blocks"):
+        return channels[::-1][block_id]
+    return channels[block_id]

@@ -1,0 +1,389 @@
+"""The GPU worker: arq functions over one resident base model per process.
+
+One process serves both queues. The interactive queue (photo checks, previews, draws) and the training
+queue run as two arq workers on one event loop, sharing one ``WorkerContext``; the heavy work runs in
+threads and takes ``ResidentBase.gpu_lock`` per denoising call or training step, so a preview never
+waits behind a whole training run.
+
+Workers are stateless with respect to the chat side: they read and write blobs, report progress to
+Redis, and return plain dicts. They never raise to arq (its msgpack serializer cannot carry
+exceptions): failures come back as ``engine.api.JobFailure``. Every job may run twice (arq is
+at-least-once); each writes content-addressed blobs only, so a second run is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+from arq import Worker, func
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from PIL import Image
+
+from engine.api import (
+    JOB_QUEUES,
+    QUEUE_INTERACTIVE,
+    QUEUE_TRAINING,
+    WORKER_KEY_PREFIX,
+    CheckPhotoRequest,
+    CheckPhotoResult,
+    DrawRequest,
+    ErrorCode,
+    ImagesResult,
+    JobFailure,
+    JobName,
+    PreviewRequest,
+    TrainingMethod,
+    TrainRequest,
+    TrainResult,
+    deserialize_job,
+    progress_key,
+    serialize_job,
+)
+from engine.base import ResidentBase
+from engine.errors import EngineError
+from engine.faces import FaceAnalyzer, FaceRecord, cosine, mean_embedding
+from engine.instantid import render_preview
+from engine.presets import Preset, load_preset
+from engine.render import AdapterRef, Renderer, expand_me
+from engine.settings import EngineSettings
+from engine.train_lora import LoraTrainSettings, train_lora
+from storage.blobs import LocalBlobStore
+from storage.errors import BlobNotFound
+
+_log = logging.getLogger(__name__)
+
+_PROGRESS_TTL_S = 24 * 3600
+_READY_TTL_S = 30
+
+
+class InvalidRequest(EngineError):
+    """A job payload the worker cannot act on."""
+
+
+@dataclass
+class WorkerContext:
+    """Everything a job needs, loaded once per process (arq's ctx dict holds it under "app")."""
+
+    settings: EngineSettings
+    preset: Preset
+    base: ResidentBase
+    faces: FaceAnalyzer
+    renderer: Renderer
+    blobs: LocalBlobStore
+    redis: ArqRedis | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def load(cls, settings: EngineSettings) -> WorkerContext:
+        """Load the preset's models (slow: seconds for tiny, a minute for SDXL). Call once."""
+        preset = load_preset(settings.preset, settings.models_dir)
+        base = ResidentBase.load(preset, device=_pick_device(settings.device))
+        faces = FaceAnalyzer(preset.face_models_dir, preset.face_checks)
+        renderer = Renderer(base.text2img, base.gpu_lock)
+        return cls(settings, preset, base, faces, renderer, LocalBlobStore(settings.blobs_dir))
+
+    def report(self, job_id: str, **fields: Any) -> None:
+        """Publish progress from any thread; the chat side polls the hash. Never blocks the job."""
+        if self.redis is None or self.loop is None:
+            return
+        mapping = {k: str(v) for k, v in fields.items() if v is not None}
+        asyncio.run_coroutine_threadsafe(self._write_progress(job_id, mapping), self.loop)
+
+    async def _write_progress(self, job_id: str, mapping: dict[str, str]) -> None:
+        assert self.redis is not None
+        key = progress_key(job_id)
+        await self.redis.hset(key, mapping=mapping)  # type: ignore[arg-type]
+        await self.redis.expire(key, _PROGRESS_TTL_S)
+
+
+def _pick_device(configured: str) -> str:
+    if configured != "auto":
+        return configured
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --- the jobs -------------------------------------------------------------------------------------
+
+
+def do_check_photo(app: WorkerContext, request: CheckPhotoRequest) -> CheckPhotoResult:
+    """Detect, check and embed one photo; on acceptance store its face record and training crop."""
+    references = [FaceRecord.from_bytes(app.blobs.get(k)) for k in request.reference_embedding_keys]
+    check = app.faces.check(app.blobs.get(request.photo_key), references)
+    if not check.accepted or check.record is None or check.crop is None:
+        refusal = str(check.refusal) if check.refusal is not None else None
+        return CheckPhotoResult(
+            accepted=False, refusal=refusal, faces_found=check.faces_found, similarity=check.similarity
+        )
+    embedding_key = app.blobs.put(request.owner, "faces", check.record.to_bytes(), ".json")
+    crop_key = app.blobs.put(request.owner, "crops", _png_bytes(check.crop), ".png")
+    return CheckPhotoResult(
+        accepted=True,
+        embedding_key=embedding_key,
+        crop_key=crop_key,
+        faces_found=check.faces_found,
+        similarity=check.similarity,
+    )
+
+
+def do_preview(app: WorkerContext, request: PreviewRequest) -> ImagesResult:
+    """InstantID images from the mean face embedding of the enrolled photos."""
+    records = _records(app, request.embedding_keys)
+    app.report(request.job_id, stage="rendering", step=0, total=request.num_images)
+    images = render_preview(
+        app.base,
+        mean_embedding(records),
+        records[0].kps,
+        _image_size(records[0]),
+        prompt=expand_me(request.prompt, "", app.preset.class_word).strip(),
+        negative_prompt=request.negative_prompt,
+        seed=request.seed,
+        num_images=request.num_images,
+        steps=app.settings.preview_steps,
+    )
+    return _store_ranked(app, request.owner, images, records, request.seed, request.prompt)
+
+
+def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
+    """Render from the user's personal model, or fall back to InstantID when there is none yet."""
+    if request.adapter_key is None:
+        fallback = PreviewRequest(
+            job_id=request.job_id,
+            owner=request.owner,
+            embedding_keys=request.embedding_keys,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            seed=request.seed,
+            num_images=request.num_images,
+        )
+        return do_preview(app, fallback)
+    if request.method != TrainingMethod.LORA or not request.token or not request.class_word:
+        raise InvalidRequest(f"cannot draw with a {request.method!r} model in this version")
+    prompt = expand_me(request.prompt, request.token, request.class_word)
+    adapter = AdapterRef(adapter_id=_adapter_id(request.adapter_key), path=app.blobs.path(request.adapter_key))
+    app.report(request.job_id, stage="rendering", step=0, total=request.num_images)
+    images = app.renderer.draw(
+        prompt,
+        adapter=adapter,
+        negative_prompt=request.negative_prompt,
+        seed=request.seed,
+        num_images=request.num_images,
+        size=app.preset.resolution,
+        steps=app.settings.draw_steps or app.preset.inference_steps,
+        guidance=app.preset.guidance_scale,
+    )
+    records = _records(app, request.embedding_keys) if request.embedding_keys else []
+    return _store_ranked(app, request.owner, images, records, request.seed, prompt)
+
+
+def do_train(app: WorkerContext, request: TrainRequest) -> TrainResult:
+    """Train a personal LoRA on the user's crops and store its weights."""
+    if request.method != TrainingMethod.LORA:
+        raise InvalidRequest(f"training method {request.method!r} is not available in this version")
+    if not request.crop_keys:
+        raise InvalidRequest("no training photos were given")
+    crops = [Image.open(io.BytesIO(app.blobs.get(k))).convert("RGB") for k in request.crop_keys]
+    settings = LoraTrainSettings.for_preset(app.preset, steps=request.steps or app.settings.train_steps)
+    settings = settings.with_seed(request.seed)
+
+    def on_progress(step: int, total: int, loss: float, eta_s: float) -> None:
+        app.report(request.job_id, stage="training", step=step, total=total, loss=f"{loss:.4f}", eta_s=f"{eta_s:.0f}")
+
+    outcome = train_lora(
+        app.base.text2img, app.base.gpu_lock, crops, request.token, request.class_word, settings, on_progress
+    )
+    adapter_key = app.blobs.put(request.owner, "models", outcome.weights, ".safetensors")
+    return TrainResult(
+        adapter_key=adapter_key,
+        method=request.method,
+        base_preset=app.preset.name,
+        steps=outcome.steps,
+        token=request.token,
+        class_word=request.class_word,
+        final_loss=outcome.final_loss,
+    )
+
+
+def _records(app: WorkerContext, keys: list[str]) -> list[FaceRecord]:
+    if not keys:
+        raise InvalidRequest("no enrolled face was given")
+    return [FaceRecord.from_bytes(app.blobs.get(k)) for k in keys]
+
+
+def _image_size(record: FaceRecord) -> tuple[int, int]:
+    width, height = record.image_size
+    return int(width), int(height)
+
+
+def _adapter_id(adapter_key: str) -> str:
+    # peft adapter names must be valid module names: derive one from the content hash in the key.
+    return "u_" + adapter_key.rsplit("/", 1)[-1].split(".", 1)[0][:16]
+
+
+def _store_ranked(
+    app: WorkerContext,
+    owner: str,
+    images: list[Image.Image],
+    records: list[FaceRecord],
+    seed: int,
+    prompt: str,
+) -> ImagesResult:
+    """Best-of-N: rank by ArcFace cosine to the enrolled mean embedding, store, best first."""
+    target = mean_embedding(records) if records else None
+    scored = [(_face_score(app, image, target), image) for image in images]
+    scored.sort(key=lambda pair: -2.0 if pair[0] is None else pair[0], reverse=True)
+    keys = [app.blobs.put(owner, "images", _png_bytes(image), ".png") for _, image in scored]
+    return ImagesResult(
+        image_keys=keys,
+        scores=[score for score, _ in scored],
+        seed=seed,
+        prompt_used=prompt,
+        note=app.preset.note,
+    )
+
+
+def _face_score(app: WorkerContext, image: Image.Image, target: np.ndarray | None) -> float | None:
+    if target is None:
+        return None
+    faces = app.faces.detect(np.asarray(image.convert("RGB")))
+    if not faces:
+        return None
+    largest = max(faces, key=lambda f: (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
+    return round(cosine(largest.embedding, target), 4)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+# --- arq glue -------------------------------------------------------------------------------------
+
+_Req = TypeVar("_Req", CheckPhotoRequest, PreviewRequest, TrainRequest, DrawRequest)
+
+
+async def _run_job(
+    ctx: dict[str, Any],
+    request_type: type[_Req],
+    payload: dict[str, Any],
+    work: Callable[[WorkerContext, _Req], Any],
+) -> dict[str, Any]:
+    """Parse, run the blocking work in a thread, and turn every failure into a JobFailure dict."""
+    app: WorkerContext = ctx["app"]
+    try:
+        request = request_type.from_dict(payload)
+    except (TypeError, ValueError) as e:
+        return _failure(ErrorCode.INVALID_REQUEST, str(e))
+    started = time.perf_counter()
+    try:
+        result = await asyncio.to_thread(work, app, request)
+    except BlobNotFound as e:
+        return _failure(ErrorCode.MISSING_BLOB, str(e))
+    except InvalidRequest as e:
+        return _failure(ErrorCode.INVALID_REQUEST, str(e))
+    except EngineError as e:
+        return _failure(ErrorCode.MODEL_UNAVAILABLE, str(e))
+    except Exception as e:  # a bug or a broken model: log it whole, tell the chat side briefly
+        _log.exception("job %s failed", request.job_id)
+        return _failure(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+    _log.info("job %s done in %.2f s", request.job_id, time.perf_counter() - started)
+    out: dict[str, Any] = result.to_dict()
+    return out
+
+
+def _failure(code: ErrorCode, detail: str) -> dict[str, Any]:
+    return JobFailure(failed=True, code=code, detail=detail).to_dict()
+
+
+async def check_photo(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    return await _run_job(ctx, CheckPhotoRequest, payload, do_check_photo)
+
+
+async def preview(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    return await _run_job(ctx, PreviewRequest, payload, do_preview)
+
+
+async def draw(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    return await _run_job(ctx, DrawRequest, payload, do_draw)
+
+
+async def train(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    return await _run_job(ctx, TrainRequest, payload, do_train)
+
+
+_FUNCTIONS: dict[JobName, Callable[[dict[str, Any], dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+    JobName.CHECK_PHOTO: check_photo,
+    JobName.PREVIEW: preview,
+    JobName.DRAW: draw,
+    JobName.TRAIN: train,
+}
+
+
+def build_workers(app: WorkerContext, redis: ArqRedis, *, burst: bool = False) -> list[Worker]:
+    """One arq worker per queue, sharing the context and the Redis pool."""
+    settings = app.settings
+    workers = []
+    for queue, timeout, max_jobs in (
+        (QUEUE_INTERACTIVE, settings.interactive_timeout_s, settings.max_jobs),
+        # One training at a time per process: two would fight over the same GPU memory.
+        (QUEUE_TRAINING, settings.training_timeout_s, 1),
+    ):
+        functions = [func(f, name=str(name)) for name, f in _FUNCTIONS.items() if JOB_QUEUES[name] == queue]
+        workers.append(
+            Worker(
+                functions=functions,
+                queue_name=queue,
+                redis_pool=redis,
+                ctx={"app": app},
+                burst=burst,
+                handle_signals=False,
+                max_jobs=max_jobs,
+                job_timeout=timeout,
+                keep_result=24 * 3600,
+                poll_delay=0.1,
+                max_tries=3,
+                job_serializer=serialize_job,
+                job_deserializer=deserialize_job,
+            )
+        )
+    return workers
+
+
+async def connect_redis(url: str) -> ArqRedis:
+    return await create_pool(
+        RedisSettings.from_dsn(url), job_serializer=serialize_job, job_deserializer=deserialize_job
+    )
+
+
+async def run_worker(settings: EngineSettings, *, burst: bool = False) -> None:
+    """Load the models once, announce readiness, and serve both queues until cancelled."""
+    app = await asyncio.to_thread(WorkerContext.load, settings)
+    redis = await connect_redis(settings.redis_url)
+    app.redis, app.loop = redis, asyncio.get_running_loop()
+    workers = build_workers(app, redis, burst=burst)
+    heartbeat = asyncio.create_task(_announce(redis))
+    try:
+        await asyncio.gather(*(w.main() for w in workers))
+    finally:
+        heartbeat.cancel()
+        for w in workers:
+            await w.close()
+        await redis.close()
+
+
+async def _announce(redis: ArqRedis) -> None:
+    key = f"{WORKER_KEY_PREFIX}{socket.gethostname()}:{os.getpid()}"
+    while True:
+        await redis.set(key, str(time.time()), ex=_READY_TTL_S)
+        await asyncio.sleep(_READY_TTL_S / 3)
