@@ -1,0 +1,738 @@
+"""The chat side's SQLite database: users, consent, photos, jobs, personal models, images.
+
+`Database` is the only way in: callers use its typed async methods and get frozen dataclasses back;
+no SQL lives outside this module. The schema is built by versioned migrations recorded in the
+`schema_version` table, so opening a database brings it up to date and never applies a step twice.
+
+Only the chat side opens the database; workers are stateless and get ids and blob keys instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from storage.errors import (
+    ConstraintViolation,
+    InvalidValue,
+    MigrationError,
+    RecordNotFound,
+    StorageError,
+)
+
+_log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+Migration = tuple[int, str]
+
+PHOTO_STATUSES = ("pending", "accepted", "refused")
+JOB_STATES = ("queued", "running", "done", "failed")
+ACTIVE_JOB_STATES = ("queued", "running")
+
+# How long a write waits for another process's write lock before failing with "database is locked".
+BUSY_TIMEOUT_MS = 5000
+
+
+@dataclass(frozen=True)
+class User:
+    """A person on one chat platform."""
+
+    id: int
+    platform: str
+    platform_user_id: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Photo:
+    """An uploaded selfie and the result of its face check."""
+
+    id: int
+    user_id: int
+    blob_key: str
+    sha256: str
+    status: str
+    refusal: str | None
+    embedding_key: str | None
+    crop_key: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Job:
+    """A unit of engine work; its arq job id is ``f"{kind}-{id}"``."""
+
+    id: int
+    user_id: int
+    kind: str
+    queue: str
+    state: str
+    attempts: int
+    progress: float
+    message: str | None
+    error: str | None
+    payload: dict[str, Any] | None
+    result: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class PersonalModel:
+    """A trained personal model (LoRA, textual inversion, ...); versions count up per user."""
+
+    id: int
+    user_id: int
+    method: str
+    version: int
+    base_preset: str
+    blob_key: str
+    token: str
+    class_word: str
+    job_id: int | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """An image rendered for a user."""
+
+    id: int
+    user_id: int
+    job_id: int | None
+    model_id: int | None
+    blob_key: str
+    prompt: str
+    seed: int
+    score: float | None
+    created_at: float
+
+
+# Each migration runs in its own transaction; end every statement at the end of a line.
+MIGRATIONS: list[Migration] = [
+    (
+        1,
+        """
+        CREATE TABLE users (
+            id INTEGER PRIMARY KEY,
+            platform TEXT NOT NULL CHECK (platform <> ''),
+            platform_user_id TEXT NOT NULL CHECK (platform_user_id <> ''),
+            created_at REAL NOT NULL,
+            UNIQUE (platform, platform_user_id)
+        );
+        CREATE TABLE consents (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+            text_version TEXT NOT NULL,
+            given_at REAL NOT NULL
+        );
+        CREATE INDEX consents_by_user ON consents (user_id);
+        CREATE TABLE photos (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+            blob_key TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'accepted', 'refused')),
+            refusal TEXT,
+            embedding_key TEXT,
+            crop_key TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX photos_by_user_sha ON photos (user_id, sha256);
+        CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+            kind TEXT NOT NULL,
+            queue TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+            progress REAL NOT NULL DEFAULT 0 CHECK (progress BETWEEN 0 AND 1),
+            message TEXT,
+            error TEXT,
+            payload TEXT CHECK (payload IS NULL OR json_valid(payload)),
+            result TEXT CHECK (result IS NULL OR json_valid(result)),
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX jobs_by_user_kind_state ON jobs (user_id, kind, state);
+        CREATE TABLE models (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+            method TEXT NOT NULL,
+            version INTEGER NOT NULL CHECK (version >= 1),
+            base_preset TEXT NOT NULL,
+            blob_key TEXT NOT NULL,
+            token TEXT NOT NULL,
+            class_word TEXT NOT NULL,
+            job_id INTEGER REFERENCES jobs (id) ON DELETE SET NULL,
+            created_at REAL NOT NULL,
+            UNIQUE (user_id, version)
+        );
+        CREATE INDEX models_by_job ON models (job_id);
+        CREATE TABLE images (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+            job_id INTEGER REFERENCES jobs (id) ON DELETE SET NULL,
+            model_id INTEGER REFERENCES models (id) ON DELETE SET NULL,
+            blob_key TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            seed INTEGER NOT NULL,
+            score REAL,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX images_by_user_time ON images (user_id, created_at);
+        CREATE INDEX images_by_job ON images (job_id);
+        CREATE INDEX images_by_model ON images (model_id);
+        """,
+    ),
+]
+
+_SCHEMA_VERSION_TABLE = """
+    CREATE TABLE IF NOT EXISTS schema_version (
+        version INTEGER PRIMARY KEY,
+        applied_at REAL NOT NULL
+    )
+"""
+
+
+def _columns(row_type: type[Any]) -> str:
+    """The SELECT list for a row dataclass, so queries and dataclasses cannot drift apart."""
+    return ", ".join(field.name for field in fields(row_type))
+
+
+_USER = _columns(User)
+_PHOTO = _columns(Photo)
+_JOB = _columns(Job)
+_MODEL = _columns(PersonalModel)
+_IMAGE = _columns(GeneratedImage)
+
+
+class Database:
+    """Typed access to the chat side's SQLite database; open it with `Database.open`."""
+
+    def __init__(self, connection: aiosqlite.Connection, clock: Clock = time.time) -> None:
+        self._conn = connection
+        self._clock = clock
+        # One connection serves all coroutines: the lock keeps one coroutine's transaction
+        # from swallowing another's statements, and reads from seeing half of a transaction.
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        path: Path | str,
+        *,
+        clock: Clock = time.time,
+        migrations: Sequence[Migration] = MIGRATIONS,
+    ) -> AsyncIterator[Database]:
+        """Open (creating if needed) and migrate the database; closes it on leaving the block."""
+        db = await cls.connect(path, clock=clock, migrations=migrations)
+        try:
+            yield db
+        finally:
+            await db.close()
+
+    @classmethod
+    async def connect(
+        cls,
+        path: Path | str,
+        *,
+        clock: Clock = time.time,
+        migrations: Sequence[Migration] = MIGRATIONS,
+    ) -> Database:
+        """Open and migrate the database; the caller must `await db.close()`."""
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: no implicit transactions, `_transaction` says where they are.
+            connection = await aiosqlite.connect(path, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(
+                f"cannot open the database {path}: {exc}; check that the data folder "
+                "exists and is writable"
+            ) from exc
+        db = cls(connection, clock)
+        try:
+            with _translate_errors():  # e.g. the file is not a database
+                await db._configure()
+                await db._migrate(migrations)
+        except BaseException:
+            await connection.close()
+            raise
+        return db
+
+    async def close(self) -> None:
+        """Close the connection; the object is unusable afterwards."""
+        await self._conn.close()
+
+    # -- users and consent ---------------------------------------------------------------------
+
+    async def get_or_create_user(self, platform: str, platform_user_id: str) -> User:
+        """The user with this platform identity, created on first sight."""
+        _require_text("platform", platform)
+        _require_text("platform_user_id", platform_user_id)
+        async with self._write() as conn:
+            await conn.execute(
+                "INSERT INTO users (platform, platform_user_id, created_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (platform, platform_user_id) DO NOTHING",
+                (platform, platform_user_id, self._clock()),
+            )
+            row = await _fetch_one(
+                conn,
+                f"SELECT {_USER} FROM users WHERE platform = ? AND platform_user_id = ?",
+                (platform, platform_user_id),
+            )
+        return User(**_fields(_present(row)))
+
+    async def get_user(self, user_id: int) -> User | None:
+        """The user with this id, or None."""
+        row = await self._read_one(f"SELECT {_USER} FROM users WHERE id = ?", (user_id,))
+        return None if row is None else User(**_fields(row))
+
+    async def record_consent(self, user_id: int, text_version: str) -> None:
+        """Record that the user agreed to the consent text of this version (history is kept)."""
+        _require_text("text_version", text_version)
+        async with self._write() as conn:
+            await conn.execute(
+                "INSERT INTO consents (user_id, text_version, given_at) VALUES (?, ?, ?)",
+                (user_id, text_version, self._clock()),
+            )
+
+    async def has_consent(self, user_id: int) -> bool:
+        """Whether the user has given consent (and not erased their data since)."""
+        row = await self._read_one("SELECT 1 FROM consents WHERE user_id = ? LIMIT 1", (user_id,))
+        return row is not None
+
+    # -- photos --------------------------------------------------------------------------------
+
+    async def add_photo(
+        self, user_id: int, blob_key: str, sha256: str, status: str = "pending"
+    ) -> Photo:
+        """Record an uploaded photo stored under `blob_key`."""
+        _require_choice("photo status", status, PHOTO_STATUSES)
+        now = self._clock()
+        async with self._write() as conn:
+            row = await _fetch_one(
+                conn,
+                "INSERT INTO photos (user_id, blob_key, sha256, status, created_at, updated_at)"
+                f" VALUES (?, ?, ?, ?, ?, ?) RETURNING {_PHOTO}",
+                (user_id, blob_key, sha256, status, now, now),
+            )
+        return Photo(**_fields(_present(row)))
+
+    async def set_photo_result(
+        self,
+        photo_id: int,
+        status: str,
+        refusal: str | None = None,
+        embedding_key: str | None = None,
+        crop_key: str | None = None,
+    ) -> Photo:
+        """Store the outcome of a face check; it replaces any earlier outcome entirely."""
+        _require_choice("photo status", status, PHOTO_STATUSES)
+        async with self._write() as conn:
+            row = await _fetch_one(
+                conn,
+                "UPDATE photos SET status = ?, refusal = ?, embedding_key = ?, crop_key = ?,"
+                f" updated_at = ? WHERE id = ? RETURNING {_PHOTO}",
+                (status, refusal, embedding_key, crop_key, self._clock(), photo_id),
+            )
+        if row is None:
+            raise RecordNotFound(
+                f"photo {photo_id} does not exist; it was deleted or erased with its user"
+            )
+        return Photo(**_fields(row))
+
+    async def find_photo_by_sha(self, user_id: int, sha256: str) -> Photo | None:
+        """The user's newest photo with this content hash (to answer re-sent photos at once)."""
+        row = await self._read_one(
+            f"SELECT {_PHOTO} FROM photos WHERE user_id = ? AND sha256 = ?"
+            " ORDER BY id DESC LIMIT 1",
+            (user_id, sha256),
+        )
+        return None if row is None else Photo(**_fields(row))
+
+    async def list_photos(self, user_id: int, status: str | None = None) -> list[Photo]:
+        """The user's photos, oldest first, optionally only those with `status`."""
+        if status is None:
+            rows = await self._read_all(
+                f"SELECT {_PHOTO} FROM photos WHERE user_id = ? ORDER BY id", (user_id,)
+            )
+        else:
+            _require_choice("photo status", status, PHOTO_STATUSES)
+            rows = await self._read_all(
+                f"SELECT {_PHOTO} FROM photos WHERE user_id = ? AND status = ? ORDER BY id",
+                (user_id, status),
+            )
+        return [Photo(**_fields(row)) for row in rows]
+
+    async def delete_photo(self, photo_id: int) -> None:
+        """Delete the photo's row (not its blobs); deleting a missing photo is a no-op."""
+        async with self._write() as conn:
+            await conn.execute("DELETE FROM photos WHERE id = ?", (photo_id,))
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    async def create_job(
+        self, user_id: int, kind: str, queue: str, payload: dict[str, Any]
+    ) -> Job:
+        """Record a new job in state "queued"; `payload` must be JSON-serializable."""
+        _require_text("job kind", kind)
+        _require_text("job queue", queue)
+        encoded = _encode_json("job payload", payload)
+        now = self._clock()
+        async with self._write() as conn:
+            row = await _fetch_one(
+                conn,
+                "INSERT INTO jobs (user_id, kind, queue, state, payload, created_at, updated_at)"
+                f" VALUES (?, ?, ?, 'queued', ?, ?, ?) RETURNING {_JOB}",
+                (user_id, kind, queue, encoded, now, now),
+            )
+        return _job(_present(row))
+
+    async def update_job(
+        self,
+        job_id: int,
+        *,
+        state: str | None = None,
+        progress: float | None = None,
+        message: str | None = None,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+        attempts_delta: int = 0,
+    ) -> Job:
+        """Change the given fields (None leaves a field as it is); raises `RecordNotFound`."""
+        changes = _job_changes(state, progress, message, error, result)
+        if attempts_delta < 0:
+            raise InvalidValue(f"attempts_delta must be 0 or more, not {attempts_delta}")
+        assignments = [f"{column} = ?" for column in changes]
+        assignments += ["attempts = attempts + ?", "updated_at = ?"]
+        params = (*changes.values(), attempts_delta, self._clock(), job_id)
+        async with self._write() as conn:
+            row = await _fetch_one(
+                conn,
+                f"UPDATE jobs SET {', '.join(assignments)} WHERE id = ? RETURNING {_JOB}",
+                params,
+            )
+        if row is None:
+            raise RecordNotFound(
+                f"job {job_id} does not exist; it may have been erased with its user"
+            )
+        return _job(row)
+
+    async def get_job(self, job_id: int) -> Job | None:
+        """The job with this id, or None."""
+        row = await self._read_one(f"SELECT {_JOB} FROM jobs WHERE id = ?", (job_id,))
+        return None if row is None else _job(row)
+
+    async def list_jobs(self, user_id: int, states: Iterable[str] | None = None) -> list[Job]:
+        """The user's jobs, oldest first, optionally only those in one of `states`."""
+        if states is None:
+            rows = await self._read_all(
+                f"SELECT {_JOB} FROM jobs WHERE user_id = ? ORDER BY id", (user_id,)
+            )
+            return [_job(row) for row in rows]
+        wanted = tuple(states)
+        for state in wanted:
+            _require_choice("job state", state, JOB_STATES)
+        marks = ", ".join("?" * len(wanted))
+        rows = await self._read_all(
+            f"SELECT {_JOB} FROM jobs WHERE user_id = ? AND state IN ({marks}) ORDER BY id",
+            (user_id, *wanted),
+        )
+        return [_job(row) for row in rows]
+
+    async def active_job(self, user_id: int, kind: str) -> Job | None:
+        """The user's newest queued or running job of this kind, or None."""
+        row = await self._read_one(
+            f"SELECT {_JOB} FROM jobs WHERE user_id = ? AND kind = ?"
+            " AND state IN ('queued', 'running') ORDER BY id DESC LIMIT 1",
+            (user_id, kind),
+        )
+        return None if row is None else _job(row)
+
+    # -- personal models and images ------------------------------------------------------------
+
+    async def add_model(
+        self,
+        user_id: int,
+        method: str,
+        base_preset: str,
+        blob_key: str,
+        token: str,
+        class_word: str,
+        job_id: int | None,
+    ) -> PersonalModel:
+        """Record a trained model as the user's next version (1 for the first)."""
+        _require_text("model method", method)
+        # One statement computes and claims the version, so concurrent adds cannot collide.
+        async with self._write() as conn:
+            row = await _fetch_one(
+                conn,
+                "INSERT INTO models (user_id, method, version, base_preset, blob_key, token,"
+                " class_word, job_id, created_at)"
+                " SELECT ?, ?, COALESCE(MAX(version), 0) + 1, ?, ?, ?, ?, ?, ?"
+                f" FROM models WHERE user_id = ? RETURNING {_MODEL}",
+                (user_id, method, base_preset, blob_key, token, class_word, job_id,
+                 self._clock(), user_id),
+            )
+        return PersonalModel(**_fields(_present(row)))
+
+    async def latest_model(self, user_id: int) -> PersonalModel | None:
+        """The user's highest-version model, or None."""
+        row = await self._read_one(
+            f"SELECT {_MODEL} FROM models WHERE user_id = ? ORDER BY version DESC LIMIT 1",
+            (user_id,),
+        )
+        return None if row is None else PersonalModel(**_fields(row))
+
+    async def list_models(self, user_id: int) -> list[PersonalModel]:
+        """The user's models, oldest version first."""
+        rows = await self._read_all(
+            f"SELECT {_MODEL} FROM models WHERE user_id = ? ORDER BY version", (user_id,)
+        )
+        return [PersonalModel(**_fields(row)) for row in rows]
+
+    async def add_image(
+        self,
+        user_id: int,
+        job_id: int | None,
+        blob_key: str,
+        prompt: str,
+        seed: int,
+        score: float | None,
+        model_id: int | None = None,
+    ) -> GeneratedImage:
+        """Record a generated image; `model_id` is None for zero-shot (InstantID) images."""
+        async with self._write() as conn:
+            row = await _fetch_one(
+                conn,
+                "INSERT INTO images (user_id, job_id, model_id, blob_key, prompt, seed, score,"
+                f" created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_IMAGE}",
+                (user_id, job_id, model_id, blob_key, prompt, seed, score, self._clock()),
+            )
+        return GeneratedImage(**_fields(_present(row)))
+
+    async def count_images_since(self, user_id: int, since: float) -> int:
+        """How many images the user got at or after `since` (Unix seconds), for quotas."""
+        row = await self._read_one(
+            "SELECT COUNT(*) FROM images WHERE user_id = ? AND created_at >= ?", (user_id, since)
+        )
+        return int(_present(row)[0])
+
+    # -- erasure -------------------------------------------------------------------------------
+
+    async def erase_user(self, user_id: int) -> None:
+        """Delete all of the user's rows except the user row itself, in one transaction.
+
+        Blobs are not touched: the caller removes them with `BlobStore.delete_owner`.
+        """
+        async with self._write() as conn:
+            # Children first, although SET NULL references would cope with any order.
+            for table in ("images", "models", "jobs", "photos", "consents"):
+                await conn.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
+        _log.info("erased all data of user %d", user_id)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _configure(self) -> None:
+        self._conn.row_factory = aiosqlite.Row
+        await self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        await self._conn.execute("PRAGMA foreign_keys = ON")
+        row = await _fetch_one(self._conn, "PRAGMA journal_mode = WAL", ())
+        if row is None or str(row[0]).lower() != "wal":
+            _log.warning("SQLite refused WAL mode (got %r); concurrent access will be slower", row)
+        # NORMAL is durable across application crashes in WAL mode and much faster than FULL.
+        await self._conn.execute("PRAGMA synchronous = NORMAL")
+
+    async def _migrate(self, migrations: Sequence[Migration]) -> None:
+        _check_migrations(migrations)
+        await self._conn.execute(_SCHEMA_VERSION_TABLE)
+        current = await self._schema_version()
+        newest = migrations[-1][0] if migrations else 0
+        if current > newest:
+            raise MigrationError(
+                f"the database is at schema version {current}, newer than this AvatarBooth "
+                f"knows ({newest}); upgrade AvatarBooth or point it at another data folder"
+            )
+        for version, sql in migrations:
+            if version > current:
+                await self._apply_migration(version, sql)
+
+    async def _apply_migration(self, version: int, sql: str) -> None:
+        try:
+            async with self._transaction():
+                # Another process may have applied it while this one waited for the lock.
+                if await self._schema_version() >= version:
+                    return
+                for statement in _split_statements(sql):
+                    await self._conn.execute(statement)
+                await self._conn.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                    (version, self._clock()),
+                )
+        except sqlite3.Error as exc:
+            raise MigrationError(
+                f"database migration {version} failed and was rolled back: {exc}; "
+                "restore the database from a backup or report this as a bug"
+            ) from exc
+        _log.info("applied database migration %d", version)
+
+    async def _schema_version(self) -> int:
+        row = await _fetch_one(self._conn, "SELECT MAX(version) FROM schema_version", ())
+        return 0 if row is None or row[0] is None else int(row[0])
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """Hold the lock and an IMMEDIATE transaction (the write lock is taken up front)."""
+        async with self._lock:
+            try:
+                await self._conn.execute("BEGIN IMMEDIATE")
+                yield
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                # Unconditional: after a cancellation BEGIN may still run on aiosqlite's thread,
+                # and a ROLLBACK queued behind it is the only way to be sure it is undone.
+                with contextlib.suppress(sqlite3.Error):
+                    await self._conn.execute("ROLLBACK")
+                raise
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        with _translate_errors():
+            async with self._transaction():
+                yield self._conn
+
+    async def _read_one(self, sql: str, params: Sequence[Any]) -> sqlite3.Row | None:
+        with _translate_errors():
+            async with self._lock:
+                return await _fetch_one(self._conn, sql, params)
+
+    async def _read_all(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+        with _translate_errors():
+            async with self._lock:
+                async with self._conn.execute(sql, params) as cursor:
+                    return list(await cursor.fetchall())
+
+
+async def _fetch_one(
+    conn: aiosqlite.Connection, sql: str, params: Sequence[Any]
+) -> sqlite3.Row | None:
+    async with conn.execute(sql, params) as cursor:
+        row: sqlite3.Row | None = await cursor.fetchone()
+        return row
+
+
+@contextlib.contextmanager
+def _translate_errors() -> Iterator[None]:
+    """Turn sqlite3 errors into StorageErrors, keeping the original as the cause."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        raise ConstraintViolation(
+            f"the database refused the change ({exc}); check that the user, job or model "
+            "it refers to exists"
+        ) from exc
+    except sqlite3.Error as exc:
+        raise StorageError(
+            f"database error: {exc}; check that the data folder is writable and has free space"
+        ) from exc
+
+
+def _check_migrations(migrations: Sequence[Migration]) -> None:
+    versions = [version for version, _ in migrations]
+    if any(v < 1 for v in versions) or versions != sorted(set(versions)):
+        raise MigrationError(
+            f"migration versions must be positive and strictly increasing, got {versions}"
+        )
+
+
+def _split_statements(script: str) -> list[str]:
+    """Split a migration into statements; `executescript` would commit our transaction."""
+    statements: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    if pending.strip():
+        raise MigrationError(f"migration ends with an incomplete statement: {pending.strip()!r}")
+    return statements
+
+
+def _fields(row: sqlite3.Row) -> dict[str, Any]:
+    return {name: row[name] for name in row.keys()}
+
+
+def _present(row: sqlite3.Row | None) -> sqlite3.Row:
+    """For queries that always return a row (INSERT ... RETURNING, COUNT)."""
+    if row is None:
+        raise StorageError("the database returned no row where one was expected; report this bug")
+    return row
+
+
+def _job(row: sqlite3.Row) -> Job:
+    values = _fields(row)
+    for column in ("payload", "result"):
+        if values[column] is not None:
+            values[column] = json.loads(values[column])
+    return Job(**values)
+
+
+def _job_changes(
+    state: str | None,
+    progress: float | None,
+    message: str | None,
+    error: str | None,
+    result: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Validate update_job's arguments and map the given ones to column values."""
+    changes: dict[str, Any] = {}
+    if state is not None:
+        changes["state"] = _require_choice("job state", state, JOB_STATES)
+    if progress is not None:
+        if not isinstance(progress, (int, float)) or math.isnan(progress) or not 0 <= progress <= 1:
+            raise InvalidValue(f"job progress must be between 0 and 1, not {progress!r}")
+        changes["progress"] = float(progress)
+    if message is not None:
+        changes["message"] = message
+    if error is not None:
+        changes["error"] = error
+    if result is not None:
+        changes["result"] = _encode_json("job result", result)
+    return changes
+
+
+def _encode_json(what: str, value: dict[str, Any]) -> str:
+    if not isinstance(value, dict):
+        raise InvalidValue(f"{what} must be a dict, not {type(value).__name__}")
+    try:
+        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidValue(f"{what} is not JSON-serializable: {exc}") from exc
+
+
+def _require_choice(what: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise InvalidValue(f"{what} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def _require_text(what: str, value: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidValue(f"{what} must be a non-empty string, got {value!r}")
