@@ -9,7 +9,7 @@ Layout of a built preset::
     dest/
     ├── sdxl/               StableDiffusionXLPipeline.save_pretrained
     ├── identitynet/        ControlNetModel.save_pretrained (InstantID's IdentityNet)
-    ├── ip-adapter.bin      InstantID's adapter: image_proj.* (Resampler) + ip_adapter.* (to_k_ip/to_v_ip)
+    ├── ip-adapter.bin      InstantID's adapter: image_proj.* (Resampler), ip_adapter.* (to_k/v_ip)
     ├── antelopev2/         scrfd_10g_bnkps.onnx + glintr100.onnx (engine.tiny_faces)
     └── .complete           written last
 """
@@ -46,6 +46,7 @@ _POOLED_DIM = 32  # text_encoder_2 projection width (SDXL's pooled text embeddin
 _TIME_EMBED_DIM = 8  # SDXL's addition_time_embed_dim; six micro-conditioning numbers
 _RESAMPLER_HIDDEN = 64  # one 64-wide head: diffusers' loader infers heads = width // 64
 _RESAMPLER_DEPTH = 4  # diffusers' loader assumes InstantID's depth of 4
+_KEYPOINT_GAIN = 30.0  # see _wake_identitynet
 
 # Whole-word BPE merges so that prompt words the project uses are single tokens.
 _WORDS = (
@@ -94,11 +95,30 @@ def _build_parts(work: Path, seed: int) -> None:
     build_tiny_sdxl(work / "sdxl", seed=seed)
     unet = _tiny_unet(seed)  # same config and weights as the saved one, without reloading it
     _seed(seed + 1)
-    ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32)).save_pretrained(
-        work / "identitynet", safe_serialization=True
-    )
+    identitynet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    _wake_identitynet(identitynet)
+    identitynet.save_pretrained(work / "identitynet", safe_serialization=True)
     _save_instantid_adapter(work / "ip-adapter.bin", unet, seed + 2)
     build_tiny_face_models(work / "antelopev2")
+
+
+def _wake_identitynet(controlnet: Any) -> None:
+    """Give the fresh ControlNet weights under which keypoints and identity tokens change the image.
+
+    ``from_unet`` zero-initialises the output convolutions, so a fresh ControlNet adds nothing; a
+    trained IdentityNet does. The keypoint image is sparse (dots on black), so the condition
+    embedding gets variance-keeping weights and a louder output, or its signal would vanish.
+    """
+    import torch
+
+    for conv in [controlnet.controlnet_mid_block, *controlnet.controlnet_down_blocks]:
+        conv.reset_parameters()
+    embedding = controlnet.controlnet_cond_embedding
+    for conv in [embedding.conv_in, *embedding.blocks, embedding.conv_out]:
+        torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        torch.nn.init.zeros_(conv.bias)
+    with torch.no_grad():
+        embedding.conv_out.weight.mul_(_KEYPOINT_GAIN)
 
 
 def _install(work: Path, dest: Path) -> None:
@@ -247,7 +267,10 @@ def _save_instantid_adapter(path: Path, unet: UNet2DConditionModel, seed: int) -
     import torch
 
     _seed(seed)
-    state = {"image_proj": _resampler_state(unet.config.cross_attention_dim), "ip_adapter": _ip_attn_state(unet)}
+    state = {
+        "image_proj": _resampler_state(unet.config.cross_attention_dim),
+        "ip_adapter": _ip_attn_state(unet),
+    }
     torch.save(state, path)
 
 

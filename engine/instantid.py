@@ -1,0 +1,344 @@
+"""InstantID on diffusers' SDXL ControlNet pipeline.
+
+InstantID conditions SDXL on a face in two ways, both driven by the same identity tokens (a face
+embedding passed through the adapter's Resampler):
+
+* the UNet's cross-attention attends to them next to the text, through IP-Adapter attention
+  processors (``to_k_ip``/``to_v_ip``);
+* IdentityNet, a ControlNet, receives them as its ``encoder_hidden_states`` (instead of the text
+  embeddings) together with an image of the face's five keypoints.
+
+The stock ``StableDiffusionXLControlNetPipeline`` feeds the ControlNet the text embeddings, so
+``InstantIDPipeline`` has its own ``__call__`` built from the parent's stages. The IP-Adapter
+processors are attached to the shared UNet only while an InstantID image is being drawn
+(``IdentityAdapter.attached``): outside that, the UNet is a plain SDXL UNet for text-to-image and
+LoRA training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionXLControlNetPipeline
+from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from diffusers import ControlNetModel, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    from engine.base import ResidentBase
+
+# Colours of the five keypoints, in insightface's order: right eye, left eye, nose, mouth corners.
+KEYPOINT_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (255, 0, 0),
+    (0, 255, 0),
+    (0, 0, 255),
+    (255, 255, 0),
+    (255, 0, 255),
+)
+_NOSE = 2
+_LIMB_BRIGHTNESS = 0.6  # limbs are dimmer than the points, so the points stand out
+
+StepCallback = Callable[[int, int], None]
+"""Called after each denoising step with (steps done, total steps)."""
+
+
+def draw_keypoints(kps: np.ndarray, size: int | tuple[int, int]) -> Image.Image:
+    """Draw five face keypoints as IdentityNet's condition: coloured limbs to the nose and dots on black.
+
+    ``kps`` is a (5, 2) array of (x, y) pixel coordinates in the output image; ``size`` is its
+    side or (width, height).
+    """
+    width, height = (size, size) if isinstance(size, int) else size
+    points = _check_keypoints(kps)
+    image = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    # IdentityNet was trained on dots of radius 10 and limbs 8 wide at about 1024 px.
+    side = min(width, height)
+    radius, limb_width = max(2, round(side * 10 / 1024)), max(2, round(side * 8 / 1024))
+    nose = tuple(points[_NOSE])
+    for index, point in enumerate(points):
+        if index != _NOSE:
+            limb = tuple(int(c * _LIMB_BRIGHTNESS) for c in KEYPOINT_COLOURS[index])
+            draw.line([tuple(point), nose], fill=limb, width=limb_width)
+    for (x, y), colour in zip(points, KEYPOINT_COLOURS):
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+    return image
+
+
+def fit_keypoints(kps: np.ndarray, image_size: tuple[int, int], out_size: int) -> np.ndarray:
+    """Map keypoints from an image of ``image_size`` (width, height) into a square of ``out_size``.
+
+    The image is scaled to fit the square and centred, so the face keeps its proportions.
+    """
+    points = _check_keypoints(kps).astype(np.float64)
+    width, height = image_size
+    scale = out_size / max(width, height)
+    offset = np.array([(out_size - width * scale) / 2, (out_size - height * scale) / 2])
+    return points * scale + offset
+
+
+def _check_keypoints(kps: np.ndarray) -> np.ndarray:
+    points = np.asarray(kps, dtype=np.float64)
+    if points.shape != (5, 2):
+        raise ValueError(f"expected 5 face keypoints of shape (5, 2), got shape {points.shape}")
+    return points
+
+
+class IdentityAdapter:
+    """InstantID's adapter, kept apart from the UNet: the Resampler and the IP-Adapter processors.
+
+    diffusers' ``load_ip_adapter`` builds both into the UNet; ``take_from`` takes them out again, so
+    that the shared UNet stays plain until ``attached`` puts the processors back for one call.
+    """
+
+    def __init__(self, projection: IPAdapterPlusImageProjection, processors: dict[str, Any]) -> None:
+        self.projection = projection
+        self.processors = processors
+
+    @classmethod
+    def take_from(cls, unet: UNet2DConditionModel) -> IdentityAdapter:
+        """Capture what ``load_ip_adapter`` installed in ``unet`` (call ``unload_ip_adapter`` after)."""
+        if unet.encoder_hid_proj is None or unet.config.encoder_hid_dim_type != "ip_image_proj":
+            raise ValueError("the UNet has no IP-Adapter loaded")
+        (projection,) = unet.encoder_hid_proj.image_projection_layers
+        # The Resampler's own attention layers show up in attn_processors too; keep the UNet's.
+        processors = {k: v for k, v in unet.attn_processors.items() if not k.startswith("encoder_hid_proj.")}
+        return cls(projection, processors)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the face embedding the Resampler takes (512 for antelopev2)."""
+        return int(self.projection.proj_in.in_features)
+
+    def set_scale(self, scale: float) -> None:
+        """Weight of the identity tokens in every cross-attention."""
+        for processor in self.processors.values():
+            if hasattr(processor, "to_k_ip"):
+                processor.scale = [scale]
+
+    def project(self, face_embeddings: torch.Tensor) -> torch.Tensor:
+        """(batch, 512) face embeddings → (batch, tokens, cross_attention_dim) identity tokens."""
+        weight = self.projection.proj_in.weight
+        embeddings = face_embeddings.to(device=weight.device, dtype=weight.dtype)
+        return self.projection(embeddings[:, None, :])
+
+    @contextlib.contextmanager
+    def attached(self, unet: UNet2DConditionModel) -> Iterator[None]:
+        """Use the IP-Adapter attention processors in ``unet`` for the duration of the block."""
+        previous = dict(unet.attn_processors)
+        unet.set_attn_processor(dict(self.processors))  # set_attn_processor consumes its dict
+        try:
+            yield
+        finally:
+            unet.set_attn_processor(previous)
+
+
+class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
+    """SDXL + IdentityNet + InstantID adapter. Build with ``from_text2img`` to share modules."""
+
+    identity: IdentityAdapter
+
+    @classmethod
+    def from_text2img(
+        cls,
+        text2img: StableDiffusionXLPipeline,
+        controlnet: ControlNetModel,
+        identity: IdentityAdapter,
+    ) -> InstantIDPipeline:
+        """A pipeline over the same module objects as ``text2img`` (no copies)."""
+        unused = ("image_encoder", "feature_extractor")  # InstantID embeds faces with insightface
+        parts = {k: v for k, v in text2img.components.items() if k not in unused}
+        pipe = cls(
+            **parts,
+            controlnet=controlnet,
+            force_zeros_for_empty_prompt=text2img.config.force_zeros_for_empty_prompt,
+            add_watermarker=False,
+        )
+        pipe.identity = identity
+        return pipe
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        *,
+        prompt: str,
+        face_embedding: torch.Tensor,
+        keypoint_image: Image.Image,
+        negative_prompt: str | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 5.0,
+        identity_strength: float = 0.8,
+        ip_adapter_scale: float = 0.8,
+        generator: Sequence[torch.Generator] = (),
+        num_images: int = 1,
+        callback: StepCallback | None = None,
+    ) -> list[Image.Image]:
+        """Draw ``num_images`` images of the face ``face_embedding`` (512,) posed by ``keypoint_image``.
+
+        The output size is the keypoint image's size. ``generator`` holds one generator per image.
+        """
+        self._check_identity_inputs(face_embedding, keypoint_image, generator, num_images)
+        width, height = keypoint_image.size
+        do_cfg = guidance_scale > 1.0
+        text = self._encode_text(prompt, negative_prompt, num_images, do_cfg)
+        tokens = self._identity_tokens(face_embedding, num_images, do_cfg)
+        control = self.prepare_image(
+            keypoint_image, width, height, num_images, 1, self._execution_device,
+            self.controlnet.dtype, do_classifier_free_guidance=do_cfg,
+        )
+        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        latents = self.prepare_latents(  # noise scaled by the first timestep's sigma
+            num_images, self.unet.config.in_channels, height, width, text["embeds"].dtype,
+            self._execution_device, list(generator),
+        )
+        self.identity.set_scale(ip_adapter_scale)
+        with self.identity.attached(self.unet):
+            latents = self._denoise(
+                latents, text, tokens, control, (height, width), guidance_scale, identity_strength,
+                list(generator), callback,
+            )
+        return self._decode(latents)
+
+    def _check_identity_inputs(
+        self,
+        face_embedding: torch.Tensor,
+        keypoint_image: Image.Image,
+        generator: Sequence[torch.Generator],
+        num_images: int,
+    ) -> None:
+        expected = (self.identity.embedding_dim,)
+        if tuple(face_embedding.shape) != expected:
+            raise ValueError(f"face_embedding must have shape {expected}, got {tuple(face_embedding.shape)}")
+        width, height = keypoint_image.size
+        if width % self.vae_scale_factor or height % self.vae_scale_factor:
+            raise ValueError(f"image size {width}x{height} is not a multiple of {self.vae_scale_factor}")
+        if num_images < 1 or len(generator) != num_images:
+            raise ValueError(f"need one generator per image: {len(generator)} for {num_images} images")
+
+    def _encode_text(
+        self, prompt: str, negative_prompt: str | None, num_images: int, do_cfg: bool
+    ) -> dict[str, torch.Tensor]:
+        """Text embeddings and pooled embeddings, negative first when guidance is on."""
+        embeds, negative, pooled, negative_pooled = self.encode_prompt(
+            prompt=prompt,
+            device=self._execution_device,
+            num_images_per_prompt=num_images,
+            do_classifier_free_guidance=do_cfg,
+            negative_prompt=negative_prompt or None,
+        )
+        if do_cfg:
+            embeds = torch.cat([negative, embeds])
+            pooled = torch.cat([negative_pooled, pooled])
+        return {"embeds": embeds, "pooled": pooled}
+
+    def _identity_tokens(self, face_embedding: torch.Tensor, num_images: int, do_cfg: bool) -> torch.Tensor:
+        """Resampler tokens of the face; the unconditional half is the tokens of a zero embedding."""
+        faces = face_embedding[None].expand(num_images, -1)
+        if do_cfg:
+            faces = torch.cat([torch.zeros_like(faces), faces])
+        return self.identity.project(faces).to(self.unet.dtype)
+
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        tokens: torch.Tensor,
+        control: torch.Tensor,
+        size: tuple[int, int],
+        guidance_scale: float,
+        identity_strength: float,
+        generator: list[torch.Generator],
+        callback: StepCallback | None,
+    ) -> torch.Tensor:
+        """The denoising loop over the scheduler's timesteps (already set).
+
+        IdentityNet sees the identity tokens; the UNet sees text + identity tokens.
+        """
+        added = {"text_embeds": text["pooled"], "time_ids": self._time_ids(size, text["pooled"])}
+        do_cfg = guidance_scale > 1.0  # the conditioning then holds [unconditional, conditional]
+        timesteps = self.scheduler.timesteps
+        for index, t in enumerate(timesteps):
+            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            down, mid = self.controlnet(
+                model_input, t, encoder_hidden_states=tokens, controlnet_cond=control,
+                conditioning_scale=identity_strength, added_cond_kwargs=added, return_dict=False,
+            )
+            noise = self.unet(
+                model_input, t, encoder_hidden_states=(text["embeds"], [tokens]),
+                down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                added_cond_kwargs=added, return_dict=False,
+            )[0]
+            if do_cfg:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(noise, t, latents, generator=generator, return_dict=False)[0]
+            if callback is not None:
+                callback(index + 1, len(timesteps))
+        return latents
+
+    def _time_ids(self, size: tuple[int, int], pooled: torch.Tensor) -> torch.Tensor:
+        """SDXL's micro-conditioning: original size, crop origin, target size (no crop)."""
+        time_ids = self._get_add_time_ids(
+            size, (0, 0), size, dtype=pooled.dtype, text_encoder_projection_dim=int(pooled.shape[-1])
+        )
+        return time_ids.to(pooled.device).repeat(pooled.shape[0], 1)
+
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents → PIL images, in float32 when the VAE is float16 (SDXL's VAE overflows in it)."""
+        upcast = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        try:
+            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+            image = self.vae.decode(latents, return_dict=False)[0]
+        finally:
+            if upcast:
+                self.vae.to(dtype=torch.float16)
+        return self.image_processor.postprocess(image, output_type="pil")
+
+
+
+def render_preview(
+    base: ResidentBase,
+    embedding: np.ndarray,
+    kps: np.ndarray,
+    image_size: tuple[int, int],
+    prompt: str,
+    negative_prompt: str,
+    seed: int,
+    num_images: int,
+    steps: int | None = None,
+    callback: StepCallback | None = None,
+) -> list[Image.Image]:
+    """Zero-shot InstantID images of one face, with the preset's size, guidance and identity weights.
+
+    ``embedding`` is the face's 512-d insightface embedding (InstantID was trained on the raw
+    ``embedding``, not the normalised one); ``kps`` are its five keypoints in the coordinates of an
+    image of ``image_size`` (width, height), fitted into the output square. Image ``i`` is seeded
+    with ``seed + i``, so each image is reproducible on its own. Holds ``base.gpu_lock`` while drawing.
+    """
+    preset = base.preset
+    keypoints = fit_keypoints(kps, image_size, preset.resolution)
+    keypoint_image = draw_keypoints(keypoints, preset.resolution)
+    face = torch.from_numpy(np.asarray(embedding, dtype=np.float32))
+    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
+    with base.gpu_lock:
+        return base.instantid(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            face_embedding=face,
+            keypoint_image=keypoint_image,
+            num_inference_steps=steps or preset.inference_steps,
+            guidance_scale=preset.guidance_scale,
+            identity_strength=preset.identity_strength,
+            ip_adapter_scale=preset.ip_adapter_scale,
+            generator=generators,
+            num_images=num_images,
+            callback=callback,
+        )

@@ -1,0 +1,168 @@
+"""The resident base and the InstantID pipeline, on the tiny preset."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from engine.base import ResidentBase
+from engine.instantid import KEYPOINT_COLOURS, draw_keypoints, fit_keypoints, render_preview
+from engine.presets import load_preset
+
+pytestmark = pytest.mark.slow
+
+KPS = np.array([[40.0, 50.0], [88.0, 50.0], [64.0, 72.0], [46.0, 96.0], [82.0, 96.0]])
+SIZE = (128, 128)
+PROMPT = "a photo of sks person"
+
+
+@pytest.fixture(scope="module")
+def base(tiny_preset_dir: Path) -> ResidentBase:
+    return ResidentBase.load(load_preset("tiny", tiny_preset_dir.parent))
+
+
+def face(seed: int) -> np.ndarray:
+    """A face embedding with an insightface-like norm (~20)."""
+    return np.random.default_rng(seed).normal(size=512).astype(np.float32)
+
+
+def preview(base: ResidentBase, embedding: np.ndarray, kps: np.ndarray = KPS, seed: int = 7) -> np.ndarray:
+    (image,) = render_preview(base, embedding, kps, SIZE, PROMPT, "", seed, 1, steps=2)
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.fixture
+def recorded_calls(base: ResidentBase) -> Iterator[dict[str, Any]]:
+    """The keyword arguments the IdentityNet and the UNet receive, first step only."""
+    calls: dict[str, Any] = {}
+
+    def record(name: str) -> Any:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            calls.setdefault(name, kwargs)
+
+        return hook
+
+    handles = [
+        base.instantid.controlnet.register_forward_pre_hook(record("controlnet"), with_kwargs=True),
+        base.unet.register_forward_pre_hook(record("unet"), with_kwargs=True),
+    ]
+    yield calls
+    for handle in handles:
+        handle.remove()
+
+
+def test_load_uses_from_pretrained(tiny_preset_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import ControlNetModel, StableDiffusionXLPipeline
+
+    loaded: list[str] = []
+    for cls in (StableDiffusionXLPipeline, ControlNetModel):
+        original = cls.from_pretrained.__func__  # type: ignore[attr-defined]
+
+        def spy(klass: type, path: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            loaded.append(Path(path).name)
+            return _original(klass, path, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+
+    loaded_base = ResidentBase.load(load_preset("tiny", tiny_preset_dir.parent), device="cpu")
+
+    assert loaded == ["sdxl", "identitynet"]
+    assert loaded_base.device == torch.device("cpu") and loaded_base.dtype == torch.float32
+
+
+def test_adapter_loads_every_key(base: ResidentBase, tiny_preset_dir: Path) -> None:
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    checkpoint = torch.load(tiny_preset_dir / "ip-adapter.bin", weights_only=True)
+    projection = base.identity.projection
+    ip_processors = [p for p in base.identity.processors.values() if hasattr(p, "to_k_ip")]
+
+    assert isinstance(projection, IPAdapterPlusImageProjection)
+    assert torch.equal(projection.proj_in.weight, checkpoint["image_proj"]["proj_in.weight"])
+    assert torch.equal(projection.latents, checkpoint["image_proj"]["latents"])
+    assert len(ip_processors) * 2 == len(checkpoint["ip_adapter"])
+    for number, processor in zip(range(1, 2 * len(ip_processors), 2), ip_processors):
+        assert torch.equal(processor.to_k_ip[0].weight, checkpoint["ip_adapter"][f"{number}.to_k_ip.weight"])
+        assert torch.equal(processor.to_v_ip[0].weight, checkpoint["ip_adapter"][f"{number}.to_v_ip.weight"])
+
+
+def test_pipelines_share_one_set_of_modules(base: ResidentBase) -> None:
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"):
+        assert getattr(base.instantid, name) is getattr(base.text2img, name), name
+
+
+def test_unet_stays_plain_outside_instantid(base: ResidentBase) -> None:
+    preview(base, face(1))
+
+    assert base.unet.encoder_hid_proj is None
+    assert not any(hasattr(p, "to_k_ip") for p in base.unet.attn_processors.values())
+    with base.gpu_lock:
+        image = base.text2img(PROMPT, num_inference_steps=2).images[0]
+    assert image.size == SIZE
+
+
+def test_same_face_and_seed_reproduce_the_image(base: ResidentBase) -> None:
+    assert np.array_equal(preview(base, face(1)), preview(base, face(1)))
+
+
+def test_another_face_changes_the_image(base: ResidentBase) -> None:
+    assert np.abs(preview(base, face(1)) - preview(base, face(2))).mean() > 1.0
+
+
+def test_other_keypoints_change_the_image(base: ResidentBase) -> None:
+    assert np.abs(preview(base, face(1)) - preview(base, face(1), kps=KPS[::-1] * 0.5)).mean() > 1.0
+
+
+def test_identitynet_gets_the_identity_tokens(base: ResidentBase, recorded_calls: dict[str, Any]) -> None:
+    embedding = face(3)
+    preview(base, embedding)
+
+    faces = torch.from_numpy(embedding)[None]
+    expected = base.identity.project(torch.cat([torch.zeros_like(faces), faces])).detach()
+    given = recorded_calls["controlnet"]["encoder_hidden_states"]
+    text, (unet_tokens,) = recorded_calls["unet"]["encoder_hidden_states"]
+    assert torch.equal(given, expected)  # negative half: tokens of a zero embedding
+    assert torch.equal(unet_tokens, expected)
+    assert given.shape != text.shape  # 16 identity tokens, not the 77 text tokens
+
+
+def test_render_preview_seeds_each_image_and_fits_keypoints(base: ResidentBase) -> None:
+    steps: list[tuple[int, int]] = []
+    images = render_preview(
+        base, face(1), KPS * 2, (256, 256), PROMPT, "", seed=7, num_images=2, steps=2,
+        callback=lambda done, total: steps.append((done, total)),
+    )
+
+    first, second = (np.asarray(image, dtype=np.int16) for image in images)
+    alone = preview(base, face(1), seed=7)  # same keypoints once fitted into 128 px
+    assert np.abs(first - alone).max() <= 2  # batched arithmetic may round differently
+    assert np.abs(first - second).mean() > 1.0
+    assert steps == [(1, 2), (2, 2)]
+
+
+def test_rejects_an_embedding_of_the_wrong_width(base: ResidentBase) -> None:
+    with pytest.raises(ValueError, match="512"):
+        render_preview(base, np.zeros(128, np.float32), KPS, SIZE, PROMPT, "", 0, 1, steps=2)
+
+
+def test_draw_keypoints_colours_each_point() -> None:
+    image = np.asarray(draw_keypoints(KPS, 128))
+
+    for (x, y), colour in zip(KPS.astype(int), KEYPOINT_COLOURS):
+        assert tuple(image[y, x]) == colour
+    assert image[5, 5].tolist() == [0, 0, 0]
+    assert image.shape == (128, 128, 3)
+
+
+def test_fit_keypoints_keeps_proportions() -> None:
+    kps = np.array([[0, 0], [400, 0], [200, 100], [0, 200], [400, 200]], dtype=float)
+
+    fitted = fit_keypoints(kps, (400, 200), 100)
+
+    assert fitted[:, 0].tolist() == [0, 100, 50, 0, 100]
+    assert fitted[:, 1].tolist() == [25, 25, 50, 75, 75]
