@@ -97,8 +97,19 @@ class JobFailed(BotError):
         return cls(texts.job_timed_out(what, seconds))
 
     @classmethod
+    def lost(cls, what: str) -> JobFailed:
+        return cls(texts.JOB_LOST.format(what=what))
+
+    @classmethod
     def unreadable(cls, what: str) -> JobFailed:
         return cls(texts.JOB_BROKEN_RESULT.format(what=what))
+
+
+class ErasedMeanwhile(BotError):
+    """The user used /forget while a job ran; its result was discarded."""
+
+    def __init__(self) -> None:
+        super().__init__(texts.ERASED_MEANWHILE)
 
 
 class QueueUnavailable(BotError):

@@ -74,11 +74,14 @@ PROMPT_TOO_LONG = (
 )
 RATE_LIMITED = "You have reached the limit of {limit} images per hour. Try again in {wait}."
 QUEUE_UNAVAILABLE = (
-    "The image service can't be reached right now. Nothing was lost; try again in a minute."
+    "The image service can't be reached right now. Try again in a minute; /status shows what was kept."
 )
 JOB_TIMED_OUT = (
     "The {what} took longer than {seconds} s and I stopped waiting. "
     "Try again later; /status shows what is still running."
+)
+JOB_LOST = (
+    "The {what} was lost by the job queue (perhaps it restarted). Send the command again."
 )
 JOB_BROKEN_RESULT = (
     "The {what} came back in a form I can't read. Try again; if it keeps happening, "
@@ -101,6 +104,19 @@ _ERROR_CODES: dict[ErrorCode, str] = {
         "tell the bot's operator."
     ),
 }
+
+
+_JOB_LABELS = {
+    "check_photo": "photo check",
+    "preview": "preview",
+    "train": "training",
+    "draw": "drawing",
+}
+
+
+def job_label(kind: str) -> str:
+    """What a job kind is called in messages: 'train' -> 'training'."""
+    return _JOB_LABELS.get(kind, kind.replace("_", " "))
 
 
 def job_failed(what: str, code: str) -> str:
@@ -200,7 +216,6 @@ def enrollment_standing(accepted: int, min_photos: int, max_photos: int) -> str:
     return f"{accepted} of {min_photos} photos: send {missing} more with /photo."
 
 
-CHECKING_PHOTO = "checking {label}..."
 NO_PHOTOS = "You have no photos yet. Send {min_photos} to {max_photos} selfies with /photo."
 
 
@@ -242,7 +257,6 @@ def _as_float(value: str | None) -> float | None:
 TINY_NOTE = (
     "Note: this bot runs the 'tiny' test preset; its images are random noise, not pictures of you."
 )
-QUEUED = "{what} queued..."
 PREVIEW_DONE = "Here is your instant preview (InstantID, no training yet). /train makes a personal model."
 TRAINING_STARTED = "Training your {method} model on {count} photos. This can take a while."
 TRAINING_DONE = (

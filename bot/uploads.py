@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
@@ -65,13 +64,12 @@ def inspect_upload(data: bytes, settings: BotSettings) -> CheckedImage | Refused
 def _read_header(data: bytes, settings: BotSettings) -> tuple[str, int, int] | RefusedUpload:
     """Format and size from the header only; Pillow's `open` is lazy and decodes no pixels."""
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (above its own limit) or raises (above twice it) on huge images; either
-            # way the image is refused here, from the header, without being decoded.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
-                image_format, (width, height) = str(image.format), image.size
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
+            image_format, (width, height) = str(image.format), image.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow raises above twice its own MAX_IMAGE_PIXELS (and warns above it; the warning is an
+        # exception only where warnings are errors): refused from the header, never decoded. The
+        # module-wide limit is left alone; our own, lower max_pixels is checked just below.
         return RefusedUpload(Refusal.TOO_MANY_PIXELS, str(exc))
     except UnidentifiedImageError as exc:
         return RefusedUpload(Refusal.NOT_AN_IMAGE, str(exc))
@@ -88,10 +86,8 @@ def _read_header(data: bytes, settings: BotSettings) -> tuple[str, int, int] | R
 def _decode_fully(data: bytes) -> RefusedUpload | None:
     """Decode every pixel: a truncated or corrupt file fails here (it would fail later anyway)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
-                image.load()
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
+            image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         return RefusedUpload(Refusal.TRUNCATED, f"{type(exc).__name__}: {exc}")
     return None

@@ -1,0 +1,203 @@
+"""The console adapter: ``avatarbooth chat`` (interactive) and ``avatarbooth demo`` (piped script).
+
+Reads one command per line, runs it to completion (jobs finished) before reading the next, so a
+piped script is deterministic. This is where a `BotError` becomes a printed reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TextIO
+
+from bot import texts
+from bot.errors import BotError
+from bot.service import BotService, Reply, Upload, UserRef
+
+_log = logging.getLogger(__name__)
+
+Handler = Callable[[str], Awaitable[Reply | None]]
+
+
+class ConsoleAdapter:
+    """Drive a `BotService` for one user from a text stream; write images into `out_dir`.
+
+    After `run`, `written_images` lists the image files written and `job_ids` the queue job ids
+    of every command, in order.
+    """
+
+    def __init__(
+        self,
+        service: BotService,
+        *,
+        user: UserRef,
+        out_dir: Path,
+        stdin: TextIO,
+        stdout: TextIO,
+        echo: bool = False,
+    ) -> None:
+        self._service = service
+        self._user = user
+        self._out_dir = out_dir
+        self._stdin = stdin
+        self._stdout = stdout
+        self._echo = echo  # print each command before its reply (for piped scripts)
+        self.written_images: list[Path] = []
+        self.job_ids: list[str] = []
+        self._numbers: dict[str, int] = {}  # the last image number used per command
+        self._handlers: dict[str, Handler] = {
+            "/start": self._start,
+            "/agree": self._agree,
+            "/photo": self._photo,
+            "/photos": self._photos,
+            "/preview": self._preview,
+            "/train": self._train,
+            "/draw": self._draw,
+            "/status": self._status,
+            "/forget": self._forget,
+            "/help": self._help,
+        }
+
+    async def run(self) -> int:
+        """Finish interrupted work, then answer commands until end of input; returns 0."""
+        await self._answer("resume", self._resume())
+        while True:
+            if self._stdin.isatty():
+                self._write("> ", end="")
+            # Read on the loop's thread: nothing else runs between commands, and a reader thread
+            # blocked in readline() would keep the process from exiting on Ctrl-C.
+            line = self._stdin.readline()
+            if not line:
+                return 0
+            await self.handle_line(line)
+
+    async def handle_line(self, line: str) -> None:
+        """Run one input line: a command, or nothing for blank lines and '#' comments."""
+        text = line.strip()
+        if not text or text.startswith("#"):
+            return
+        if self._echo:
+            self._write(f"> {text}")
+        command, *tail = text.split(maxsplit=1)
+        command = command.lower()
+        rest = tail[0] if tail else ""
+        if not command.startswith("/"):
+            self._write(texts.NOT_A_COMMAND)
+            return
+        handler = self._handlers.get(command)
+        if handler is None:
+            self._write(texts.UNKNOWN_COMMAND.format(command=command))
+            return
+        await self._answer(command, handler(rest.strip()))
+
+    async def _answer(self, command: str, pending: Awaitable[Reply | None]) -> None:
+        """Await a command and print its reply; a `BotError` prints its message instead."""
+        try:
+            reply = await pending
+        except BotError as exc:
+            self._write(exc.user_message)
+            return
+        if reply is not None:
+            await self._print_reply(command.lstrip("/"), reply)
+
+    async def _print_reply(self, kind: str, reply: Reply) -> None:
+        self.job_ids.extend(reply.job_ids)
+        if reply.text:
+            self._write(reply.text)
+        if not reply.images:
+            return
+        number = self._next_number(kind)
+        for index, image in enumerate(reply.images, start=1):
+            part = "" if len(reply.images) == 1 else f"-{index}"
+            target = self._out_dir / f"{kind}-{number}{part}{image.path.suffix or '.png'}"
+            await asyncio.to_thread(_copy, image.path, target)
+            self.written_images.append(target)
+            self._write(texts.IMAGE_SAVED.format(path=target))
+
+    def _next_number(self, kind: str) -> int:
+        """Readable names that never overwrite: preview-1.png, draw-2-1.png, draw-2-2.png, ..."""
+        number = self._numbers.get(kind, 0) + 1
+        while any(self._out_dir.glob(f"{kind}-{number}.*")) or any(
+            self._out_dir.glob(f"{kind}-{number}-*")
+        ):
+            number += 1
+        self._numbers[kind] = number
+        return number
+
+    async def _progress(self, line: str) -> None:
+        self._write(line)
+
+    def _write(self, text: str, end: str = "\n") -> None:
+        self._stdout.write(text + end)
+        self._stdout.flush()
+
+    # --- commands -------------------------------------------------------------------------------
+
+    async def _resume(self) -> Reply | None:
+        return await self._service.resume_pending(self._user, on_progress=self._progress)
+
+    async def _start(self, _: str) -> Reply:
+        return await self._service.start(self._user)
+
+    async def _agree(self, _: str) -> Reply:
+        return await self._service.agree(self._user)
+
+    async def _photo(self, rest: str) -> Reply | None:
+        try:
+            paths = shlex.split(rest)
+        except ValueError as exc:
+            self._write(texts.BAD_QUOTING.format(reason=exc))
+            return None
+        if not paths:
+            self._write(texts.NO_FILES)
+            return None
+        limit = self._service.settings.max_upload_bytes
+        uploads = [u for u in (self._read_upload(p, limit) for p in paths) if u is not None]
+        if not uploads:
+            return None
+        return await self._service.add_photos(self._user, uploads, on_progress=self._progress)
+
+    def _read_upload(self, name: str, limit: int) -> Upload | None:
+        """Read a file (at most one byte past the upload limit); print why when it can't be sent."""
+        path = Path(name).expanduser()
+        try:
+            with path.open("rb") as handle:
+                data = handle.read(limit + 1)  # enough for the service to refuse an oversized file
+        except FileNotFoundError:
+            self._write(texts.FILE_MISSING.format(path=name))
+            return None
+        except OSError as exc:
+            reason = "it is a folder" if path.is_dir() else exc.strerror or type(exc).__name__
+            self._write(texts.FILE_UNREADABLE.format(path=name, reason=reason))
+            return None
+        return Upload(filename=path.name, data=data)
+
+    async def _photos(self, _: str) -> Reply:
+        return await self._service.photos(self._user)
+
+    async def _preview(self, rest: str) -> Reply:
+        return await self._service.preview(self._user, rest or None, on_progress=self._progress)
+
+    async def _train(self, rest: str) -> Reply:
+        return await self._service.train(self._user, rest or None, on_progress=self._progress)
+
+    async def _draw(self, rest: str) -> Reply:
+        return await self._service.draw(self._user, rest, on_progress=self._progress)
+
+    async def _status(self, _: str) -> Reply:
+        return await self._service.status(self._user)
+
+    async def _forget(self, _: str) -> Reply:
+        return await self._service.forget(self._user)
+
+    async def _help(self, _: str) -> Reply:
+        return await self._service.help()
+
+
+def _copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)

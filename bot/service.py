@@ -1,0 +1,727 @@
+"""The platform-agnostic conversation: consent, enrolment, preview, training, drawing, erasure.
+
+Adapters (console, Discord, Telegram) turn platform events into calls on `BotService` and its
+`Reply` objects back into messages; a `BotError` carries the message for a refused command.
+
+A user's states (derived from the database, never stored as such)::
+
+    new ──/agree──▶ consented ──photo accepted──▶ enrolling (1 .. min_photos-1 accepted photos)
+                                                      │ min_photos accepted (at most max_photos)
+                                                      ▼
+                                                    ready      /preview; /draw with InstantID
+                                                      │ /train
+                                                      ▼
+                                                   training ──done──▶ trained   /draw with the newest model
+                                                      ▲                  │ /train: the next version
+                                                      └──────────────────┘
+    A failed training goes back to where it came from (ready or trained); one training at a time.
+    any state ──/forget──▶ new   (every row but the bare user row is erased, and every blob)
+
+Before consent nothing is stored but the user row (platform and platform user id). A photo is kept
+only once it passes the boundary checks (`bot.uploads`); a photo the worker refuses keeps its row
+and reason (shown by /photos) but not its bytes. Every job is a database row first: its arq id is
+derived from the row (`engine.api.arq_job_id`), so re-submitting after a restart is idempotent,
+and `resume_pending` finishes what a restart interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bot import texts
+from bot.errors import (
+    BotError,
+    ConsentRequired,
+    EmptyPrompt,
+    ErasedMeanwhile,
+    JobFailed,
+    MethodNotEnabled,
+    NotEnoughPhotos,
+    PromptTooLong,
+    QueueUnavailable,
+    RateLimited,
+    TooManyPhotos,
+    TrainingAlreadyRunning,
+    UnknownMethod,
+)
+from bot.jobs import JobClient, JobRequest, ProgressFields
+from bot.settings import BotSettings
+from bot.uploads import RefusedUpload, inspect_upload
+from engine.api import (
+    JOB_QUEUES,
+    CheckPhotoRequest,
+    CheckPhotoResult,
+    DrawRequest,
+    ImagesResult,
+    JobFailure,
+    JobName,
+    PreviewRequest,
+    Refusal,
+    TrainingMethod,
+    TrainRequest,
+    TrainResult,
+    arq_job_id,
+    parse_result,
+)
+from storage.blobs import BlobStore, owner_for
+from storage.db import Database, Job, Photo, User
+from storage.errors import InvalidBlobKey, RecordNotFound
+
+_log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str], Awaitable[None]]
+"""Receives already-formatted progress lines (see `bot.texts.progress`)."""
+
+_HOUR_S = 3600.0
+_RequestType = type[CheckPhotoRequest] | type[PreviewRequest] | type[TrainRequest] | type[DrawRequest]
+_REQUEST_TYPES: dict[JobName, _RequestType] = {
+    JobName.CHECK_PHOTO: CheckPhotoRequest,
+    JobName.PREVIEW: PreviewRequest,
+    JobName.TRAIN: TrainRequest,
+    JobName.DRAW: DrawRequest,
+}
+_Result = TypeVar("_Result", CheckPhotoResult, TrainResult, ImagesResult)
+
+
+@dataclass(frozen=True)
+class UserRef:
+    """Who is talking: a platform name ("console", "discord", ...) and that platform's user id."""
+
+    platform: str
+    platform_user_id: str
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One file a user sent, as bytes; `filename` only labels the reply."""
+
+    filename: str | None
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ImageOut:
+    """A generated image to send: a local file (do not modify it), its face score, its row id."""
+
+    path: Path
+    score: float | None
+    image_id: int
+
+
+@dataclass
+class Reply:
+    """What to send back: text, images, and the queue job ids the command ran (for logs/demos)."""
+
+    text: str
+    images: list[ImageOut] = field(default_factory=list)
+    job_ids: list[str] = field(default_factory=list)
+
+
+class BotService:
+    """The conversation, over the database, the blob store and the job queue."""
+
+    def __init__(
+        self,
+        db: Database,
+        blobs: BlobStore,
+        jobs: JobClient,
+        settings: BotSettings,
+        *,
+        preset_name: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._jobs = jobs
+        self.settings = settings
+        self._preset_name = preset_name
+        self._clock = clock
+        self._in_flight: set[int] = set()  # database job ids this process is waiting on
+        self._user_locks: dict[int, asyncio.Lock] = {}
+
+    # --- consent and help ---------------------------------------------------------------------
+
+    async def start(self, user: UserRef) -> Reply:
+        """The consent text. Creates the bare user row; nothing else is stored."""
+        account = await self._account(user)
+        if await self._db.has_consent(account.id):
+            return Reply(f"{texts.CONSENT}\n\n{texts.ALREADY_CONSENTED}")
+        return Reply(texts.CONSENT)
+
+    async def agree(self, user: UserRef) -> Reply:
+        """Record consent to the current consent text."""
+        account = await self._account(user)
+        if await self._db.has_consent(account.id):
+            return Reply(texts.ALREADY_CONSENTED)
+        await self._db.record_consent(account.id, self.settings.consent_version)
+        return Reply(
+            texts.CONSENT_RECORDED.format(
+                min_photos=self.settings.min_photos, max_photos=self.settings.max_photos
+            )
+        )
+
+    async def help(self) -> Reply:
+        return Reply(texts.HELP)
+
+    # --- photos -------------------------------------------------------------------------------
+
+    async def add_photos(
+        self, user: UserRef, uploads: Sequence[Upload], on_progress: ProgressCallback | None = None
+    ) -> Reply:
+        """Check and enrol selfies: one reply line per upload, then where the user stands."""
+        account = await self._consented(user)
+        reply = Reply("")
+        lines: list[str] = []
+        async with self._lock(account.id):
+            if len(await self._kept_photos(account.id)) >= self.settings.max_photos:
+                raise TooManyPhotos(self.settings.max_photos)
+            for index, upload in enumerate(uploads, start=1):
+                label = texts.photo_label(index, upload.filename)
+                try:
+                    lines.append(await self._enrol(account, upload, label, reply, on_progress))
+                except QueueUnavailable as exc:
+                    lines.append(texts.photo_failed(label, exc.user_message))
+                    break
+        accepted = len(await self._db.list_photos(account.id, "accepted"))
+        lines.append(
+            texts.enrollment_standing(accepted, self.settings.min_photos, self.settings.max_photos)
+        )
+        reply.text = "\n".join(lines)
+        return reply
+
+    async def photos(self, user: UserRef) -> Reply:
+        """The user's photos and the outcome of each check (worker refusals with their reason)."""
+        account = await self._consented(user)
+        photos = await self._db.list_photos(account.id)
+        if not photos:
+            return Reply(
+                texts.NO_PHOTOS.format(
+                    min_photos=self.settings.min_photos, max_photos=self.settings.max_photos
+                )
+            )
+        lines = [
+            texts.photo_list_line(
+                index,
+                photo.status,
+                texts.refusal(photo.refusal, self.settings) if photo.refusal else None,
+            )
+            for index, photo in enumerate(photos, start=1)
+        ]
+        accepted = sum(photo.status == "accepted" for photo in photos)
+        standing = texts.enrollment_standing(
+            accepted, self.settings.min_photos, self.settings.max_photos
+        )
+        return Reply("\n".join(["Your photos:", *lines, standing]))
+
+    async def _enrol(
+        self,
+        account: User,
+        upload: Upload,
+        label: str,
+        reply: Reply,
+        on_progress: ProgressCallback | None,
+    ) -> str:
+        """Boundary checks, then store and send one photo to the worker; returns its reply line."""
+        checked = await asyncio.to_thread(inspect_upload, upload.data, self.settings)
+        if isinstance(checked, RefusedUpload):
+            _log.info("upload refused at the boundary: %s (%s)", checked.refusal, checked.detail)
+            return texts.photo_refused(label, texts.refusal(checked.refusal, self.settings))
+        kept = await self._kept_photos(account.id)
+        if any(photo.sha256 == checked.sha256 for photo in kept):
+            return texts.photo_refused(label, texts.refusal(Refusal.DUPLICATE, self.settings))
+        if len(kept) >= self.settings.max_photos:
+            return texts.photo_over_limit(label, self.settings.max_photos)
+        owner = owner_for(account.id)
+        key = await asyncio.to_thread(self._blobs.put, owner, "photos", upload.data, checked.suffix)
+        photo = await self._db.add_photo(account.id, key, checked.sha256)
+        references = [p.embedding_key for p in kept if p.status == "accepted" and p.embedding_key]
+        job = await self._create_job(
+            account,
+            JobName.CHECK_PHOTO,
+            {"owner": owner, "photo_key": key, "reference_embedding_keys": references},
+            {"photo_id": photo.id, "label": label},
+        )
+        reply.job_ids.append(arq_job_id(job.kind, job.id))
+        return await self._finish_check(job, photo, label, on_progress)
+
+    async def _finish_check(
+        self, job: Job, photo: Photo, label: str, on_progress: ProgressCallback | None
+    ) -> str:
+        """Wait for a photo check and record it; a photo whose check failed is not kept."""
+        try:
+            result = await self._run(job, CheckPhotoResult, on_progress)
+            await self._require_owned(job, [result.embedding_key, result.crop_key])
+            if result.accepted and not (result.embedding_key and result.crop_key):
+                raise await self._fail(job, JobFailed.unreadable(texts.job_label(job.kind)))
+        except (JobFailed, QueueUnavailable) as exc:
+            await self._drop_photo(photo)
+            if isinstance(exc, QueueUnavailable):
+                raise
+            return texts.photo_failed(label, exc.user_message)
+        except ErasedMeanwhile as exc:
+            return texts.photo_failed(label, exc.user_message)
+        return await self._record_check(job, photo, result, label)
+
+    async def _record_check(
+        self, job: Job, photo: Photo, result: CheckPhotoResult, label: str
+    ) -> str:
+        if result.accepted:
+            await self._db.set_photo_result(
+                photo.id, "accepted", embedding_key=result.embedding_key, crop_key=result.crop_key
+            )
+            line = texts.photo_accepted(label)
+        else:
+            reason = result.refusal or Refusal.NO_FACE
+            await self._db.set_photo_result(photo.id, "refused", refusal=reason)
+            # Nothing of a refused photo is kept but its row and reason.
+            await asyncio.to_thread(self._blobs.delete, photo.blob_key)
+            line = texts.photo_refused(label, texts.refusal(reason, self.settings))
+        await self._db.update_job(job.id, state="done", progress=1.0, result=result.to_dict())
+        return line
+
+    async def _drop_photo(self, photo: Photo) -> None:
+        await self._db.delete_photo(photo.id)
+        await asyncio.to_thread(self._blobs.delete, photo.blob_key)
+
+    async def _kept_photos(self, user_id: int) -> list[Photo]:
+        """Accepted photos and those still being checked: what counts toward max_photos."""
+        return [p for p in await self._db.list_photos(user_id) if p.status != "refused"]
+
+    # --- preview and draw -----------------------------------------------------------------------
+
+    async def preview(
+        self,
+        user: UserRef,
+        prompt: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> Reply:
+        """Zero-shot InstantID images from the enrolled photos, before any training."""
+        text = self._check_prompt(prompt, required=False) or self.settings.default_preview_prompt
+        account = await self._consented(user)
+        embeddings = await self._enrolled_embeddings(account.id)
+        count = self.settings.preview_num_images
+        await self._check_rate(account.id, count)
+        fields: dict[str, Any] = {
+            "owner": owner_for(account.id),
+            "embedding_keys": embeddings,
+            "prompt": text,
+            "seed": _new_seed(),
+            "num_images": count,
+        }
+        job = await self._create_job(account, JobName.PREVIEW, fields, {"prompt": text})
+        return await self._finish_images(job, on_progress)
+
+    async def draw(
+        self, user: UserRef, prompt: str, on_progress: ProgressCallback | None = None
+    ) -> Reply:
+        """Draw `prompt` from the user's newest model, or with InstantID until one exists."""
+        text = self._check_prompt(prompt, required=True)
+        account = await self._consented(user)
+        model = await self._db.latest_model(account.id)
+        if model is None:
+            embeddings = await self._enrolled_embeddings(account.id)
+        else:
+            embeddings = [p.embedding_key for p in await self._accepted(account.id) if p.embedding_key]
+        count = self.settings.draw_num_images
+        await self._check_rate(account.id, count)
+        fields: dict[str, Any] = {
+            "owner": owner_for(account.id),
+            "prompt": text,
+            "embedding_keys": embeddings,
+            "seed": _new_seed(),
+            "num_images": count,
+        }
+        meta: dict[str, Any] = {"prompt": text}
+        if model is not None:
+            fields |= {
+                "adapter_key": model.blob_key,
+                "method": model.method,
+                "token": model.token,
+                "class_word": model.class_word,
+            }
+            meta |= {"model_id": model.id, "model_version": model.version, "method": model.method}
+        job = await self._create_job(account, JobName.DRAW, fields, meta)
+        return await self._finish_images(job, on_progress)
+
+    async def _finish_images(self, job: Job, on_progress: ProgressCallback | None) -> Reply:
+        """Wait for a preview or draw, record its images, and say which model drew them."""
+        result = await self._run(job, ImagesResult, on_progress)
+        await self._require_owned(job, result.image_keys)
+        meta = _meta(job)
+        images: list[ImageOut] = []
+        lines = [_drawn_by(job.kind, meta)]
+        prompt = str(meta.get("prompt", result.prompt_used))
+        model_id = meta.get("model_id")
+        for index, key in enumerate(result.image_keys, start=1):
+            score = result.scores[index - 1] if index <= len(result.scores) else None
+            row = await self._db.add_image(
+                job.user_id, job.id, key, prompt, result.seed, score,
+                model_id=model_id if isinstance(model_id, int) else None,
+            )
+            images.append(ImageOut(await asyncio.to_thread(self._blobs.path, key), score, row.id))
+            lines.append(texts.image_line(index, score))
+        note = self._images_note(result)
+        if note:
+            lines.append(note)
+        await self._db.update_job(job.id, state="done", progress=1.0, result=result.to_dict())
+        return Reply("\n".join(lines), images, [arq_job_id(job.kind, job.id)])
+
+    def _images_note(self, result: ImagesResult) -> str | None:
+        return texts.TINY_NOTE if self._preset_name == "tiny" else result.note
+
+    def _check_prompt(self, prompt: str | None, *, required: bool) -> str:
+        text = " ".join((prompt or "").split())
+        if not text and required:
+            raise EmptyPrompt()
+        if len(text) > self.settings.max_prompt_chars:
+            raise PromptTooLong(len(text), self.settings.max_prompt_chars)
+        return text
+
+    async def _check_rate(self, user_id: int, wanted: int) -> None:
+        """Allow at most draws_per_hour images in any rolling hour; say how long to wait."""
+        limit = self.settings.draws_per_hour
+        now = self._clock()
+        used = await self._db.count_images_since(user_id, now - _HOUR_S)
+        if used + wanted <= limit:
+            return
+        raise RateLimited(limit, await self._seconds_until_room(user_id, now, limit - wanted))
+
+    async def _seconds_until_room(self, user_id: int, now: float, allowed: int) -> float:
+        """The least wait after which at most `allowed` images remain in the last hour.
+
+        Only counts are available, so binary-search the window's start to the second.
+        """
+        if allowed < 0:
+            return _HOUR_S
+        low, high = 0, int(_HOUR_S)  # waiting `high` seconds always frees the whole window
+        while low < high:
+            middle = (low + high) // 2
+            since = now + middle - _HOUR_S
+            if await self._db.count_images_since(user_id, since) <= allowed:
+                high = middle
+            else:
+                low = middle + 1
+        return float(max(low, 1))
+
+    async def _enrolled_embeddings(self, user_id: int) -> list[str]:
+        """Face records of the accepted photos; refuses until there are enough of them."""
+        accepted = await self._accepted(user_id)
+        if len(accepted) < self.settings.min_photos:
+            raise NotEnoughPhotos(len(accepted), self.settings.min_photos)
+        return [p.embedding_key for p in accepted if p.embedding_key]
+
+    async def _accepted(self, user_id: int) -> list[Photo]:
+        return await self._db.list_photos(user_id, "accepted")
+
+    # --- training -------------------------------------------------------------------------------
+
+    async def train(
+        self,
+        user: UserRef,
+        method: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> Reply:
+        """Train a personal model on the accepted photos; one training per user at a time."""
+        chosen = self._check_method(method)
+        account = await self._consented(user)
+        async with self._lock(account.id):
+            if await self._db.active_job(account.id, str(JobName.TRAIN)) is not None:
+                raise TrainingAlreadyRunning()
+            accepted = await self._accepted(account.id)
+            if len(accepted) < self.settings.min_photos:
+                raise NotEnoughPhotos(len(accepted), self.settings.min_photos)
+            fields: dict[str, Any] = {
+                "owner": owner_for(account.id),
+                "method": chosen,
+                "crop_keys": [p.crop_key for p in accepted if p.crop_key],
+                "token": self.settings.token,
+                "class_word": self.settings.class_word,
+            }
+            job = await self._create_job(account, JobName.TRAIN, fields, {"method": chosen})
+        if on_progress is not None:
+            await on_progress(texts.TRAINING_STARTED.format(method=chosen, count=len(accepted)))
+        return await self._finish_training(job, on_progress)
+
+    async def _finish_training(self, job: Job, on_progress: ProgressCallback | None) -> Reply:
+        result = await self._run(job, TrainResult, on_progress)
+        await self._require_owned(job, [result.adapter_key])
+        model = await self._db.add_model(
+            job.user_id,
+            result.method,
+            result.base_preset,
+            result.adapter_key,
+            result.token,
+            result.class_word,
+            job.id,
+        )
+        await self._db.update_job(job.id, state="done", progress=1.0, result=result.to_dict())
+        lines = [texts.TRAINING_DONE.format(method=model.method, version=model.version)]
+        if self._preset_name == "tiny":
+            lines.append(texts.TINY_NOTE)
+        return Reply("\n".join(lines), job_ids=[arq_job_id(job.kind, job.id)])
+
+    def _check_method(self, method: str | None) -> str:
+        chosen = (method or "").strip().lower() or self.settings.default_method
+        known = [m.value for m in TrainingMethod]
+        if chosen not in known:
+            raise UnknownMethod(chosen, known)
+        if chosen not in self.settings.enabled_methods:
+            raise MethodNotEnabled(chosen, self.settings.enabled_methods)
+        return chosen
+
+    # --- status, forget, resume -----------------------------------------------------------------
+
+    async def status(self, user: UserRef) -> Reply:
+        """Photos, models (with versions) and running jobs."""
+        account = await self._account(user)
+        if not await self._db.has_consent(account.id):
+            return Reply(texts.STATUS_NOT_CONSENTED)
+        photos = await self._db.list_photos(account.id)
+        counts = {s: sum(p.status == s for p in photos) for s in ("accepted", "pending", "refused")}
+        models = await self._db.list_models(account.id)
+        jobs = await self._db.list_jobs(account.id, states=("queued", "running"))
+        lines = [
+            texts.status_photos(
+                counts["accepted"], counts["pending"], counts["refused"], self.settings.min_photos
+            ),
+            texts.status_models([(m.version, m.method, m.base_preset) for m in models]),
+            texts.status_jobs([(texts.job_label(j.kind), j.state, j.progress) for j in jobs]),
+        ]
+        return Reply("\n".join(lines))
+
+    async def forget(self, user: UserRef) -> Reply:
+        """Erase every row of the user (but the bare user row) and every blob and queue entry."""
+        account = await self._account(user)
+        jobs = await self._db.list_jobs(account.id)
+        had_data = await self._db.has_consent(account.id) or bool(jobs)
+        await self._db.erase_user(account.id)
+        removed = await asyncio.to_thread(self._blobs.delete_owner, owner_for(account.id))
+        try:
+            await self._jobs.forget_jobs(arq_job_id(j.kind, j.id) for j in jobs)
+        except QueueUnavailable as exc:  # erasure must not depend on the queue; results expire
+            _log.warning("could not drop queue entries of user %d: %s", account.id, exc.detail)
+        if not had_data and not removed:
+            return Reply(texts.FORGOTTEN_NOTHING)
+        return Reply(texts.FORGOTTEN.format(blobs=removed))
+
+    async def resume_pending(
+        self, user: UserRef, on_progress: ProgressCallback | None = None
+    ) -> Reply | None:
+        """Finish the user's jobs a restart left queued or running; None when there were none.
+
+        Job ids come from the rows, so re-submitting is a no-op for jobs the queue still holds and
+        a re-run for jobs it lost; a result the worker already returned is recorded, not redone.
+        """
+        account = await self._account(user)
+        stale = [
+            job
+            for job in await self._db.list_jobs(account.id, states=("queued", "running"))
+            if job.id not in self._in_flight
+        ]
+        if not stale:
+            return None
+        reply = Reply(texts.RESUMED)
+        lines = [texts.RESUMED]
+        for job in stale:
+            lines.append(await self._resume(job, reply, on_progress))
+        reply.text = "\n".join(lines)
+        return reply
+
+    async def _resume(self, job: Job, reply: Reply, on_progress: ProgressCallback | None) -> str:
+        """Finish one interrupted job; returns its reply line (images go into `reply`)."""
+        reply.job_ids.append(arq_job_id(job.kind, job.id))
+        try:
+            if job.kind == JobName.CHECK_PHOTO:
+                return await self._resume_check(job, on_progress)
+            if job.kind == JobName.TRAIN:
+                return (await self._finish_training(job, on_progress)).text
+            if job.kind in (JobName.PREVIEW, JobName.DRAW):
+                done = await self._finish_images(job, on_progress)
+                reply.images.extend(done.images)
+                return done.text
+        except BotError as exc:
+            return f"{texts.job_label(job.kind)}: {exc.user_message}"
+        await self._db.update_job(job.id, state="failed", error=f"unknown job kind {job.kind!r}")
+        return f"{job.kind}: {texts.job_failed(texts.job_label(job.kind), 'invalid_request')}"
+
+    async def _resume_check(self, job: Job, on_progress: ProgressCallback | None) -> str:
+        meta = _meta(job)
+        photo_id = meta.get("photo_id")
+        label = str(meta.get("label") or "photo")
+        photo = next((p for p in await self._db.list_photos(job.user_id) if p.id == photo_id), None)
+        if photo is None or photo.status != "pending":
+            await self._db.update_job(job.id, state="failed", error="the photo is gone")
+            return texts.photo_failed(label, texts.ERASED_MEANWHILE)
+        return await self._finish_check(job, photo, label, on_progress)
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    async def _create_job(
+        self, account: User, name: JobName, fields: dict[str, Any], meta: dict[str, Any]
+    ) -> Job:
+        """A job row whose payload holds the request (less its row-derived id) and reply context."""
+        return await self._db.create_job(
+            account.id, str(name), JOB_QUEUES[name], {"request": fields, "meta": meta}
+        )
+
+    async def _run(
+        self, job: Job, result_type: type[_Result], on_progress: ProgressCallback | None
+    ) -> _Result:
+        """Submit (idempotently), wait with progress, and parse the result of a job row."""
+        name = JobName(job.kind)
+        queue_id = arq_job_id(job.kind, job.id)
+        try:
+            request = _request_for(job, queue_id)
+        except (TypeError, ValueError) as exc:  # a row written by an incompatible version
+            what = texts.job_label(job.kind)
+            raise await self._fail(job, JobFailed(texts.job_failed(what, "invalid_request"))) from exc
+        self._in_flight.add(job.id)
+        try:
+            await self._jobs.submit(name, request, queue_id)
+            await self._db.update_job(job.id, state="running", attempts_delta=1)
+            raw = await self._jobs.wait(
+                queue_id,
+                timeout=self._timeout(name),
+                on_progress=self._progress_sink(job, on_progress),
+            )
+        except RecordNotFound as exc:  # /forget erased the row in the meantime
+            raise ErasedMeanwhile() from exc
+        except (JobFailed, QueueUnavailable) as exc:
+            await self._fail(job, exc)
+            raise
+        finally:
+            self._in_flight.discard(job.id)
+        await self._check_not_erased(job, raw)
+        return await self._parse(job, raw, result_type)
+
+    async def _parse(self, job: Job, raw: dict[str, Any], result_type: type[_Result]) -> _Result:
+        what = texts.job_label(job.kind)
+        try:
+            parsed = parse_result(raw, result_type)
+        except (TypeError, ValueError) as exc:
+            raise await self._fail(job, JobFailed.unreadable(what)) from exc
+        if isinstance(parsed, JobFailure):
+            failure = JobFailed.from_failure(what, parsed)
+            await self._db.update_job(
+                job.id, state="failed", error=f"{parsed.code}: {parsed.detail}", result=raw
+            )
+            raise failure
+        return parsed
+
+    async def _fail(self, job: Job, error: BotError) -> BotError:
+        """Mark the job failed (if it still exists) and hand back the error to raise."""
+        try:
+            await self._db.update_job(job.id, state="failed", error=error.user_message)
+        except RecordNotFound:
+            pass
+        return error
+
+    async def _check_not_erased(self, job: Job, raw: dict[str, Any]) -> None:
+        """If the user used /forget while the job ran, delete what the worker wrote and stop."""
+        current = await self._db.get_job(job.id)
+        if current is not None and current.created_at == job.created_at and current.kind == job.kind:
+            return
+        for key in _blob_keys(raw):
+            try:
+                await asyncio.to_thread(self._blobs.delete, key)
+            except InvalidBlobKey:
+                _log.warning("job %s returned an invalid blob key %r", job.id, key)
+        raise ErasedMeanwhile()
+
+    async def _require_owned(self, job: Job, keys: Iterable[str | None]) -> None:
+        """A result may only name blobs of the job's own user."""
+        prefix = owner_for(job.user_id) + "/"
+        if any(key is not None and not key.startswith(prefix) for key in keys):
+            raise await self._fail(job, JobFailed.unreadable(texts.job_label(job.kind)))
+
+    def _timeout(self, name: JobName) -> float:
+        if name == JobName.TRAIN:
+            return float(self.settings.training_timeout_s)
+        return float(self.settings.interactive_timeout_s)
+
+    def _progress_sink(
+        self, job: Job, on_progress: ProgressCallback | None
+    ) -> Callable[[ProgressFields], Awaitable[None]]:
+        what = texts.job_label(job.kind)
+
+        async def sink(fields: ProgressFields) -> None:
+            line = texts.progress(what, fields)
+            try:
+                await self._db.update_job(job.id, progress=_fraction(fields), message=line)
+            except RecordNotFound:
+                return  # erased meanwhile: the result will be discarded
+            if on_progress is not None:
+                await on_progress(line)
+
+        return sink
+
+    # --- users ----------------------------------------------------------------------------------
+
+    async def _account(self, user: UserRef) -> User:
+        return await self._db.get_or_create_user(user.platform, user.platform_user_id)
+
+    async def _consented(self, user: UserRef) -> User:
+        account = await self._account(user)
+        if not await self._db.has_consent(account.id):
+            raise ConsentRequired()
+        return account
+
+    def _lock(self, user_id: int) -> asyncio.Lock:
+        """Serialises a user's enrolment and training starts (limits are checked, then written)."""
+        return self._user_locks.setdefault(user_id, asyncio.Lock())
+
+
+def _request_for(job: Job, queue_id: str) -> JobRequest:
+    """Rebuild a job's request from its row: the stored fields plus the row-derived id."""
+    fields = dict((job.payload or {}).get("request", {}))
+    request: JobRequest = _REQUEST_TYPES[JobName(job.kind)](job_id=queue_id, **fields)
+    return request
+
+
+def _meta(job: Job) -> dict[str, Any]:
+    meta = (job.payload or {}).get("meta", {})
+    return meta if isinstance(meta, dict) else {}
+
+
+def _drawn_by(kind: str, meta: dict[str, Any]) -> str:
+    if kind == JobName.PREVIEW:
+        return texts.PREVIEW_DONE
+    if "model_version" in meta:
+        return texts.DRAWN_BY_MODEL.format(method=meta.get("method"), version=meta["model_version"])
+    return texts.DRAWN_BY_INSTANTID
+
+
+def _fraction(fields: ProgressFields) -> float | None:
+    try:
+        step, total = float(fields["step"]), float(fields["total"])
+    except (KeyError, ValueError):
+        return None
+    return min(max(step / total, 0.0), 1.0) if total > 0 else None
+
+
+def _blob_keys(raw: dict[str, Any]) -> list[str]:
+    """Every blob key a worker result names (for discarding the results of an erased user)."""
+    keys = [raw.get(name) for name in ("embedding_key", "crop_key", "adapter_key")]
+    keys += list(raw.get("image_keys") or [])
+    return [key for key in keys if isinstance(key, str)]
+
+
+def _new_seed() -> int:
+    return secrets.randbelow(2**31)
+
+
+__all__ = [
+    "BotService",
+    "ImageOut",
+    "ProgressCallback",
+    "Reply",
+    "Upload",
+    "UserRef",
+]

