@@ -126,21 +126,21 @@ MIGRATIONS: list[Migration] = [
         1,
         """
         CREATE TABLE users (
-            id INTEGER PRIMARY KEY,
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
             platform TEXT NOT NULL CHECK (platform <> ''),
             platform_user_id TEXT NOT NULL CHECK (platform_user_id <> ''),
             created_at REAL NOT NULL,
             UNIQUE (platform, platform_user_id)
         );
         CREATE TABLE consents (
-            id INTEGER PRIMARY KEY,
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
             user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
             text_version TEXT NOT NULL,
             given_at REAL NOT NULL
         );
         CREATE INDEX consents_by_user ON consents (user_id);
         CREATE TABLE photos (
-            id INTEGER PRIMARY KEY,
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
             user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
             blob_key TEXT NOT NULL,
             sha256 TEXT NOT NULL,
@@ -153,7 +153,7 @@ MIGRATIONS: list[Migration] = [
         );
         CREATE INDEX photos_by_user_sha ON photos (user_id, sha256);
         CREATE TABLE jobs (
-            id INTEGER PRIMARY KEY,
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
             user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
             kind TEXT NOT NULL,
             queue TEXT NOT NULL,
@@ -169,7 +169,7 @@ MIGRATIONS: list[Migration] = [
         );
         CREATE INDEX jobs_by_user_kind_state ON jobs (user_id, kind, state);
         CREATE TABLE models (
-            id INTEGER PRIMARY KEY,
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
             user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
             method TEXT NOT NULL,
             version INTEGER NOT NULL CHECK (version >= 1),
@@ -183,7 +183,7 @@ MIGRATIONS: list[Migration] = [
         );
         CREATE INDEX models_by_job ON models (job_id);
         CREATE TABLE images (
-            id INTEGER PRIMARY KEY,
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
             user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
             job_id INTEGER REFERENCES jobs (id) ON DELETE SET NULL,
             model_id INTEGER REFERENCES models (id) ON DELETE SET NULL,
@@ -464,6 +464,13 @@ class Database:
             (user_id, kind),
         )
         return None if row is None else _job(row)
+
+    async def users_with_active_jobs(self) -> list[int]:
+        """Ids of users with a queued or running job: what a restarted chat side must pick up."""
+        rows = await self._read_all(
+            "SELECT DISTINCT user_id FROM jobs WHERE state IN ('queued', 'running') ORDER BY user_id", ()
+        )
+        return [int(row[0]) for row in rows]
 
     # -- personal models and images ------------------------------------------------------------
 

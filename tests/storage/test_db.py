@@ -412,3 +412,23 @@ async def test_erase_user_removes_everything_of_that_user_only(
     await db.record_consent(alice.id, "v2")
     model = await db.add_model(alice.id, "lora", "tiny", "k", "sks", "person", None)
     assert model.version == 1
+
+
+async def test_job_ids_are_never_reused_after_an_erase(tmp_path: Path) -> None:
+    # Queue job ids are derived from row ids: a reused id would be answered with an old result.
+    async with Database.open(tmp_path / "db.sqlite3") as db:
+        user = await db.get_or_create_user("console", "reuse")
+        first = await db.create_job(user.id, "draw", "q", {})
+        await db.erase_user(user.id)
+        second = await db.create_job(user.id, "draw", "q", {})
+        assert second.id > first.id
+
+
+async def test_users_with_active_jobs_lists_only_queued_or_running(tmp_path: Path) -> None:
+    async with Database.open(tmp_path / "db.sqlite3") as db:
+        busy = await db.get_or_create_user("console", "busy")
+        idle = await db.get_or_create_user("console", "idle")
+        await db.create_job(busy.id, "train", "q", {})
+        done = await db.create_job(idle.id, "draw", "q", {})
+        await db.update_job(done.id, state="done")
+        assert await db.users_with_active_jobs() == [busy.id]
