@@ -13,3 +13,11 @@ class UnknownPreset(EngineError):
 
 class WeightsMissing(EngineError):
     """A preset's weight files are not on disk."""
+
+
+class UnreadableImage(EngineError):
+    """Image bytes that Pillow cannot decode (the chat side's checks should have caught them)."""
+
+
+class InvalidFaceRecord(EngineError):
+    """A stored face record that is not in the format ``FaceRecord.to_bytes`` writes."""

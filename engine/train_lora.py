@@ -1,0 +1,418 @@
+"""DreamBooth-style LoRA training on the resident SDXL pipeline's UNet, as named stages.
+
+1. ``prepare_data``     crops → pixel tensors in [-1, 1] at the training resolution.
+2. ``encode_latents``, ``encode_instance_prompt``, ``sdxl_time_ids``: the frozen resident VAE and text
+   encoders, used once, under the lock.
+3. ``build_trainable``  a deep copy of the UNet with a LoRA adapter; only the adapter trains, so the
+   resident UNet keeps serving draws while a user's model trains.
+4. ``training_step``    one denoising-loss step, under the lock.
+5. ``save_lora``        the adapter as diffusers-format LoRA safetensors bytes.
+
+``train_lora`` runs them in order. The lock is the one that guards the GPU and the resident modules:
+it is taken per stage and per step, so interactive draws interleave with training.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from engine.errors import EngineError
+from engine.progress import ProgressSink, TrainingProgress
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+_log = logging.getLogger(__name__)
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+"""File name diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` looks for."""
+
+
+class TrainingInputError(EngineError):
+    """Training was asked for with inputs it cannot use (no crops, bad settings)."""
+
+
+@dataclass(frozen=True)
+class LoraTrainSettings:
+    """Hyperparameters of one LoRA training run. Defaults are for SDXL and 3-10 face crops."""
+
+    steps: int = 500  # diffusers' DreamBooth LoRA examples: 500 steps on ~5 instance photos
+    rank: int = 16  # above diffusers' default of 4: a face identity needs more capacity than a style
+    alpha: int = 16  # alpha == rank (scale 1), so the learning rate means the same at any rank
+    learning_rate: float = 1e-4  # diffusers' DreamBooth LoRA examples (AdamW, constant schedule)
+    resolution: int = 1024  # SDXL's native size; the photo checks write crops at this size
+    batch_size: int = 1  # diffusers' SDXL DreamBooth LoRA example
+    seed: int = 0
+    # Attention projections only, as diffusers' SDXL DreamBooth LoRA script targets for the UNet.
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    weight_decay: float = 1e-4  # diffusers' SDXL DreamBooth LoRA script's adam_weight_decay
+    max_grad_norm: float = 1.0  # diffusers' training scripts' gradient clipping
+
+    def check(self) -> None:
+        """Raise ``TrainingInputError`` naming the first setting that cannot work."""
+        if self.steps < 1:
+            raise TrainingInputError(f"steps must be at least 1, got {self.steps}")
+        if self.rank < 1 or self.alpha <= 0:
+            raise TrainingInputError(f"rank and alpha must be positive, got {self.rank} and {self.alpha}")
+        if self.resolution < 8 or self.resolution % 8:
+            raise TrainingInputError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.batch_size < 1:
+            raise TrainingInputError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not self.learning_rate > 0:
+            raise TrainingInputError(f"learning_rate must be positive, got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class LoraTrainOutcome:
+    """What a finished run produced: the LoRA safetensors bytes, the last step's loss, steps run."""
+
+    weights: bytes
+    final_loss: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class InstanceLatents:
+    """The VAE posterior of every crop and of its mirror image, encoded once.
+
+    Sampling from the cached posterior each step is what encoding each step would give (the encoder
+    is frozen), without running the VAE per step. Rows ``0..n-1`` are the crops, ``n..2n-1`` their
+    horizontal flips, so picking a row at random is the flip augmentation.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def sample(self, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Latents for ``rows``, drawn from their posteriors with ``generator``."""
+        mean, std = self.mean[rows], self.std[rows]
+        return mean + std * _randn_like(mean, generator)
+
+
+@dataclass(frozen=True)
+class PromptConditioning:
+    """Everything the UNet is conditioned on besides the latents: text and SDXL micro-conditioning."""
+
+    prompt_embeds: torch.Tensor  # [1, tokens, width of both encoders]
+    pooled_embeds: torch.Tensor  # [1, text_encoder_2 projection]
+    time_ids: torch.Tensor  # [1, 6]: original size, crop top-left, target size
+
+
+@dataclass(eq=False)
+class TrainingState:
+    """The mutable part of a run: the trainable UNet, its optimizer, the RNG and the step reached.
+
+    The seam for checkpoint/resume: a run restored into a ``TrainingState`` continues from ``step``.
+    """
+
+    unet: UNet2DConditionModel
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+# --- stage 1: data -------------------------------------------------------------------------------
+
+
+def prepare_data(crops: list[Image.Image], resolution: int) -> torch.Tensor:
+    """Crops as a float tensor ``[n, 3, resolution, resolution]`` in [-1, 1].
+
+    Crops that are not square at ``resolution`` are resized (the photo checks normally write them at
+    that size already). The flip augmentation happens later, in ``encode_latents``.
+    """
+    if not crops:
+        raise TrainingInputError("training needs at least one face crop")
+    arrays = [_to_array(crop, resolution) for crop in crops]
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return pixels.float() / 127.5 - 1.0
+
+
+def _to_array(crop: Image.Image, resolution: int) -> np.ndarray:
+    image = crop.convert("RGB")
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.uint8)
+
+
+# --- stage 2: frozen encoders ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_latents(
+    pipe: StableDiffusionXLPipeline, lock: threading.Lock, pixels: torch.Tensor
+) -> InstanceLatents:
+    """Encode the crops and their mirror images with the resident VAE, once, under ``lock``."""
+    both = torch.cat([pixels, torch.flip(pixels, dims=[3])])
+    vae = pipe.vae
+    with lock:
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast  # SDXL's VAE overflows in fp16
+        try:
+            if upcast:
+                vae.to(torch.float32)
+            dist = vae.encode(both.to(pipe.device, vae.dtype)).latent_dist
+            mean, std = dist.mean.float(), dist.std.float()
+        finally:
+            if upcast:
+                vae.to(torch.float16)  # fp16 → fp32 → fp16 is exact: the resident VAE is unchanged
+    shift, scale = (torch.as_tensor(x, device=mean.device) for x in _latent_normalisation(vae.config))
+    return InstanceLatents(mean=(mean - shift) * scale, std=std * scale)
+
+
+def _latent_normalisation(config: Any) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """(shift, scale) taking VAE latents to the UNet's space: the inverse of the SDXL pipeline's decode."""
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:  # e.g. Playground v2.5's per-channel statistics
+        return torch.tensor(mean).view(1, -1, 1, 1), config.scaling_factor / torch.tensor(std).view(1, -1, 1, 1)
+    return 0.0, float(config.scaling_factor)
+
+
+def instance_prompt(token: str, class_word: str) -> str:
+    """The DreamBooth instance prompt: the rare token binds to the subject, the class word to its kind."""
+    return f"a photo of {token} {class_word}"
+
+
+@torch.no_grad()
+def encode_instance_prompt(
+    pipe: StableDiffusionXLPipeline, lock: threading.Lock, prompt: str, resolution: int
+) -> PromptConditioning:
+    """Encode ``prompt`` with both resident text encoders (the pipeline's ``encode_prompt``), once."""
+    with lock:
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+    size = (resolution, resolution)
+    return PromptConditioning(embeds, pooled, sdxl_time_ids(size, (0, 0), size).to(pipe.device))
+
+
+def sdxl_time_ids(
+    original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
+) -> torch.Tensor:
+    """SDXL's micro-conditioning vector ``[1, 6]`` (sizes as height, width).
+
+    Training says "uncropped, original size = target size", which is what drawing asks for by default.
+    """
+    return torch.tensor([[*original_size, *crop_top_left, *target_size]], dtype=torch.float32)
+
+
+# --- stage 3: the trainable copy -------------------------------------------------------------------
+
+
+def build_trainable(
+    pipe: StableDiffusionXLPipeline, lock: threading.Lock, settings: LoraTrainSettings
+) -> UNet2DConditionModel:
+    """A deep copy of the resident UNet with a fresh LoRA adapter; only the adapter's weights train.
+
+    Other users' adapters that the renderer loaded into the resident UNet are removed from the copy.
+    The LoRA weights are float32 whatever the base dtype, so small updates are not rounded away.
+    """
+    from peft import LoraConfig
+
+    with lock:
+        unet = copy.deepcopy(pipe.unet)
+    if getattr(unet, "peft_config", None):
+        unet.unload_lora()
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        init_lora_weights="gaussian",  # A gaussian, B zero: the adapter starts as a no-op
+        target_modules=list(settings.target_modules),
+    )
+    with torch.random.fork_rng(devices=[]):  # peft initialises A from the global RNG
+        torch.manual_seed(settings.seed)
+        unet.add_adapter(config)
+    for param in trainable_parameters(unet):
+        param.data = param.data.float()
+    unet.train()
+    return unet
+
+
+def trainable_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer updates (the LoRA adapter's)."""
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def start_training(unet: UNet2DConditionModel, settings: LoraTrainSettings) -> TrainingState:
+    """A fresh ``TrainingState``: AdamW over the adapter, the run's seeded RNG, step 0."""
+    optimizer = torch.optim.AdamW(
+        trainable_parameters(unet), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    return TrainingState(unet=unet, optimizer=optimizer, generator=generator)
+
+
+def noise_scheduler_for(pipe: StableDiffusionXLPipeline) -> DDPMScheduler:
+    """The training-time (DDPM) noise schedule matching the resident pipeline's scheduler config."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+# --- stage 4: one step ------------------------------------------------------------------------------
+
+
+def training_step(
+    state: TrainingState,
+    latents: InstanceLatents,
+    conditioning: PromptConditioning,
+    scheduler: DDPMScheduler,
+    lock: threading.Lock,
+    settings: LoraTrainSettings,
+) -> float:
+    """One step: sample latents → add noise at random timesteps → predict → MSE → AdamW. Returns the loss."""
+    batch = _sample_batch(state, latents, scheduler, settings.batch_size)
+    with lock:
+        loss = _denoising_loss(state.unet, scheduler, conditioning, *batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable_parameters(state.unet), settings.max_grad_norm)
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    value = float(loss.detach())
+    state.losses.append(value)
+    return value
+
+
+def _sample_batch(
+    state: TrainingState, latents: InstanceLatents, scheduler: DDPMScheduler, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clean latents, noise and timesteps for one step, all from the run's generator."""
+    gen = state.generator
+    rows = torch.randint(0, latents.mean.shape[0], (batch_size,), generator=gen, device="cpu")
+    clean = latents.sample(rows.to(latents.mean.device), gen)
+    noise = _randn_like(clean, gen)
+    num_timesteps = scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, num_timesteps, (batch_size,), generator=gen, device="cpu")
+    return clean, noise, timesteps.to(clean.device)
+
+
+def _denoising_loss(
+    unet: UNet2DConditionModel,
+    scheduler: DDPMScheduler,
+    cond: PromptConditioning,
+    clean: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """MSE between the UNet's prediction on noised latents and its target (noise or velocity)."""
+    noisy = scheduler.add_noise(clean, noise, timesteps)
+    n = clean.shape[0]
+    dtype = unet.dtype
+    prediction = unet(
+        noisy.to(dtype),
+        timesteps,
+        encoder_hidden_states=cond.prompt_embeds.expand(n, -1, -1).to(dtype),
+        added_cond_kwargs={
+            "text_embeds": cond.pooled_embeds.expand(n, -1).to(dtype),
+            "time_ids": cond.time_ids.expand(n, -1).to(dtype),
+        },
+        return_dict=False,
+    )[0]
+    return F.mse_loss(prediction.float(), _target(scheduler, clean, noise, timesteps).float())
+
+
+def _target(
+    scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(clean, noise, timesteps)
+    raise TrainingInputError(f"cannot train a base with prediction_type {kind!r}")
+
+
+def _randn_like(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    # Drawn on the CPU generator, then moved: the same seed gives the same run on any device.
+    return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device, like.dtype)
+
+
+# --- stage 5: save -----------------------------------------------------------------------------------
+
+
+def save_lora(unet: UNet2DConditionModel) -> bytes:
+    """The trained adapter as the bytes of a diffusers-format LoRA safetensors file.
+
+    The file carries the LoraConfig (rank, alpha, targets) in its metadata, so
+    ``pipe.load_lora_weights(path, adapter_name=...)`` rebuilds the adapter exactly.
+    """
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = {name: tensor.detach().to("cpu").contiguous() for name, tensor in layers.items()}
+    with tempfile.TemporaryDirectory(prefix="avatarbooth-lora-") as tmp:
+        StableDiffusionXLPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=layers,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            weight_name=LORA_WEIGHT_NAME,
+        )
+        return (Path(tmp) / LORA_WEIGHT_NAME).read_bytes()
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+
+def train_lora(
+    pipe: StableDiffusionXLPipeline,
+    lock: threading.Lock,
+    crops: list[Image.Image],
+    token: str,
+    class_word: str,
+    settings: LoraTrainSettings,
+    on_progress: ProgressSink | None = None,
+    *,
+    state: TrainingState | None = None,
+) -> LoraTrainOutcome:
+    """Train a LoRA for one user on ``crops`` and return its safetensors bytes.
+
+    ``pipe`` is the resident pipeline: its modules are only read (the UNet is copied), under ``lock``.
+    ``on_progress`` is called after every step. ``state`` is the resume seam: a restored run continues
+    from ``state.step`` (checkpointing itself is not built yet).
+    """
+    settings.check()
+    pixels = prepare_data(crops, settings.resolution)
+    latents = encode_latents(pipe, lock, pixels)
+    conditioning = encode_instance_prompt(pipe, lock, instance_prompt(token, class_word), settings.resolution)
+    if state is None:
+        state = start_training(build_trainable(pipe, lock, settings), settings)
+    scheduler = noise_scheduler_for(pipe)
+    _log.info("LoRA training: %d crops, %d steps from step %d", len(crops), settings.steps, state.step)
+    loss = run_steps(state, latents, conditioning, scheduler, lock, settings, on_progress)
+    return LoraTrainOutcome(weights=save_lora(state.unet), final_loss=loss, steps=state.step)
+
+
+def run_steps(
+    state: TrainingState,
+    latents: InstanceLatents,
+    conditioning: PromptConditioning,
+    scheduler: DDPMScheduler,
+    lock: threading.Lock,
+    settings: LoraTrainSettings,
+    on_progress: ProgressSink | None,
+) -> float:
+    """The training loop, from ``state.step`` to ``settings.steps``; returns the last loss."""
+    started, first_step = time.monotonic(), state.step
+    loss = state.losses[-1] if state.losses else float("nan")
+    while state.step < settings.steps:
+        loss = training_step(state, latents, conditioning, scheduler, lock, settings)
+        if on_progress is not None:
+            per_step = (time.monotonic() - started) / (state.step - first_step)
+            eta = per_step * (settings.steps - state.step)
+            on_progress(TrainingProgress(step=state.step, total=settings.steps, loss=loss, eta_s=eta))
+    return loss

@@ -1,0 +1,220 @@
+"""LoRA training on the tiny SDXL: what trains, what must not change, and that the file reloads exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+
+from engine.progress import TrainingProgress
+from engine.render import AdapterRef, Renderer
+from engine.train_lora import (
+    LoraTrainOutcome,
+    LoraTrainSettings,
+    TrainingInputError,
+    TrainingState,
+    build_trainable,
+    encode_latents,
+    prepare_data,
+    start_training,
+    train_lora,
+)
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+SIZE = 64
+PROMPT = "a photo of sks person"
+DRAW = {"seed": 3, "size": (SIZE, SIZE), "steps": 2, "guidance": 5.0}
+# A high learning rate so that a few steps visibly change the images (losses on random weights are noise).
+SETTINGS = LoraTrainSettings(steps=4, rank=4, alpha=4, learning_rate=5e-2, resolution=SIZE, seed=0)
+
+
+def crops(n: int = 3, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def load_pipe(preset_dir: Path) -> StableDiffusionXLPipeline:
+    pipe = StableDiffusionXLPipeline.from_pretrained(preset_dir / "sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def assert_same(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+    assert before.keys() == after.keys()
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert changed == []
+
+
+@dataclass
+class Run:
+    pipe: StableDiffusionXLPipeline
+    lock: threading.Lock
+    resident_before: dict[str, dict[str, torch.Tensor]]
+    lora_before: dict[str, torch.Tensor]
+    state: TrainingState
+    outcome: LoraTrainOutcome
+    progress: list[TrainingProgress]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_preset_dir: Path) -> Run:
+    """One training run on a resident pipeline, with everything the tests compare."""
+    pipe, lock = load_pipe(tiny_preset_dir), threading.Lock()
+    resident = {name: snapshot(getattr(pipe, name)) for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    state = start_training(build_trainable(pipe, lock, SETTINGS), SETTINGS)
+    lora_before = {k: v for k, v in snapshot(state.unet).items() if "lora_" in k}
+    progress: list[TrainingProgress] = []
+    outcome = train_lora(pipe, lock, crops(), "sks", "person", SETTINGS, progress.append, state=state)
+    return Run(pipe, lock, resident, lora_before, state, outcome, progress)
+
+
+def test_training_moves_the_lora_weights(run: Run) -> None:
+    after = snapshot(run.state.unet)
+    assert run.lora_before, "the trainable copy has no LoRA layers"
+    # peft starts lora_B at zero (the adapter is a no-op until trained): every B must have moved off it.
+    b_names = [k for k in run.lora_before if "lora_B" in k]
+    assert b_names and all(not torch.equal(run.lora_before[k], after[k]) for k in b_names)
+    assert all(torch.count_nonzero(after[k]) > 0 for k in b_names)
+    assert any(not torch.equal(run.lora_before[k], after[k]) for k in run.lora_before if "lora_A" in k)
+
+
+def test_trainable_copy_keeps_the_base_weights(run: Run) -> None:
+    base = run.resident_before["unet"]
+    copy_base = {
+        k.replace(".base_layer", ""): v for k, v in snapshot(run.state.unet).items() if "lora_" not in k
+    }
+    assert_same(base, copy_base)
+
+
+def test_resident_modules_are_bit_identical_after_training(run: Run) -> None:
+    for name, before in run.resident_before.items():
+        assert_same(before, snapshot(getattr(run.pipe, name)))
+    assert not getattr(run.pipe.unet, "peft_config", None), "the resident UNet got an adapter"
+
+
+def test_progress_is_reported_every_step(run: Run) -> None:
+    assert [p.step for p in run.progress] == list(range(1, SETTINGS.steps + 1))
+    assert {p.total for p in run.progress} == {SETTINGS.steps}
+    assert all(np.isfinite(p.loss) and p.eta_s >= 0 for p in run.progress)
+    assert run.progress[-1].eta_s == 0
+    assert run.outcome.steps == SETTINGS.steps
+    assert run.outcome.final_loss == run.progress[-1].loss
+
+
+def test_saved_lora_draws_the_same_image_in_a_fresh_process(run: Run, tiny_preset_dir: Path, tmp_path: Path) -> None:
+    lora = tmp_path / "user.safetensors"
+    lora.write_bytes(run.outcome.weights)
+    renderer = Renderer(run.pipe, run.lock)
+    base = np.asarray(renderer.draw(PROMPT, **DRAW)[0])
+    in_process = np.asarray(renderer.draw(PROMPT, adapter=AdapterRef("u1", lora), **DRAW)[0])
+
+    fresh = draw_in_subprocess(tiny_preset_dir / "sdxl", lora, tmp_path / "fresh.png")
+
+    assert np.array_equal(fresh, in_process)
+    assert not np.array_equal(in_process, base), "the trained LoRA does not change the image"
+
+
+def draw_in_subprocess(sdxl_dir: Path, lora: Path, out: Path) -> np.ndarray:
+    """Load the base with from_pretrained and the LoRA with load_lora_weights in a new interpreter."""
+    script = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from diffusers import StableDiffusionXLPipeline
+        import threading, torch
+        torch.set_num_threads({torch.get_num_threads()})
+        pipe = StableDiffusionXLPipeline.from_pretrained({str(sdxl_dir)!r})
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights({str(lora)!r}, adapter_name="fresh")
+        pipe.set_adapters(["fresh"])
+        (image,) = pipe(
+            prompt={PROMPT!r}, negative_prompt=None, num_images_per_prompt=1,
+            num_inference_steps={DRAW["steps"]}, guidance_scale={DRAW["guidance"]},
+            width={SIZE}, height={SIZE}, generator=[torch.Generator("cpu").manual_seed({DRAW["seed"]})],
+        ).images
+        image.save({str(out)!r})
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return np.asarray(Image.open(out))
+
+
+def test_lora_file_carries_its_config(run: Run, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    path = tmp_path / "user.safetensors"
+    path.write_bytes(run.outcome.weights)
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        metadata = f.metadata()
+    assert keys and all(k.startswith("unet.") and ".lora." in k for k in keys)
+    config = json.loads(metadata["lora_adapter_metadata"])
+    assert (config["unet.r"], config["unet.lora_alpha"]) == (SETTINGS.rank, SETTINGS.alpha)
+
+
+def test_build_trainable_leaves_out_adapters_loaded_for_drawing(run: Run, tmp_path: Path) -> None:
+    pipe = run.pipe
+    lora = tmp_path / "other.safetensors"
+    lora.write_bytes(run.outcome.weights)
+    pipe.load_lora_weights(str(lora), adapter_name="someone_else")
+    try:
+        trainable = build_trainable(pipe, run.lock, SETTINGS)
+        assert list(trainable.peft_config) == ["default"]
+        assert "someone_else" in pipe.unet.peft_config
+    finally:
+        pipe.delete_adapters(["someone_else"])
+
+
+def test_v_prediction_base_trains(tiny_preset_dir: Path) -> None:
+    from diffusers import EulerDiscreteScheduler
+
+    pipe, lock = load_pipe(tiny_preset_dir), threading.Lock()
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    settings = LoraTrainSettings(steps=1, rank=2, alpha=2, resolution=SIZE)
+    outcome = train_lora(pipe, lock, crops(1), "sks", "person", settings)
+    assert outcome.steps == 1 and np.isfinite(outcome.final_loss)
+
+
+def test_prepare_data_scales_to_unit_range_and_resizes() -> None:
+    pixels = prepare_data([Image.new("RGB", (80, 80), (0, 255, 0)), *crops(1)], SIZE)
+    assert pixels.shape == (2, 3, SIZE, SIZE)
+    assert pixels.min() >= -1 and pixels.max() <= 1
+    assert torch.equal(pixels[0, :, 0, 0], torch.tensor([-1.0, 1.0, -1.0]))
+
+
+def test_latents_include_mirrored_crops(run: Run) -> None:
+    latents = encode_latents(run.pipe, run.lock, prepare_data(crops(2), SIZE))
+    assert latents.mean.shape == (4, 4, SIZE // 8, SIZE // 8)
+    assert not torch.equal(latents.mean[0], latents.mean[2])  # a crop and its mirror differ
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"steps": 0}, {"rank": 0}, {"resolution": 60}, {"batch_size": 0}, {"learning_rate": 0.0}],
+)
+def test_bad_settings_are_refused(bad: dict[str, float]) -> None:
+    with pytest.raises(TrainingInputError):
+        LoraTrainSettings(**bad).check()  # type: ignore[arg-type]
+
+
+def test_no_crops_is_refused() -> None:
+    with pytest.raises(TrainingInputError, match="at least one"):
+        prepare_data([], SIZE)
