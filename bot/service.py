@@ -314,6 +314,7 @@ class BotService:
             "prompt": text,
             "seed": _new_seed(),
             "num_images": count,
+            "class_word": self.settings.class_word,
         }
         job = await self._create_job(account, JobName.PREVIEW, fields, {"prompt": text})
         return await self._finish_images(job, on_progress)
@@ -337,6 +338,7 @@ class BotService:
             "embedding_keys": embeddings,
             "seed": _new_seed(),
             "num_images": count,
+            "class_word": self.settings.class_word,
         }
         meta: dict[str, Any] = {"prompt": text}
         if model is not None:

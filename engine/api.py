@@ -152,6 +152,7 @@ class PreviewRequest(_Message):
     negative_prompt: str = ""
     seed: int = 0
     num_images: int = 1
+    class_word: str = "person"  # what "me" in the prompt becomes (there is no personal token yet)
 
 
 @dataclass(frozen=True)

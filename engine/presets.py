@@ -14,10 +14,11 @@ Layout of a preset's folder (``models_dir/<name>/``)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import UnknownPreset, WeightsMissing
+from engine.faces import FaceCheckSettings
 
 FAMILY_SDXL = "sdxl"
 
@@ -45,6 +46,7 @@ class Preset:
     train_steps: int
     train_rank: int  # LoRA rank
     train_lr: float
+    face_checks: FaceCheckSettings = field(default_factory=FaceCheckSettings)
     note: str | None = None  # shown to users with every image, e.g. that the images are noise
 
     @property
@@ -81,6 +83,7 @@ def _tiny(root: Path) -> Preset:
         train_steps=8,
         train_rank=4,
         train_lr=1e-3,
+        face_checks=FaceCheckSettings(crop_size=128),
         note="tiny preset: random weights, images are noise",
     )
 
@@ -98,6 +101,9 @@ def _sdxl(root: Path) -> Preset:
         train_steps=800,
         train_rank=16,
         train_lr=1e-4,
+        # ArcFace (antelopev2's glintr100) cosines of one person's photos sit well above 0.4;
+        # training crops at the model's native size; a face under 112 px carries too little detail.
+        face_checks=FaceCheckSettings(crop_size=1024, min_face_px=112, same_person_threshold=0.4),
     )
 
 

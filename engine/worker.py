@@ -53,6 +53,7 @@ from engine.errors import EngineError
 from engine.faces import FaceAnalyzer, FaceRecord, cosine, mean_embedding
 from engine.instantid import render_preview
 from engine.presets import Preset, load_preset
+from engine.progress import TrainingProgress
 from engine.render import AdapterRef, Renderer, expand_me
 from engine.settings import EngineSettings
 from engine.train_lora import LoraTrainSettings, train_lora
@@ -139,17 +140,17 @@ def do_check_photo(app: WorkerContext, request: CheckPhotoRequest) -> CheckPhoto
 def do_preview(app: WorkerContext, request: PreviewRequest) -> ImagesResult:
     """InstantID images from the mean face embedding of the enrolled photos."""
     records = _records(app, request.embedding_keys)
-    app.report(request.job_id, stage="rendering", step=0, total=request.num_images)
     images = render_preview(
         app.base,
         mean_embedding(records),
         records[0].kps,
         _image_size(records[0]),
-        prompt=expand_me(request.prompt, "", app.preset.class_word).strip(),
+        prompt=expand_me(request.prompt, "a", request.class_word),  # no personal token yet
         negative_prompt=request.negative_prompt,
         seed=request.seed,
         num_images=request.num_images,
         steps=app.settings.preview_steps,
+        callback=lambda done, total: app.report(request.job_id, stage="rendering", step=done, total=total),
     )
     return _store_ranked(app, request.owner, images, records, request.seed, request.prompt)
 
@@ -165,20 +166,21 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
             negative_prompt=request.negative_prompt,
             seed=request.seed,
             num_images=request.num_images,
+            class_word=request.class_word or "person",
         )
         return do_preview(app, fallback)
     if request.method != TrainingMethod.LORA or not request.token or not request.class_word:
         raise InvalidRequest(f"cannot draw with a {request.method!r} model in this version")
     prompt = expand_me(request.prompt, request.token, request.class_word)
     adapter = AdapterRef(adapter_id=_adapter_id(request.adapter_key), path=app.blobs.path(request.adapter_key))
-    app.report(request.job_id, stage="rendering", step=0, total=request.num_images)
+    app.report(request.job_id, stage="rendering")
     images = app.renderer.draw(
         prompt,
         adapter=adapter,
         negative_prompt=request.negative_prompt,
         seed=request.seed,
         num_images=request.num_images,
-        size=app.preset.resolution,
+        size=(app.preset.resolution, app.preset.resolution),
         steps=app.settings.draw_steps or app.preset.inference_steps,
         guidance=app.preset.guidance_scale,
     )
@@ -193,11 +195,17 @@ def do_train(app: WorkerContext, request: TrainRequest) -> TrainResult:
     if not request.crop_keys:
         raise InvalidRequest("no training photos were given")
     crops = [Image.open(io.BytesIO(app.blobs.get(k))).convert("RGB") for k in request.crop_keys]
-    settings = LoraTrainSettings.for_preset(app.preset, steps=request.steps or app.settings.train_steps)
-    settings = settings.with_seed(request.seed)
+    settings = lora_settings_for(app.preset, steps=request.steps or app.settings.train_steps, seed=request.seed)
 
-    def on_progress(step: int, total: int, loss: float, eta_s: float) -> None:
-        app.report(request.job_id, stage="training", step=step, total=total, loss=f"{loss:.4f}", eta_s=f"{eta_s:.0f}")
+    def on_progress(progress: TrainingProgress) -> None:
+        app.report(
+            request.job_id,
+            stage="training",
+            step=progress.step,
+            total=progress.total,
+            loss=f"{progress.loss:.4f}",
+            eta_s=f"{progress.eta_s:.0f}",
+        )
 
     outcome = train_lora(
         app.base.text2img, app.base.gpu_lock, crops, request.token, request.class_word, settings, on_progress
@@ -211,6 +219,18 @@ def do_train(app: WorkerContext, request: TrainRequest) -> TrainResult:
         token=request.token,
         class_word=request.class_word,
         final_loss=outcome.final_loss,
+    )
+
+
+def lora_settings_for(preset: Preset, *, steps: int | None, seed: int) -> LoraTrainSettings:
+    """The preset's training defaults; the crops are written at the preset's resolution."""
+    return LoraTrainSettings(
+        steps=steps or preset.train_steps,
+        rank=preset.train_rank,
+        alpha=preset.train_rank,
+        learning_rate=preset.train_lr,
+        resolution=preset.resolution,
+        seed=seed,
     )
 
 
