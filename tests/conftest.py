@@ -24,3 +24,13 @@ def tiny_preset_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from engine.tiny import build_tiny_preset
 
     yield build_tiny_preset(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture
+def valkey_url(tmp_path: Path) -> Iterator[str]:
+    """A real Valkey server (the embedded one the CLI uses), private to one test."""
+    from avatarbooth.valkey import EmbeddedValkey
+
+    with EmbeddedValkey(tmp_path / "valkey") as server:
+        yield server.url
+

@@ -1,0 +1,81 @@
+"""Helpers shared by tests: the real engine worker in-process, and real face photos."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from PIL import Image, ImageEnhance, ImageOps
+
+
+@asynccontextmanager
+async def running_worker(redis_url: str, blobs_dir: Path, models_dir: Path) -> AsyncIterator[None]:
+    """The real engine worker (engine.worker.run_worker) on the tiny preset, in this event loop.
+
+    ``models_dir`` must hold ``tiny/`` (pass ``tiny_preset_dir.parent`` to reuse the session build).
+    """
+    from redis.asyncio import Redis
+
+    from engine.api import WORKER_KEY_PREFIX
+    from engine.settings import EngineSettings
+    from engine.worker import run_worker
+
+    settings = EngineSettings(
+        preset="tiny",
+        models_dir=models_dir,
+        blobs_dir=blobs_dir,
+        redis_url=redis_url,
+        interactive_timeout_s=120,
+        training_timeout_s=300,
+    )
+    task = asyncio.create_task(run_worker(settings))
+    redis = Redis.from_url(redis_url)
+    try:
+        while not await redis.keys(f"{WORKER_KEY_PREFIX}*"):
+            if task.done():
+                task.result()  # raises what stopped the worker
+                raise RuntimeError("the worker stopped before it was ready")
+            await asyncio.sleep(0.05)
+        yield
+    finally:
+        await redis.aclose()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def face_photo(variant: int = 0) -> bytes:
+    """A real photo of one face (scikit-image's astronaut), as a distinct JPEG per ``variant``.
+
+    Variants differ in mirroring, brightness and framing, so each has its own sha256, while the
+    face stays big, sharp and the same person's.
+    """
+    from skimage import data
+
+    image = Image.fromarray(data.astronaut())
+    if variant % 2:
+        image = ImageOps.mirror(image)
+    image = ImageEnhance.Brightness(image).enhance(1.0 + 0.04 * variant)
+    margin = 4 * (variant % 5)
+    image = image.crop((margin, 0, 512 - margin, 512 - margin))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def group_photo() -> bytes:
+    """insightface's own group photo: several prominent faces."""
+    import insightface
+
+    return (Path(insightface.__file__).parent / "data" / "images" / "t1.jpg").read_bytes()
+
+
+def faceless_photo(size: int = 400) -> bytes:
+    """A valid photo with no face in it: a blue-to-green gradient."""
+    image = Image.linear_gradient("L").resize((size, size))
+    rgb = Image.merge("RGB", (Image.new("L", (size, size), 20), image, ImageOps.invert(image)))
+    out = io.BytesIO()
+    rgb.save(out, format="PNG")
+    return out.getvalue()
