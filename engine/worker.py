@@ -140,19 +140,20 @@ def do_check_photo(app: WorkerContext, request: CheckPhotoRequest) -> CheckPhoto
 def do_preview(app: WorkerContext, request: PreviewRequest) -> ImagesResult:
     """InstantID images from the mean face embedding of the enrolled photos."""
     records = _records(app, request.embedding_keys)
+    prompt = expand_me(request.prompt, "a", request.class_word)  # no personal token yet
     images = render_preview(
         app.base,
         mean_embedding(records),
         records[0].kps,
         _image_size(records[0]),
-        prompt=expand_me(request.prompt, "a", request.class_word),  # no personal token yet
+        prompt=prompt,
         negative_prompt=request.negative_prompt,
         seed=request.seed,
         num_images=request.num_images,
         steps=app.settings.preview_steps,
         callback=lambda done, total: app.report(request.job_id, stage="rendering", step=done, total=total),
     )
-    return _store_ranked(app, request.owner, images, records, request.seed, request.prompt)
+    return _store_ranked(app, request.owner, images, records, request.seed, prompt)
 
 
 def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
