@@ -66,6 +66,13 @@ class EmptyPrompt(BotError):
         super().__init__(texts.EMPTY_PROMPT)
 
 
+class NotYourImage(BotError):
+    """An image id that does not exist or belongs to someone else (never say which)."""
+
+    def __init__(self) -> None:
+        super().__init__(texts.NOT_YOUR_IMAGE)
+
+
 class PromptTooLong(BotError):
     def __init__(self, length: int, limit: int) -> None:
         super().__init__(texts.PROMPT_TOO_LONG.format(length=length, limit=limit))

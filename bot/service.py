@@ -43,6 +43,7 @@ from bot.errors import (
     ErasedMeanwhile,
     JobFailed,
     MethodNotEnabled,
+    NotYourImage,
     NotEnoughPhotos,
     PromptTooLong,
     QueueUnavailable,
@@ -71,7 +72,7 @@ from engine.api import (
     parse_result,
 )
 from storage.blobs import BlobStore, owner_for
-from storage.db import Database, Job, Photo, User
+from storage.db import Database, GeneratedImage, Job, PersonalModel, Photo, User
 from storage.errors import InvalidBlobKey, RecordNotFound
 
 _log = logging.getLogger(__name__)
@@ -326,6 +327,60 @@ class BotService:
         text = self._check_prompt(prompt, required=True)
         account = await self._consented(user)
         model = await self._db.latest_model(account.id)
+        return await self._draw(account, text, model, {}, on_progress)
+
+    async def reroll(
+        self, user: UserRef, image_id: int, on_progress: ProgressCallback | None = None
+    ) -> Reply:
+        """The prompt of one of the user's images again, from the same model, with a new seed."""
+        account, image = await self._own_image(user, image_id)
+        return await self._draw(account, image.prompt, await self._model_of(image), {}, on_progress)
+
+    async def more_like(
+        self, user: UserRef, image_id: int, on_progress: ProgressCallback | None = None
+    ) -> Reply:
+        """Variations of one of the user's images: same prompt and model, starting from that image."""
+        account, image = await self._own_image(user, image_id)
+        extra = {"variation_of": image.blob_key}
+        return await self._draw(account, image.prompt, await self._model_of(image), extra, on_progress)
+
+    async def delete_image(self, user: UserRef, image_id: int) -> Reply:
+        """Delete one of the user's images (its row, and its file unless another row shares it)."""
+        account, image = await self._own_image(user, image_id)
+        await self._db.delete_image(image.id)
+        if await self._db.count_images_with_blob(account.id, image.blob_key) == 0:
+            await asyncio.to_thread(self._blobs.delete, image.blob_key)
+        return Reply(texts.IMAGE_DELETED)
+
+    async def image_file(self, user: UserRef, image_id: int) -> Path:
+        """The full-resolution file of one of the user's images."""
+        _, image = await self._own_image(user, image_id)
+        return await asyncio.to_thread(self._blobs.path, image.blob_key)
+
+    async def _own_image(self, user: UserRef, image_id: int) -> tuple[User, GeneratedImage]:
+        """The image, if it exists and belongs to ``user``; else NotYourImage (never say which)."""
+        account = await self._account(user)
+        image = await self._db.get_image(image_id)
+        if image is None or image.user_id != account.id:
+            raise NotYourImage()
+        return account, image
+
+    async def _model_of(self, image: GeneratedImage) -> PersonalModel | None:
+        if image.model_id is None:
+            return None
+        return next((m for m in await self._db.list_models(image.user_id) if m.id == image.model_id), None)
+
+    async def _draw(
+        self,
+        account: User,
+        text: str,
+        model: PersonalModel | None,
+        extra: dict[str, Any],
+        on_progress: ProgressCallback | None,
+    ) -> Reply:
+        """Submit a draw from ``model`` (InstantID when None) and wait for its images."""
+        if not await self._db.has_consent(account.id):
+            raise ConsentRequired()
         if model is None:
             embeddings = await self._enrolled_embeddings(account.id)
         else:
@@ -339,6 +394,7 @@ class BotService:
             "seed": _new_seed(),
             "num_images": count,
             "class_word": self.settings.class_word,
+            **extra,
         }
         meta: dict[str, Any] = {"prompt": text}
         if model is not None:

@@ -324,3 +324,8 @@ FILE_UNREADABLE = "not sent: {path}: can't read it ({reason})."
 NO_FILES = "Give one or more file paths: /photo PATH... (quote paths with spaces)."
 BAD_QUOTING = "I couldn't read that line ({reason}); check the quotes and send it again."
 IMAGE_SAVED = "saved {path}"
+IMAGE_DELETED = "Deleted that image. Your other images and your model are untouched."
+NOT_YOUR_IMAGE = (
+    "That image is not yours, or it was deleted: buttons work only for the person who asked for "
+    "the image. Use /draw to make your own."
+)

@@ -199,6 +199,8 @@ class DrawRequest(_Message):
     negative_prompt: str = ""
     seed: int = 0
     num_images: int = 1
+    variation_of: str | None = None  # blob key of an earlier image to vary ("more like this")
+    variation_strength: float = 0.6  # 0 keeps that image, 1 redraws it entirely
 
 
 @dataclass(frozen=True)

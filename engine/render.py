@@ -14,9 +14,10 @@ import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline
 from PIL import Image
 
 from engine.errors import EngineError
@@ -70,6 +71,7 @@ class Renderer:
         self._lock = lock
         self._max_adapters = max_adapters
         self._loaded: OrderedDict[str, Path] = OrderedDict()  # adapter id → file, least recent first
+        self._img2img: StableDiffusionXLImg2ImgPipeline | None = None
 
     @property
     def loaded_adapters(self) -> list[str]:
@@ -87,32 +89,47 @@ class Renderer:
         size: tuple[int, int] | None = None,
         steps: int = 30,
         guidance: float = 5.0,
+        variation_of: Image.Image | None = None,
+        strength: float = 0.6,
     ) -> list[Image.Image]:
         """Draw ``num_images`` images of ``prompt``; image ``i`` uses a generator seeded ``seed + i``.
 
         ``size`` is (width, height); None uses the base's native size. With ``adapter`` the user's
-        LoRA is active for this draw only; without it the plain base draws.
+        LoRA is active for this draw only; without it the plain base draws. With ``variation_of``
+        the images are variations of that image (image-to-image at ``strength``: 0 keeps it, 1 redraws).
         """
         _check_draw(prompt, num_images, steps, size)
+        if not 0.0 < strength <= 1.0:
+            raise RenderInputError(f"strength must lie in (0, 1], got {strength}")
         width, height = size if size is not None else (None, None)
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
+        common: dict[str, Any] = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt or None,
+            "num_images_per_prompt": num_images,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "generator": generators,
+        }
         with self._lock:
             self._activate(adapter)
             try:
-                result = self._pipe(
-                    prompt=prompt,
-                    negative_prompt=negative_prompt or None,
-                    num_images_per_prompt=num_images,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    width=width,
-                    height=height,
-                    generator=generators,
-                )
+                if variation_of is None:
+                    result = self._pipe(width=width, height=height, **common)
+                else:
+                    start = variation_of.convert("RGB").resize((width, height)) if width and height else variation_of
+                    result = self._variations()(image=start, strength=strength, **common)
             finally:
                 if adapter is not None:
                     self._pipe.disable_lora()
         return list(result.images)
+
+    def _variations(self) -> StableDiffusionXLImg2ImgPipeline:
+        """Image-to-image on the same module objects (and so the same loaded adapters)."""
+        if self._img2img is None:
+            self._img2img = StableDiffusionXLImg2ImgPipeline(**self._pipe.components)
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
 
     def forget(self, adapter_id: str) -> None:
         """Unload ``adapter_id`` if it is loaded (e.g. when the user's model is deleted or replaced)."""

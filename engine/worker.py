@@ -158,7 +158,7 @@ def do_preview(app: WorkerContext, request: PreviewRequest) -> ImagesResult:
 
 def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
     """Render from the user's personal model, or fall back to InstantID when there is none yet."""
-    if request.adapter_key is None:
+    if request.adapter_key is None and request.variation_of is None:
         fallback = PreviewRequest(
             job_id=request.job_id,
             owner=request.owner,
@@ -170,10 +170,17 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
             class_word=request.class_word or "person",
         )
         return do_preview(app, fallback)
-    if request.method != TrainingMethod.LORA or not request.token or not request.class_word:
-        raise InvalidRequest(f"cannot draw with a {request.method!r} model in this version")
-    prompt = expand_me(request.prompt, request.token, request.class_word)
-    adapter = AdapterRef(adapter_id=_adapter_id(request.adapter_key), path=app.blobs.path(request.adapter_key))
+    adapter = None
+    if request.adapter_key is not None:
+        if request.method != TrainingMethod.LORA or not request.token or not request.class_word:
+            raise InvalidRequest(f"cannot draw with a {request.method!r} model in this version")
+        adapter = AdapterRef(_adapter_id(request.adapter_key), app.blobs.path(request.adapter_key))
+        prompt = expand_me(request.prompt, request.token, request.class_word)
+    else:
+        prompt = expand_me(request.prompt, "a", request.class_word or "person")
+    variation_of = None
+    if request.variation_of is not None:
+        variation_of = Image.open(io.BytesIO(app.blobs.get(request.variation_of))).convert("RGB")
     app.report(request.job_id, stage="rendering")
     images = app.renderer.draw(
         prompt,
@@ -184,6 +191,8 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
         size=(app.preset.resolution, app.preset.resolution),
         steps=app.settings.draw_steps or app.preset.inference_steps,
         guidance=app.preset.guidance_scale,
+        variation_of=variation_of,
+        strength=request.variation_strength,
     )
     records = _records(app, request.embedding_keys) if request.embedding_keys else []
     return _store_ranked(app, request.owner, images, records, request.seed, prompt)

@@ -534,6 +534,23 @@ class Database:
             )
         return GeneratedImage(**_fields(_present(row)))
 
+    async def get_image(self, image_id: int) -> GeneratedImage | None:
+        """One generated image by id, or None."""
+        row = await self._read_one(f"SELECT {_IMAGE} FROM images WHERE id = ?", (image_id,))
+        return None if row is None else GeneratedImage(**_fields(row))
+
+    async def delete_image(self, image_id: int) -> None:
+        """Remove one image row (its blob is the caller's to delete). A missing id does nothing."""
+        async with self._write() as conn:
+            await conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
+
+    async def count_images_with_blob(self, user_id: int, blob_key: str) -> int:
+        """How many of the user's image rows point at ``blob_key`` (equal images share one blob)."""
+        row = await self._read_one(
+            "SELECT COUNT(*) FROM images WHERE user_id = ? AND blob_key = ?", (user_id, blob_key)
+        )
+        return int(_present(row)[0])
+
     async def count_images_since(self, user_id: int, since: float) -> int:
         """How many images the user got at or after `since` (Unix seconds), for quotas."""
         row = await self._read_one(

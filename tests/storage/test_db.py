@@ -432,3 +432,16 @@ async def test_users_with_active_jobs_lists_only_queued_or_running(tmp_path: Pat
         done = await db.create_job(idle.id, "draw", "q", {})
         await db.update_job(done.id, state="done")
         assert await db.users_with_active_jobs() == [busy.id]
+
+
+async def test_an_image_can_be_read_back_and_deleted_alone(tmp_path: Path) -> None:
+    async with Database.open(tmp_path / "db.sqlite3") as db:
+        user = await db.get_or_create_user("console", "img")
+        first = await db.add_image(user.id, None, "u1/images/a.png", "me", 1, 0.5)
+        second = await db.add_image(user.id, None, "u1/images/a.png", "me", 2, None)
+        assert await db.get_image(first.id) == first
+        assert await db.count_images_with_blob(user.id, "u1/images/a.png") == 2
+        await db.delete_image(first.id)
+        assert await db.get_image(first.id) is None
+        assert await db.get_image(second.id) == second
+        assert await db.count_images_with_blob(user.id, "u1/images/a.png") == 1
