@@ -77,6 +77,30 @@ def load_config(
     )
 
 
+def read_dotenv(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines of a .env file (``#`` comments, optional quotes); {} when there is none."""
+    if not path.is_file():
+        return {}
+    values: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigError(f"{path}:{number}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def secret(name: str, env: Mapping[str, str], dotenv: Path = Path(".env")) -> str | None:
+    """A secret (bot token, password) from the environment, else from ``.env``; never from config."""
+    return env.get(name) or read_dotenv(dotenv).get(name) or None
+
+
 def _read_toml(path: Path | None) -> tuple[dict[str, Any], Path]:
     if path is None:
         if not DEFAULT_CONFIG.exists():

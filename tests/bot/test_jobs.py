@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +27,6 @@ from engine.api import (
 )
 
 WorkerFunction = Callable[[dict[str, Any], dict[str, Any]], Awaitable[dict[str, Any]]]
-
-
-@pytest.fixture
-def valkey_url(tmp_path: Path) -> Iterator[str]:
-    server = ValkeyServer(port=None, data_dir=tmp_path / "valkey")
-    server.start()
-    try:
-        yield f"redis://127.0.0.1:{server.port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture

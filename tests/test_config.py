@@ -1,0 +1,74 @@
+"""config.toml and the environment, read into each package's settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from avatarbooth.config import ConfigError, load_config, read_dotenv, secret
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_shipped_config_toml_loads_with_its_documented_defaults() -> None:
+    config = load_config(ROOT / "config.toml", env={})
+    assert config.engine.preset == "sdxl"
+    assert config.redis_url is None  # embedded Valkey
+    assert config.data_dir == ROOT / "data"
+    assert config.bot.min_photos == 3 and config.bot.max_photos == 5
+    assert config.bot.enabled_methods == ("lora",)
+
+
+def test_relative_data_dir_is_relative_to_the_config_file_and_env_overrides_it(tmp_path: Path) -> None:
+    path = tmp_path / "conf" / "avatarbooth.toml"
+    path.parent.mkdir()
+    path.write_text('[storage]\ndata_dir = "state"\n[queue]\nredis_url = "redis://h:1/0"\n')
+    assert load_config(path, env={}).data_dir == tmp_path / "conf" / "state"
+    overridden = load_config(path, env={"AVATARBOOTH_DATA": str(tmp_path / "elsewhere")})
+    assert overridden.data_dir == tmp_path / "elsewhere"
+    assert overridden.engine.blobs_dir == tmp_path / "elsewhere" / "blobs"
+    assert load_config(path, env={}).engine.redis_url == "redis://h:1/0"
+    assert load_config(path, env={"AVATARBOOTH_REDIS_URL": "redis://x:2"}).redis_url == "redis://x:2"
+
+
+def test_the_preset_flag_wins_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[engine]\npreset = "sdxl"\n')
+    assert load_config(path, preset="tiny", env={}).engine.preset == "tiny"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[engin]\n", "unknown section"),
+        ('[engine]\npreset = "giant"\n', "unknown preset 'giant'"),
+        ("[limits]\nmax_photos = -2\n", "max_photos must be positive"),
+        ('[limits]\nmax_photos = "five"\n', "max_photos must be a int"),
+        ("[limits]\nmax_fotos = 5\n", "max_fotos: unknown setting"),
+        ("[queue]\nmax_jobs = 0\n", "max_jobs must be a positive whole number"),
+        ("[engine\n", "not valid TOML"),
+    ],
+)
+def test_bad_settings_are_named_with_what_to_fix(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, env={})
+
+
+def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", env={})
+
+
+def test_secrets_come_from_the_environment_before_the_dotenv_file(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text('# tokens\nTELEGRAM_TOKEN="123:abc"\nexport DISCORD_TOKEN=xyz\n')
+    assert read_dotenv(dotenv) == {"TELEGRAM_TOKEN": "123:abc", "DISCORD_TOKEN": "xyz"}
+    assert secret("TELEGRAM_TOKEN", {}, dotenv) == "123:abc"
+    assert secret("TELEGRAM_TOKEN", {"TELEGRAM_TOKEN": "999:env"}, dotenv) == "999:env"
+    assert secret("MISSING", {}, dotenv) is None
+    dotenv.write_text("not a pair\n")
+    with pytest.raises(ConfigError, match=r"\.env:1: expected KEY=VALUE"):
+        read_dotenv(dotenv)
