@@ -19,7 +19,7 @@ from bot.settings import BotSettings
 from engine.settings import EngineSettings
 
 DEFAULT_CONFIG = Path("config.toml")
-KNOWN_PRESETS = ("sdxl", "tiny")
+KNOWN_PRESETS = ("sdxl", "sd15", "tiny", "tiny-sd15")
 
 
 class ConfigError(Exception):

@@ -1,8 +1,10 @@
-"""The resident base: a preset's SDXL pipeline, IdentityNet and InstantID adapter, loaded once per process.
+"""The resident base: a preset's pipeline (and for SDXL, IdentityNet and InstantID), loaded once per process.
 
-Every pipeline built on it shares the same module objects (one UNet, one VAE, one pair of text
-encoders in memory). Whoever runs them holds ``gpu_lock``: the modules carry per-call state (the
-scheduler's timesteps, which attention processors and LoRA adapters are active).
+SDXL presets load the SDXL pipeline, IdentityNet and InstantID's adapter; SD1.5 presets load only a
+``StableDiffusionPipeline`` (InstantID exists for SDXL only, so ``instantid`` is None). Every pipeline
+built on it shares the same module objects (one UNet, one VAE, the same text encoders in memory).
+Whoever runs them holds ``gpu_lock``: the modules carry per-call state (the scheduler's timesteps,
+which attention processors and LoRA adapters are active).
 """
 
 from __future__ import annotations
@@ -14,25 +16,30 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.errors import PreviewUnavailable
+
 if TYPE_CHECKING:
-    from diffusers import ControlNetModel, StableDiffusionXLPipeline
+    from diffusers import ControlNetModel, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from engine.instantid import IdentityAdapter, InstantIDPipeline
     from engine.presets import Preset
+
+    TextToImagePipeline = StableDiffusionXLPipeline | StableDiffusionPipeline
+    """The resident text-to-image pipeline of either family."""
 
 _log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
 class ResidentBase:
-    """The loaded base model: ``text2img`` and ``instantid`` pipelines over shared modules."""
+    """The loaded base model: ``text2img`` and (SDXL only) ``instantid`` pipelines over shared modules."""
 
     preset: Preset
     device: torch.device
     dtype: torch.dtype
-    text2img: StableDiffusionXLPipeline
-    instantid: InstantIDPipeline
-    identity: IdentityAdapter
+    text2img: TextToImagePipeline
+    instantid: InstantIDPipeline | None  # None for SD1.5: InstantID exists for SDXL only
+    identity: IdentityAdapter | None
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -42,28 +49,64 @@ class ResidentBase:
         ``device`` is "cpu", "cuda" (or "cuda:N"), or "auto" for CUDA when present. ``dtype`` defaults
         to bfloat16 on CUDA and float32 on the CPU.
         """
+        from engine.presets import FAMILY_SD15
+
         target = _resolve_device(device)
         dtype = dtype or (torch.bfloat16 if target.type == "cuda" else torch.float32)
-        text2img, controlnet = _load_modules(preset, target, dtype)
-        identity = _load_identity_adapter(text2img, preset)
-        from engine.instantid import InstantIDPipeline
-
-        instantid = InstantIDPipeline.from_text2img(text2img, controlnet, identity)
-        for pipe in (text2img, instantid):
-            pipe.set_progress_bar_config(disable=True)
-        _log.info("resident base %r loaded on %s (%s)", preset.name, target, dtype)
-        return cls(preset, target, dtype, text2img, instantid, identity)
+        if preset.family == FAMILY_SD15:
+            base = cls(preset, target, dtype, _load_sd15(preset, target, dtype), None, None)
+        else:
+            base = cls(preset, target, dtype, *_load_sdxl(preset, target, dtype))
+        for pipe in (base.text2img, base.instantid):
+            if pipe is not None:
+                pipe.set_progress_bar_config(disable=True)
+        _log.info("resident base %r (%s) loaded on %s (%s)", preset.name, preset.family, target, dtype)
+        return base
 
     @property
     def unet(self) -> torch.nn.Module:
         """The one UNet every pipeline uses."""
         return self.text2img.unet
 
+    def require_instantid(self) -> InstantIDPipeline:
+        """The InstantID pipeline, or ``PreviewUnavailable`` when the preset has none (SD1.5)."""
+        if self.instantid is None:
+            raise PreviewUnavailable(
+                f"Zero-shot previews need an SDXL preset (InstantID is SDXL-only); the {self.preset.name!r} "
+                "preset is SD1.5. Train a model with /train, then draw with /draw."
+            )
+        return self.instantid
+
 
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def _load_sdxl(
+    preset: Preset, device: torch.device, dtype: torch.dtype
+) -> tuple[StableDiffusionXLPipeline, InstantIDPipeline, IdentityAdapter]:
+    """The SDXL pipeline, and InstantID built over its modules."""
+    from engine.instantid import InstantIDPipeline
+
+    text2img, controlnet = _load_modules(preset, device, dtype)
+    identity = _load_identity_adapter(text2img, preset)
+    return text2img, InstantIDPipeline.from_text2img(text2img, controlnet, identity), identity
+
+
+def _load_sd15(preset: Preset, device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
+    """The SD1.5 pipeline from its folder, without the safety checker (the chat side moderates)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        preset.sd15_dir,
+        dtype=dtype,
+        local_files_only=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    return pipe.to(device)
 
 
 def _load_modules(

@@ -21,3 +21,7 @@ class UnreadableImage(EngineError):
 
 class InvalidFaceRecord(EngineError):
     """A stored face record that is not in the format ``FaceRecord.to_bytes`` writes."""
+
+
+class PreviewUnavailable(EngineError):
+    """A zero-shot preview was asked of a preset without InstantID (SD1.5 presets have none)."""

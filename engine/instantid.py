@@ -322,14 +322,16 @@ def render_preview(
     ``embedding``, not the normalised one); ``kps`` are its five keypoints in the coordinates of an
     image of ``image_size`` (width, height), fitted into the output square. Image ``i`` is seeded
     with ``seed + i``, so each image is reproducible on its own. Holds ``base.gpu_lock`` while drawing.
+    Raises ``PreviewUnavailable`` on a base without InstantID (SD1.5).
     """
+    instantid = base.require_instantid()
     preset = base.preset
     keypoints = fit_keypoints(kps, image_size, preset.resolution)
     keypoint_image = draw_keypoints(keypoints, preset.resolution)
     face = torch.from_numpy(np.asarray(embedding, dtype=np.float32))
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
     with base.gpu_lock:
-        return base.instantid(
+        return instantid(
             prompt=prompt,
             negative_prompt=negative_prompt,
             face_embedding=face,

@@ -1,19 +1,26 @@
 """Presets: which base weights the engine runs on, where they lie, and the defaults that go with them.
 
-Two presets exist. ``sdxl`` is the real one (SDXL base, InstantID's IdentityNet and adapter,
-insightface's antelopev2); its weights must already be on disk. ``tiny`` has the same architecture in
-miniature with random weights (``engine.tiny``) and builds itself on first use: its images are noise.
+A preset belongs to a model family, ``sdxl`` or ``sd15``:
+
+* ``sdxl``: SDXL base, InstantID's IdentityNet and adapter, insightface's antelopev2; its weights must
+  already be on disk. ``tiny`` has the same architecture in miniature with random weights
+  (``engine.tiny``) and builds itself on first use: its images are noise.
+* ``sd15``: Stable Diffusion 1.5 (a runwayml-style ``StableDiffusionPipeline`` folder) and antelopev2;
+  its weights must already be on disk. ``tiny-sd15`` is its miniature, built on first use. InstantID
+  exists for SDXL only, so SD1.5 presets have no zero-shot preview: users train a model first.
 
 Layout of a preset's folder (``models_dir/<name>/``)::
 
-    sdxl/                   a StableDiffusionXLPipeline folder (model_index.json, unet/, vae/, ...)
-    identitynet/            ControlNetModel folder (config.json + weights)
-    ip-adapter.bin          InstantID's adapter checkpoint
-    antelopev2/             scrfd_10g_bnkps.onnx, glintr100.onnx
+    sdxl/                   SDXL family: a StableDiffusionXLPipeline folder (model_index.json, unet/, ...)
+    identitynet/            SDXL family: ControlNetModel folder (config.json + weights)
+    ip-adapter.bin          SDXL family: InstantID's adapter checkpoint
+    sd15/                   SD1.5 family: a StableDiffusionPipeline folder (model_index.json, unet/, ...)
+    antelopev2/             both: scrfd_10g_bnkps.onnx, glintr100.onnx
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,14 +28,13 @@ from engine.errors import UnknownPreset, WeightsMissing
 from engine.faces import FaceCheckSettings
 
 FAMILY_SDXL = "sdxl"
+FAMILY_SD15 = "sd15"
 
-_REQUIRED_FILES = (
-    "sdxl/model_index.json",
-    "identitynet/config.json",
-    "ip-adapter.bin",
-    "antelopev2/scrfd_10g_bnkps.onnx",
-    "antelopev2/glintr100.onnx",
-)
+_FACE_MODEL_FILES = ("antelopev2/scrfd_10g_bnkps.onnx", "antelopev2/glintr100.onnx")
+_REQUIRED_FILES: dict[str, tuple[str, ...]] = {
+    FAMILY_SDXL: ("sdxl/model_index.json", "identitynet/config.json", "ip-adapter.bin", *_FACE_MODEL_FILES),
+    FAMILY_SD15: ("sd15/model_index.json", *_FACE_MODEL_FILES),
+}
 
 
 @dataclass(frozen=True)
@@ -36,13 +42,13 @@ class Preset:
     """A base model's files and the generation and training defaults tuned for it."""
 
     name: str
-    family: str
+    family: str  # FAMILY_SDXL or FAMILY_SD15
     root: Path
     resolution: int  # square output and training size, in pixels
     inference_steps: int
     guidance_scale: float
-    identity_strength: float  # IdentityNet's controlnet_conditioning_scale
-    ip_adapter_scale: float  # weight of the identity tokens in the UNet's cross-attention
+    identity_strength: float  # IdentityNet's controlnet_conditioning_scale (SDXL family only)
+    ip_adapter_scale: float  # weight of the identity tokens in the UNet's cross-attention (SDXL only)
     train_steps: int
     train_rank: int  # LoRA rank
     train_lr: float
@@ -50,9 +56,24 @@ class Preset:
     note: str | None = None  # shown to users with every image, e.g. that the images are noise
 
     @property
+    def supports_preview(self) -> bool:
+        """Whether zero-shot (InstantID) previews exist for this preset: SDXL family only."""
+        return self.family == FAMILY_SDXL
+
+    @property
+    def pipeline_dir(self) -> Path:
+        """The base pipeline's folder: ``sdxl_dir`` or ``sd15_dir`` by family."""
+        return self.sdxl_dir if self.family == FAMILY_SDXL else self.sd15_dir
+
+    @property
     def sdxl_dir(self) -> Path:
-        """The StableDiffusionXLPipeline folder."""
+        """The StableDiffusionXLPipeline folder (SDXL family)."""
         return self.root / "sdxl"
+
+    @property
+    def sd15_dir(self) -> Path:
+        """The StableDiffusionPipeline folder (SD1.5 family)."""
+        return self.root / "sd15"
 
     @property
     def identitynet_dir(self) -> Path:
@@ -107,30 +128,81 @@ def _sdxl(root: Path) -> Preset:
     )
 
 
-PRESET_NAMES = ("sdxl", "tiny")
+def _sd15(root: Path) -> Preset:
+    return Preset(
+        name="sd15",
+        family=FAMILY_SD15,
+        root=root,
+        resolution=512,  # SD1.5's native size
+        inference_steps=30,
+        guidance_scale=7.5,  # diffusers' StableDiffusionPipeline default
+        identity_strength=0.0,  # no InstantID for SD1.5
+        ip_adapter_scale=0.0,
+        train_steps=800,
+        train_rank=16,
+        train_lr=1e-4,
+        face_checks=FaceCheckSettings(crop_size=512, min_face_px=112, same_person_threshold=0.4),
+    )
+
+
+def _tiny_sd15(root: Path) -> Preset:
+    return Preset(
+        name="tiny-sd15",
+        family=FAMILY_SD15,
+        root=root,
+        resolution=128,
+        inference_steps=4,
+        guidance_scale=7.5,
+        identity_strength=0.0,
+        ip_adapter_scale=0.0,
+        train_steps=8,
+        train_rank=4,
+        train_lr=1e-3,
+        face_checks=FaceCheckSettings(crop_size=128),
+        note="tiny SD1.5 preset: random weights, images are noise",
+    )
+
+
+_PRESETS: dict[str, Callable[[Path], Preset]] = {
+    "sdxl": _sdxl,
+    "sd15": _sd15,
+    "tiny": _tiny,
+    "tiny-sd15": _tiny_sd15,
+}
+PRESET_NAMES = tuple(_PRESETS)
+_BUILT_ON_FIRST_USE = ("tiny", "tiny-sd15")
 
 
 def load_preset(name: str, models_dir: Path) -> Preset:
     """The preset ``name`` with its files under ``models_dir/<name>``.
 
-    ``tiny`` is built there on first use (a few seconds). Raises ``UnknownPreset`` for other names
-    than ``PRESET_NAMES`` and ``WeightsMissing`` when the ``sdxl`` preset's files are not all there.
+    ``tiny`` and ``tiny-sd15`` are built there on first use (a few seconds). Raises ``UnknownPreset``
+    for other names than ``PRESET_NAMES`` and ``WeightsMissing`` when a real preset's files (those its
+    family needs) are not all there.
     """
-    root = models_dir / name
-    if name == "tiny":
-        from engine.tiny import build_tiny_preset
+    make = _PRESETS.get(name)
+    if make is None:
+        raise UnknownPreset(f"Unknown preset {name!r}; the presets are: {', '.join(PRESET_NAMES)}.")
+    preset = make(models_dir / name)
+    if name in _BUILT_ON_FIRST_USE:
+        _build_tiny(preset)
+    else:
+        _require_files(preset)
+    return preset
 
-        return _tiny(build_tiny_preset(root))
-    if name == "sdxl":
-        _require_files(name, root)
-        return _sdxl(root)
-    raise UnknownPreset(f"Unknown preset {name!r}; the presets are: {', '.join(PRESET_NAMES)}.")
+
+def _build_tiny(preset: Preset) -> None:
+    from engine.tiny import build_tiny_preset, build_tiny_sd15_preset
+
+    build = build_tiny_preset if preset.family == FAMILY_SDXL else build_tiny_sd15_preset
+    build(preset.root)
 
 
-def _require_files(name: str, root: Path) -> None:
-    missing = [str(root / rel) for rel in _REQUIRED_FILES if not (root / rel).is_file()]
+def _require_files(preset: Preset) -> None:
+    root = preset.root
+    missing = [str(root / rel) for rel in _REQUIRED_FILES[preset.family] if not (root / rel).is_file()]
     if missing:
         raise WeightsMissing(
-            f"The {name!r} preset's weights are missing: {', '.join(missing)}. "
-            f"Run `avatarbooth models pull --preset {name}` to fetch them."
+            f"The {preset.name!r} preset's weights are missing: {', '.join(missing)}. "
+            f"Run `avatarbooth models pull --preset {preset.name}` to fetch them."
         )

@@ -1,4 +1,4 @@
-"""Drawing with the resident SDXL pipeline and users' LoRA adapters.
+"""Drawing with the resident pipeline (SDXL or SD1.5) and users' LoRA adapters.
 
 Each user's adapter is loaded into the resident pipeline once (``load_lora_weights`` with the
 adapter's id as its name) and afterwards only switched on with ``set_adapters``; the base weights are
@@ -17,13 +17,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-from diffusers import StableDiffusionXLImg2ImgPipeline
+from diffusers import (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
 from PIL import Image
 
 from engine.errors import EngineError
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionXLPipeline
+    from engine.base import TextToImagePipeline
+
+    Img2ImgPipeline = StableDiffusionXLImg2ImgPipeline | StableDiffusionImg2ImgPipeline
 
 _log = logging.getLogger(__name__)
 
@@ -57,13 +64,13 @@ def expand_me(prompt: str, token: str, class_word: str) -> str:
 
 
 class Renderer:
-    """Draws images on a resident ``StableDiffusionXLPipeline``, with or without a user's LoRA.
+    """Draws images on a resident SDXL or SD1.5 pipeline, with or without a user's LoRA.
 
     Every use of ``pipe`` happens under ``lock``, the lock that guards the shared modules.
     """
 
     def __init__(
-        self, pipe: StableDiffusionXLPipeline, lock: threading.Lock, *, max_adapters: int = DEFAULT_MAX_ADAPTERS
+        self, pipe: TextToImagePipeline, lock: threading.Lock, *, max_adapters: int = DEFAULT_MAX_ADAPTERS
     ) -> None:
         if max_adapters < 1:
             raise ValueError(f"max_adapters must be at least 1, got {max_adapters}")
@@ -71,7 +78,7 @@ class Renderer:
         self._lock = lock
         self._max_adapters = max_adapters
         self._loaded: OrderedDict[str, Path] = OrderedDict()  # adapter id → file, least recent first
-        self._img2img: StableDiffusionXLImg2ImgPipeline | None = None
+        self._img2img: Img2ImgPipeline | None = None
 
     @property
     def loaded_adapters(self) -> list[str]:
@@ -124,10 +131,10 @@ class Renderer:
                     self._pipe.disable_lora()
         return list(result.images)
 
-    def _variations(self) -> StableDiffusionXLImg2ImgPipeline:
+    def _variations(self) -> Img2ImgPipeline:
         """Image-to-image on the same module objects (and so the same loaded adapters)."""
         if self._img2img is None:
-            self._img2img = StableDiffusionXLImg2ImgPipeline(**self._pipe.components)
+            self._img2img = img2img_for(self._pipe)
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
 
@@ -165,6 +172,15 @@ class Renderer:
         _log.info("unloading LoRA adapter %s", adapter_id)
         self._pipe.delete_adapters([adapter_id])
         del self._loaded[adapter_id]
+
+
+def img2img_for(pipe: TextToImagePipeline) -> Img2ImgPipeline:
+    """The image-to-image pipeline of ``pipe``'s family, over ``pipe``'s module objects (no copies)."""
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        return StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    if isinstance(pipe, StableDiffusionPipeline):
+        return StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+    raise RenderInputError(f"no image-to-image pipeline for {type(pipe).__name__}")
 
 
 def _check_draw(prompt: str, num_images: int, steps: int, size: tuple[int, int] | None) -> None:

@@ -1,16 +1,23 @@
-"""The tiny preset: real SDXL + InstantID architectures in miniature, with random seeded weights.
+"""The tiny presets: real SDXL + InstantID and SD1.5 architectures in miniature, with random seeded weights.
 
 Everything here is built offline in a few seconds on a CPU and written with ``save_pretrained`` (or in
 the checkpoint layout of the real file), so the project's real loading code is what tests and the
-demo exercise. The images it draws are noise.
+demo exercise. The images they draw are noise.
 
-Layout of a built preset::
+Layout of a built ``tiny`` preset (SDXL)::
 
     dest/
     ├── sdxl/               StableDiffusionXLPipeline.save_pretrained
     ├── identitynet/        ControlNetModel.save_pretrained (InstantID's IdentityNet)
     ├── ip-adapter.bin      InstantID's adapter: image_proj.* (Resampler), ip_adapter.* (to_k/v_ip)
     ├── antelopev2/         scrfd_10g_bnkps.onnx + glintr100.onnx (engine.tiny_faces)
+    └── .complete           written last
+
+Layout of a built ``tiny-sd15`` preset (no InstantID: it exists for SDXL only)::
+
+    dest/
+    ├── sd15/               StableDiffusionPipeline.save_pretrained (one text encoder, no safety checker)
+    ├── antelopev2/         as above
     └── .complete           written last
 """
 
@@ -20,12 +27,19 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
 _log = logging.getLogger(__name__)
 
@@ -41,12 +55,30 @@ FACE_EMBEDDING_DIM = 512
 NUM_ID_TOKENS = 16
 """Identity tokens the Resampler produces, as in InstantID."""
 
-_TEXT_HIDDEN = 32  # each CLIP text encoder; the UNet cross-attention width is their sum
+_TEXT_HIDDEN = 32  # each CLIP text encoder; an SDXL UNet's cross-attention width is their sum
 _POOLED_DIM = 32  # text_encoder_2 projection width (SDXL's pooled text embedding)
 _TIME_EMBED_DIM = 8  # SDXL's addition_time_embed_dim; six micro-conditioning numbers
 _RESAMPLER_HIDDEN = 64  # one 64-wide head: diffusers' loader infers heads = width // 64
 _RESAMPLER_DEPTH = 4  # diffusers' loader assumes InstantID's depth of 4
 _KEYPOINT_GAIN = 30.0  # see _wake_identitynet
+_SDXL_VAE_SCALE = 0.13025
+_SD15_VAE_SCALE = 0.18215
+
+# What the UNet is conditioned on besides the latents, per family: SDXL's UNet attends to both text
+# encoders and takes the pooled text + six size numbers ("text_time"); SD1.5's attends to one encoder.
+_SDXL_UNET_CONDITIONING: dict[str, Any] = {
+    "cross_attention_dim": 2 * _TEXT_HIDDEN,
+    "transformer_layers_per_block": (1, 2),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": _TIME_EMBED_DIM,
+    "projection_class_embeddings_input_dim": 6 * _TIME_EMBED_DIM + _POOLED_DIM,
+}
+_SD15_UNET_CONDITIONING: dict[str, Any] = {
+    "cross_attention_dim": _TEXT_HIDDEN,
+    "transformer_layers_per_block": 1,
+    "use_linear_projection": False,
+}
 
 # Whole-word BPE merges so that prompt words the project uses are single tokens.
 _WORDS = (
@@ -67,27 +99,62 @@ def build_tiny_sdxl(dest: Path, *, seed: int = 0) -> Path:
     return dest
 
 
-def build_tiny_preset(dest: Path, *, seed: int = 0) -> Path:
-    """Build the whole tiny preset into ``dest`` (see the module docstring), or reuse a finished one.
+def build_tiny_sd15(dest: Path, *, seed: int = 0) -> Path:
+    """Build and save a miniature SD1.5 pipeline (random weights, seeded) into ``dest``.
 
-    The parts are written into a temporary sibling folder that is renamed to ``dest`` once complete,
-    so a half-built preset is never seen. Returns ``dest``.
+    ``dest`` must not exist yet or be empty. Returns ``dest``; load it with
+    ``StableDiffusionPipeline.from_pretrained(dest)``.
+    """
+    pipe = _tiny_sd15_pipeline(seed)
+    dest.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+def build_tiny_preset(dest: Path, *, seed: int = 0) -> Path:
+    """Build the whole tiny SDXL preset into ``dest`` (see the module docstring), or reuse a finished one.
+
+    Built atomically (``_build_atomically``), so a half-built preset is never seen. Returns ``dest``.
+    """
+    return _build_atomically(dest, lambda work: _build_parts(work, seed), label="tiny preset")
+
+
+def build_tiny_sd15_preset(dest: Path, *, seed: int = 0) -> Path:
+    """Build the tiny SD1.5 preset (``sd15/`` + ``antelopev2/``) into ``dest``, or reuse a finished one.
+
+    Built atomically like ``build_tiny_preset``. Returns ``dest``.
+    """
+    return _build_atomically(dest, lambda work: _build_sd15_parts(work, seed), label="tiny sd15 preset")
+
+
+def _build_atomically(dest: Path, build_parts: Callable[[Path], None], *, label: str) -> Path:
+    """Run ``build_parts`` on a temporary sibling folder, mark it complete, and rename it to ``dest``.
+
+    A ``dest`` that already holds the marker is reused as it is.
     """
     if (dest / COMPLETE_MARKER).is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-building-", dir=dest.parent))
     try:
-        _build_parts(work, seed)
-        (work / COMPLETE_MARKER).write_text("tiny preset\n")
+        build_parts(work)
+        (work / COMPLETE_MARKER).write_text(f"{label}\n")
         _install(work, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return dest
 
 
+def _build_sd15_parts(work: Path, seed: int) -> None:
+    """Write every part of the tiny SD1.5 preset into ``work``."""
+    from engine.tiny_faces import build_tiny_face_models
+
+    build_tiny_sd15(work / "sd15", seed=seed)
+    build_tiny_face_models(work / "antelopev2")
+
+
 def _build_parts(work: Path, seed: int) -> None:
-    """Write every part of the preset into ``work``."""
+    """Write every part of the tiny SDXL preset into ``work``."""
     from diffusers import ControlNetModel
 
     from engine.tiny_faces import build_tiny_face_models
@@ -130,7 +197,7 @@ def _install(work: Path, dest: Path) -> None:
     except OSError:
         if not (dest / COMPLETE_MARKER).is_file():
             raise
-        _log.info("tiny preset at %s was finished by another builder", dest)
+        _log.info("the build at %s was finished by another builder", dest)
 
 
 def _seed(seed: int) -> None:
@@ -141,7 +208,7 @@ def _seed(seed: int) -> None:
 
 def _tiny_sdxl_pipeline(seed: int) -> StableDiffusionXLPipeline:
     """The miniature SDXL pipeline, in memory."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = _tiny_clip_tokenizer()
@@ -150,8 +217,44 @@ def _tiny_sdxl_pipeline(seed: int) -> StableDiffusionXLPipeline:
     text_encoder = CLIPTextModel(text_config)
     _seed(seed + 11)
     text_encoder_2 = CLIPTextModelWithProjection(text_config)
-    _seed(seed + 12)
-    vae = AutoencoderKL(
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(seed + 12, scaling_factor=_SDXL_VAE_SCALE),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=_tiny_unet(seed),
+        scheduler=_tiny_scheduler(),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def _tiny_sd15_pipeline(seed: int) -> StableDiffusionPipeline:
+    """The miniature SD1.5 pipeline, in memory: one CLIP text encoder, no safety checker."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    tokenizer = _tiny_clip_tokenizer()
+    _seed(seed + 10)
+    text_encoder = CLIPTextModel(_tiny_clip_text_config(tokenizer))
+    return StableDiffusionPipeline(
+        vae=_tiny_vae(seed + 12, scaling_factor=_SD15_VAE_SCALE),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=_tiny_unet(seed, conditioning=_SD15_UNET_CONDITIONING),
+        scheduler=_tiny_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _tiny_vae(seed: int, *, scaling_factor: float) -> AutoencoderKL:
+    """A 4-block VAE (8x downsampling, like SD1.5's and SDXL's) in miniature."""
+    from diffusers import AutoencoderKL
+
+    _seed(seed)
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -161,9 +264,14 @@ def _tiny_sdxl_pipeline(seed: int) -> StableDiffusionXLPipeline:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=IMAGE_SIZE,
-        scaling_factor=0.13025,  # SDXL's
+        scaling_factor=scaling_factor,
     )
-    scheduler = EulerDiscreteScheduler(
+
+
+def _tiny_scheduler() -> EulerDiscreteScheduler:
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -172,20 +280,10 @@ def _tiny_sdxl_pipeline(seed: int) -> StableDiffusionXLPipeline:
         steps_offset=1,
         prediction_type="epsilon",
     )
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        unet=_tiny_unet(seed),
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=True,
-    )
 
 
-def _tiny_unet(seed: int) -> UNet2DConditionModel:
-    """SDXL's UNet shape in miniature: text_time micro-conditioning, cross-attention on both encoders."""
+def _tiny_unet(seed: int, *, conditioning: dict[str, Any] = _SDXL_UNET_CONDITIONING) -> UNet2DConditionModel:
+    """The UNet in miniature; ``conditioning`` sets its family (SDXL's text_time by default)."""
     from diffusers import UNet2DConditionModel
 
     _seed(seed)
@@ -197,14 +295,9 @@ def _tiny_unet(seed: int) -> UNet2DConditionModel:
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(32, 64),
         layers_per_block=1,
-        transformer_layers_per_block=(1, 2),
         attention_head_dim=(2, 4),
         norm_num_groups=8,
-        cross_attention_dim=2 * _TEXT_HIDDEN,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=_TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=6 * _TIME_EMBED_DIM + _POOLED_DIM,
+        **conditioning,
     )
 
 

@@ -1,8 +1,9 @@
-"""DreamBooth-style LoRA training on the resident SDXL pipeline's UNet, as named stages.
+"""DreamBooth-style LoRA training on the resident pipeline's UNet (SDXL or SD1.5), as named stages.
 
 1. ``prepare_data``     crops → pixel tensors in [-1, 1] at the training resolution.
 2. ``encode_latents``, ``encode_instance_prompt``, ``sdxl_time_ids``: the frozen resident VAE and text
-   encoders, used once, under the lock.
+   encoders, used once, under the lock. The families differ only here: SDXL has two text encoders
+   and conditions its UNet on the pooled text and image sizes too (``PromptConditioning.unet_kwargs``).
 3. ``build_trainable``  a deep copy of the UNet with a LoRA adapter; only the adapter trains, so the
    resident UNet keeps serving draws while a user's model trains.
 4. ``training_step``    one denoising-loss step, under the lock.
@@ -32,7 +33,9 @@ from engine.errors import EngineError
 from engine.progress import ProgressSink, TrainingProgress
 
 if TYPE_CHECKING:
-    from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from engine.base import TextToImagePipeline
 
 _log = logging.getLogger(__name__)
 
@@ -46,7 +49,10 @@ class TrainingInputError(EngineError):
 
 @dataclass(frozen=True)
 class LoraTrainSettings:
-    """Hyperparameters of one LoRA training run. Defaults are for SDXL and 3-10 face crops."""
+    """Hyperparameters of one LoRA training run. Defaults are for SDXL and 3-10 face crops.
+
+    For SD1.5 pass its resolution (512); the other defaults suit it as well.
+    """
 
     steps: int = 500  # diffusers' DreamBooth LoRA examples: 500 steps on ~5 instance photos
     rank: int = 16  # above diffusers' default of 4: a face identity needs more capacity than a style
@@ -103,11 +109,24 @@ class InstanceLatents:
 
 @dataclass(frozen=True)
 class PromptConditioning:
-    """Everything the UNet is conditioned on besides the latents: text and SDXL micro-conditioning."""
+    """Everything the UNet is conditioned on besides the latents: text, and for SDXL micro-conditioning."""
 
-    prompt_embeds: torch.Tensor  # [1, tokens, width of both encoders]
-    pooled_embeds: torch.Tensor  # [1, text_encoder_2 projection]
-    time_ids: torch.Tensor  # [1, 6]: original size, crop top-left, target size
+    prompt_embeds: torch.Tensor  # [1, tokens, width of the text encoder(s)]
+    pooled_embeds: torch.Tensor | None = None  # SDXL: [1, text_encoder_2 projection]; SD1.5: None
+    time_ids: torch.Tensor | None = None  # SDXL: [1, 6] original size, crop top-left, target size
+
+    def unet_kwargs(self, batch: int, dtype: torch.dtype) -> dict[str, Any]:
+        """The UNet's conditioning keyword arguments for a batch of ``batch`` latents.
+
+        Both families get ``encoder_hidden_states``; SDXL's UNet also takes ``added_cond_kwargs``.
+        """
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self.prompt_embeds.expand(batch, -1, -1).to(dtype)}
+        if self.pooled_embeds is not None and self.time_ids is not None:
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": self.pooled_embeds.expand(batch, -1).to(dtype),
+                "time_ids": self.time_ids.expand(batch, -1).to(dtype),
+            }
+        return kwargs
 
 
 @dataclass(eq=False)
@@ -152,7 +171,7 @@ def _to_array(crop: Image.Image, resolution: int) -> np.ndarray:
 
 @torch.no_grad()
 def encode_latents(
-    pipe: StableDiffusionXLPipeline, lock: threading.Lock, pixels: torch.Tensor
+    pipe: TextToImagePipeline, lock: threading.Lock, pixels: torch.Tensor
 ) -> InstanceLatents:
     """Encode the crops and their mirror images with the resident VAE, once, under ``lock``."""
     both = torch.cat([pixels, torch.flip(pixels, dims=[3])])
@@ -172,7 +191,7 @@ def encode_latents(
 
 
 def _latent_normalisation(config: Any) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-    """(shift, scale) taking VAE latents to the UNet's space: the inverse of the SDXL pipeline's decode."""
+    """(shift, scale) taking VAE latents to the UNet's space: the inverse of the pipeline's decode."""
     mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
     if mean is not None and std is not None:  # e.g. Playground v2.5's per-channel statistics
         return torch.tensor(mean).view(1, -1, 1, 1), config.scaling_factor / torch.tensor(std).view(1, -1, 1, 1)
@@ -186,15 +205,26 @@ def instance_prompt(token: str, class_word: str) -> str:
 
 @torch.no_grad()
 def encode_instance_prompt(
-    pipe: StableDiffusionXLPipeline, lock: threading.Lock, prompt: str, resolution: int
+    pipe: TextToImagePipeline, lock: threading.Lock, prompt: str, resolution: int
 ) -> PromptConditioning:
-    """Encode ``prompt`` with both resident text encoders (the pipeline's ``encode_prompt``), once."""
+    """Encode ``prompt`` with the resident text encoder(s) (the pipeline's ``encode_prompt``), once.
+
+    SDXL's ``encode_prompt`` returns (embeds, negative, pooled, negative pooled); SD1.5's only the
+    first two, and its UNet takes no pooled text or size micro-conditioning.
+    """
     with lock:
-        embeds, _, pooled, _ = pipe.encode_prompt(
+        outputs = pipe.encode_prompt(
             prompt, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
+    if not uses_size_conditioning(pipe.unet):
+        return PromptConditioning(outputs[0])
     size = (resolution, resolution)
-    return PromptConditioning(embeds, pooled, sdxl_time_ids(size, (0, 0), size).to(pipe.device))
+    return PromptConditioning(outputs[0], outputs[2], sdxl_time_ids(size, (0, 0), size).to(pipe.device))
+
+
+def uses_size_conditioning(unet: UNet2DConditionModel) -> bool:
+    """Whether ``unet`` takes SDXL's pooled text and size micro-conditioning ("text_time")."""
+    return unet.config.addition_embed_type == "text_time"
 
 
 def sdxl_time_ids(
@@ -211,7 +241,7 @@ def sdxl_time_ids(
 
 
 def build_trainable(
-    pipe: StableDiffusionXLPipeline, lock: threading.Lock, settings: LoraTrainSettings
+    pipe: TextToImagePipeline, lock: threading.Lock, settings: LoraTrainSettings
 ) -> UNet2DConditionModel:
     """A deep copy of the resident UNet with a fresh LoRA adapter; only the adapter's weights train.
 
@@ -222,7 +252,7 @@ def build_trainable(
 
     with lock:
         unet = copy.deepcopy(pipe.unet)
-    if getattr(unet, "peft_config", None):
+    if _has_lora_layers(unet):
         unet.unload_lora()
     unet.requires_grad_(False)
     config = LoraConfig(
@@ -240,6 +270,17 @@ def build_trainable(
     return unet
 
 
+def _has_lora_layers(unet: torch.nn.Module) -> bool:
+    """Whether peft LoRA layers wrap any of ``unet``'s modules.
+
+    Not ``peft_config``: once the renderer has deleted every adapter, that attribute is gone but the
+    (disabled) wrapper layers stay, and a new adapter added to them would never be active.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(module, BaseTunerLayer) for module in unet.modules())
+
+
 def trainable_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters the optimizer updates (the LoRA adapter's)."""
     return [p for p in unet.parameters() if p.requires_grad]
@@ -254,7 +295,7 @@ def start_training(unet: UNet2DConditionModel, settings: LoraTrainSettings) -> T
     return TrainingState(unet=unet, optimizer=optimizer, generator=generator)
 
 
-def noise_scheduler_for(pipe: StableDiffusionXLPipeline) -> DDPMScheduler:
+def noise_scheduler_for(pipe: TextToImagePipeline) -> DDPMScheduler:
     """The training-time (DDPM) noise schedule matching the resident pipeline's scheduler config."""
     from diffusers import DDPMScheduler
 
@@ -309,17 +350,9 @@ def _denoising_loss(
 ) -> torch.Tensor:
     """MSE between the UNet's prediction on noised latents and its target (noise or velocity)."""
     noisy = scheduler.add_noise(clean, noise, timesteps)
-    n = clean.shape[0]
     dtype = unet.dtype
     prediction = unet(
-        noisy.to(dtype),
-        timesteps,
-        encoder_hidden_states=cond.prompt_embeds.expand(n, -1, -1).to(dtype),
-        added_cond_kwargs={
-            "text_embeds": cond.pooled_embeds.expand(n, -1).to(dtype),
-            "time_ids": cond.time_ids.expand(n, -1).to(dtype),
-        },
-        return_dict=False,
+        noisy.to(dtype), timesteps, **cond.unet_kwargs(clean.shape[0], dtype), return_dict=False
     )[0]
     return F.mse_loss(prediction.float(), _target(scheduler, clean, noise, timesteps).float())
 
@@ -347,16 +380,17 @@ def save_lora(unet: UNet2DConditionModel) -> bytes:
     """The trained adapter as the bytes of a diffusers-format LoRA safetensors file.
 
     The file carries the LoraConfig (rank, alpha, targets) in its metadata, so
-    ``pipe.load_lora_weights(path, adapter_name=...)`` rebuilds the adapter exactly.
+    ``pipe.load_lora_weights(path, adapter_name=...)`` rebuilds the adapter exactly. A UNet-only LoRA
+    file has the same layout for SDXL and SD1.5 (``unet.``-prefixed keys), so one writer serves both.
     """
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     layers = {name: tensor.detach().to("cpu").contiguous() for name, tensor in layers.items()}
     with tempfile.TemporaryDirectory(prefix="avatarbooth-lora-") as tmp:
-        StableDiffusionXLPipeline.save_lora_weights(
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
             tmp,
             unet_lora_layers=layers,
             unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
@@ -369,7 +403,7 @@ def save_lora(unet: UNet2DConditionModel) -> bytes:
 
 
 def train_lora(
-    pipe: StableDiffusionXLPipeline,
+    pipe: TextToImagePipeline,
     lock: threading.Lock,
     crops: list[Image.Image],
     token: str,

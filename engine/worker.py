@@ -49,7 +49,7 @@ from engine.api import (
     serialize_job,
 )
 from engine.base import ResidentBase
-from engine.errors import EngineError
+from engine.errors import EngineError, PreviewUnavailable
 from engine.faces import FaceAnalyzer, FaceRecord, cosine, mean_embedding
 from engine.instantid import render_preview
 from engine.presets import Preset, load_preset
@@ -138,7 +138,11 @@ def do_check_photo(app: WorkerContext, request: CheckPhotoRequest) -> CheckPhoto
 
 
 def do_preview(app: WorkerContext, request: PreviewRequest) -> ImagesResult:
-    """InstantID images from the mean face embedding of the enrolled photos."""
+    """InstantID images from the mean face embedding of the enrolled photos.
+
+    Raises ``PreviewUnavailable`` on an SD1.5 preset (InstantID is SDXL-only), before reading anything.
+    """
+    app.base.require_instantid()
     records = _records(app, request.embedding_keys)
     prompt = expand_me(request.prompt, "a", request.class_word)  # no personal token yet
     images = render_preview(
@@ -157,8 +161,11 @@ def do_preview(app: WorkerContext, request: PreviewRequest) -> ImagesResult:
 
 
 def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
-    """Render from the user's personal model, or fall back to InstantID when there is none yet."""
-    if request.adapter_key is None and request.variation_of is None:
+    """Render from the user's personal model, or fall back when there is none yet.
+
+    The fallback is InstantID on SDXL presets, and the plain base drawing "a <class word>" on SD1.5.
+    """
+    if request.adapter_key is None and request.variation_of is None and app.base.instantid is not None:
         fallback = PreviewRequest(
             job_id=request.job_id,
             owner=request.owner,
@@ -320,7 +327,7 @@ async def _run_job(
         result = await asyncio.to_thread(work, app, request)
     except BlobNotFound as e:
         return _failure(ErrorCode.MISSING_BLOB, str(e))
-    except InvalidRequest as e:
+    except (InvalidRequest, PreviewUnavailable) as e:
         return _failure(ErrorCode.INVALID_REQUEST, str(e))
     except EngineError as e:
         return _failure(ErrorCode.MODEL_UNAVAILABLE, str(e))

@@ -34,3 +34,11 @@ def valkey_url(tmp_path: Path) -> Iterator[str]:
     with EmbeddedValkey(tmp_path / "valkey") as server:
         yield server.url
 
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_preset_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The tiny SD1.5 preset's model folder (``tiny-sd15``), built once for the whole test session."""
+    from engine.tiny import build_tiny_sd15_preset
+
+    yield build_tiny_sd15_preset(tmp_path_factory.mktemp("models") / "tiny-sd15")
