@@ -1,0 +1,241 @@
+"""Resumable training checkpoints, kept in the blob store that every worker shares.
+
+A checkpoint is one content-addressed blob (``{owner}/checkpoints/<sha256>.pt``): a ``torch.save`` of
+plain containers and tensors only, read back with ``weights_only=True`` so that loading one can never
+run code. It holds everything a run needs to continue bit for bit: the trainable tensors, the optimizer
+state, the run's RNG state, the losses so far and the step reached.
+
+Content-addressed keys cannot be found by name, so each job has a small pointer file,
+``{owner}/checkpoints/{job_id}.json``, replaced atomically, naming its newest checkpoint. The pointer
+is not a blob (its name never matches a blob key), it lives in the owner's folder (so erasing a user
+erases it), and only the newest checkpoint is kept: a new one is written before the old one is deleted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from engine.errors import EngineError
+from storage.blobs import LocalBlobStore
+from storage.errors import BlobNotFound
+
+if TYPE_CHECKING:
+    from engine.train_lora import TrainingState
+
+_log = logging.getLogger(__name__)
+
+CHECKPOINT_KIND = "checkpoints"
+"""The blob kind (folder) of checkpoints and of their per-job pointer files."""
+
+_FORMAT = 1
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # it becomes a file name
+
+
+class CheckpointError(EngineError):
+    """A checkpoint that cannot be used for this run (wrong job, other model, unknown format)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One saved moment of a run: after ``step`` steps, with the state needed to continue exactly."""
+
+    step: int
+    trainable_state: dict[str, torch.Tensor]  # "<module>.<parameter name>" → tensor
+    optimizer_state: dict[str, Any]  # torch.optim.Optimizer.state_dict()
+    rng_state: torch.Tensor  # torch.Generator.get_state()
+    losses: list[float]
+
+
+class CheckpointStore:
+    """The checkpoints of one training job (``job_id``) of one blob owner."""
+
+    def __init__(self, blobs: LocalBlobStore, owner: str, job_id: str) -> None:
+        if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+            raise CheckpointError(f"job id {job_id!r} must be 1-64 letters, digits, '_' or '-'")
+        self._blobs = blobs
+        self._owner = owner
+        self._job_id = job_id
+        self._pointer = Path(blobs.root) / owner / CHECKPOINT_KIND / f"{job_id}.json"
+
+    def save(
+        self,
+        step: int,
+        trainable_state: Mapping[str, torch.Tensor],
+        optimizer_state: dict[str, Any],
+        rng_state: torch.Tensor,
+        losses: list[float],
+    ) -> str:
+        """Store a checkpoint, make it the job's newest, delete the older one; returns its key."""
+        payload = {
+            "format": _FORMAT,
+            "job_id": self._job_id,  # part of the content, so two jobs never share a key
+            "step": step,
+            "trainable": {name: t.detach().to("cpu") for name, t in trainable_state.items()},
+            "optimizer": optimizer_state,
+            "rng": rng_state.to("cpu"),
+            "losses": list(losses),
+        }
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        key = self._blobs.put(self._owner, CHECKPOINT_KIND, buffer.getvalue(), ".pt")
+        stale = [k for k in self._pointed_keys() if k != key]
+        # Pointer first, with the old keys still listed: a crash before the deletes leaves them findable.
+        self._write_pointer({"key": key, "step": step, "stale": stale})
+        for old in stale:
+            self._blobs.delete(old)
+        if stale:
+            self._write_pointer({"key": key, "step": step, "stale": []})
+        _log.info("checkpoint of job %s at step %d: %s", self._job_id, step, key)
+        return key
+
+    def load_latest(self) -> Checkpoint | None:
+        """The job's newest checkpoint, or None when there is none (or its blob has gone)."""
+        pointer = self._read_pointer()
+        if pointer is None:
+            return None
+        try:
+            data = self._blobs.get(pointer["key"])
+        except BlobNotFound:
+            _log.warning("checkpoint pointer of job %s names a missing blob; starting over", self._job_id)
+            return None
+        return self._decode(data)
+
+    def clear(self) -> None:
+        """Delete every checkpoint of the job and its pointer (after the trained model is stored)."""
+        for key in self._pointed_keys():
+            self._blobs.delete(key)
+        self._pointer.unlink(missing_ok=True)
+
+    def _decode(self, data: bytes) -> Checkpoint:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if payload.get("format") != _FORMAT or payload.get("job_id") != self._job_id:
+            raise CheckpointError(f"the newest checkpoint of job {self._job_id} is not one this version wrote")
+        return Checkpoint(
+            step=int(payload["step"]),
+            trainable_state=dict(payload["trainable"]),
+            optimizer_state=payload["optimizer"],
+            rng_state=payload["rng"],
+            losses=[float(x) for x in payload["losses"]],
+        )
+
+    def _pointed_keys(self) -> list[str]:
+        pointer = self._read_pointer()
+        return [] if pointer is None else [pointer["key"], *pointer.get("stale", [])]
+
+    def _read_pointer(self) -> dict[str, Any] | None:
+        try:
+            pointer: dict[str, Any] = json.loads(self._pointer.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        return pointer
+
+    def _write_pointer(self, pointer: dict[str, Any]) -> None:
+        _replace_file(self._pointer, json.dumps(pointer).encode())
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".pointer-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+# --- the bridge to a training loop ------------------------------------------------------------------
+
+
+def trainable_tensors(modules: Mapping[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Every parameter that trains (``requires_grad``), named ``"<module>.<parameter>"``."""
+    return {
+        f"{prefix}.{name}": param.detach()
+        for prefix, module in modules.items()
+        for name, param in module.named_parameters()
+        if param.requires_grad
+    }
+
+
+def capture(state: TrainingState, modules: Mapping[str, torch.nn.Module] | None = None) -> Checkpoint:
+    """A checkpoint of ``state``; ``modules`` are what trains (default: ``{"unet": state.unet}``)."""
+    return Checkpoint(
+        step=state.step,
+        trainable_state=trainable_tensors(modules or {"unet": state.unet}),
+        optimizer_state=state.optimizer.state_dict(),
+        rng_state=state.generator.get_state(),
+        losses=list(state.losses),
+    )
+
+
+@torch.no_grad()
+def restore(
+    state: TrainingState, checkpoint: Checkpoint, modules: Mapping[str, torch.nn.Module] | None = None
+) -> None:
+    """Put ``checkpoint`` into a freshly started ``state`` (same model, same optimizer set-up)."""
+    params = trainable_tensors(modules or {"unet": state.unet})
+    saved = checkpoint.trainable_state
+    if params.keys() != saved.keys() or any(saved[n].shape != t.shape for n, t in params.items()):
+        raise CheckpointError("the checkpoint was written for a different set of trainable weights")
+    state.optimizer.load_state_dict(checkpoint.optimizer_state)  # checks its groups before changing anything
+    for name, target in params.items():
+        target.copy_(saved[name])
+    state.generator.set_state(checkpoint.rng_state)
+    state.step = checkpoint.step
+    state.losses = list(checkpoint.losses)
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """When and where a training loop checkpoints: every ``every`` steps, into ``store``."""
+
+    store: CheckpointStore
+    every: int
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise CheckpointError(f"checkpoints must be at least 1 step apart, got {self.every}")
+
+    def resume(self, state: TrainingState, modules: Mapping[str, torch.nn.Module] | None = None) -> TrainingState:
+        """Restore the job's newest checkpoint into the fresh ``state``, if there is a usable one."""
+        try:
+            checkpoint = self.store.load_latest()
+            if checkpoint is None:
+                return state
+            restore(state, checkpoint, modules)
+        except (CheckpointError, pickle.UnpicklingError, RuntimeError, ValueError, KeyError) as e:
+            _log.warning("ignoring a checkpoint that does not fit this run (%s); starting over", e)
+            self.store.clear()
+            return state
+        _log.info("resuming from step %d", state.step)
+        return state
+
+    def after_step(
+        self, state: TrainingState, total: int, modules: Mapping[str, torch.nn.Module] | None = None
+    ) -> None:
+        """Save a checkpoint when ``state.step`` is a multiple of ``every`` (not at the last step)."""
+        if state.step % self.every == 0 and state.step < total:
+            checkpoint = capture(state, modules)
+            self.store.save(
+                checkpoint.step,
+                checkpoint.trainable_state,
+                checkpoint.optimizer_state,
+                checkpoint.rng_state,
+                checkpoint.losses,
+            )

@@ -1,0 +1,520 @@
+"""DreamBooth: a full fine-tune of the resident UNet (SDXL or SD1.5) with prior preservation, as named stages.
+
+1. ``prepare_latents``  instance crops and class images → VAE posteriors (``train_lora``'s data stages),
+   once, under the lock; class images in small chunks, as there are hundreds.
+2. ``prepare_prompts``  the instance prompt ("a photo of sks person") and the class prompt ("a photo of a
+   person"): encoded once by the frozen text encoders, or kept as token ids when the encoders train.
+3. ``build_trainable``  float32 deep copies of the UNet (and, opt-in, the text encoders); every weight in
+   them trains, and the resident modules keep serving draws.
+4. ``dreambooth_step``  instance loss + ``prior_loss_weight`` × class loss, then AdamW, under the lock.
+5. ``save_weights``     the trained modules' full state dicts as one safetensors file, keys prefixed by
+   module (``"unet.conv_in.weight"``, ``"text_encoder.…"``).
+
+``train_dreambooth`` runs them in order, reports progress after every step and, given a
+``CheckpointStore``, checkpoints every ``checkpoint_every`` steps and resumes a killed run from the last one.
+
+Drawing with a trained model never reloads the base: ``WeightSwapper`` copies the user's weights into the
+resident modules' tensors for one draw (under the lock) and copies the base weights back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from PIL import Image
+
+from engine.checkpoints import Checkpointing, CheckpointStore
+from engine.errors import EngineError
+from engine.progress import ProgressSink, TrainingProgress
+from engine.train_lora import (
+    InstanceLatents,
+    PromptConditioning,
+    TrainingInputError,
+    TrainingState,
+    _denoising_loss,
+    _sample_batch,
+    encode_instance_prompt,
+    encode_latents,
+    instance_prompt,
+    noise_scheduler_for,
+    prepare_data,
+    sdxl_time_ids,
+)
+from engine.prior import class_prompt
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from engine.base import TextToImagePipeline
+
+_log = logging.getLogger(__name__)
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+"""The text encoders' pipeline attribute names (and key prefixes in a weights file), in order."""
+
+WEIGHTS_FORMAT = "avatarbooth-dreambooth/1"
+"""The ``format`` metadata of a DreamBooth weights file."""
+
+_CLASS_CHUNK = 4  # class images encoded per VAE call: hundreds at 1024² at once would not fit in memory
+
+
+class DreamBoothWeightsError(EngineError):
+    """A weights file that does not fit the resident base (another base, or not a DreamBooth file)."""
+
+
+@dataclass(frozen=True)
+class DreamBoothSettings:
+    """Hyperparameters of one DreamBooth run. Defaults are for faces on SDXL, 3-10 crops."""
+
+    # HF blog "Training Stable Diffusion with Dreambooth using Diffusers": faces need 800-1200 steps.
+    steps: int = 1000
+    # Same blog: faces 1e-6..2e-6 (the paper's 5e-6 for SD, fine for objects, overfits faces).
+    learning_rate: float = 2e-6
+    prior_loss_weight: float = 1.0  # DreamBooth paper (λ = 1) and diffusers' train_dreambooth.py default
+    num_class_images: int = 200  # diffusers' train_dreambooth.py default; its docs: 200-300 work well
+    class_image_steps: int = 30  # inference steps for drawing them (engine.prior.class_images)
+    resolution: int = 1024  # SDXL's native size; the photo checks write crops at this size
+    batch_size: int = 1  # instance images per step, plus as many class images (diffusers' default)
+    seed: int = 0
+    weight_decay: float = 1e-2  # diffusers' train_dreambooth.py adam_weight_decay
+    max_grad_norm: float = 1.0  # diffusers' training scripts' gradient clipping
+    # Opt-in: diffusers' blog finds it helps faces, but it needs more memory and swaps more weights per draw.
+    train_text_encoder: bool = False
+    gradient_checkpointing: bool = True  # the SDXL UNet's activations at 1024² otherwise crowd out AdamW's state
+    mixed_precision: bool = True  # bf16 autocast on a GPU (float32 master weights); ignored on the CPU
+    save_dtype: torch.dtype = torch.float16  # halves the file (SDXL UNet: ~5 GB); the base draws in 16 bits
+    checkpoint_every: int = 200  # an SDXL full-UNet checkpoint with AdamW state is ~30 GB: not too often
+
+    def check(self) -> None:
+        """Raise ``TrainingInputError`` naming the first setting that cannot work."""
+        if self.steps < 1:
+            raise TrainingInputError(f"steps must be at least 1, got {self.steps}")
+        if not self.learning_rate > 0:
+            raise TrainingInputError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.prior_loss_weight < 0:
+            raise TrainingInputError(f"prior_loss_weight must not be negative, got {self.prior_loss_weight}")
+        if self.resolution < 8 or self.resolution % 8:
+            raise TrainingInputError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.batch_size < 1:
+            raise TrainingInputError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.checkpoint_every < 1:
+            raise TrainingInputError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
+
+    @property
+    def with_prior(self) -> bool:
+        """Whether the class loss is part of training (a weight of 0 skips class images altogether)."""
+        return self.prior_loss_weight > 0
+
+
+@dataclass(frozen=True)
+class DreamBoothOutcome:
+    """What a finished run produced: the weights file's bytes, the last step's loss, steps run."""
+
+    weights: bytes
+    final_loss: float
+    steps: int
+
+
+@dataclass(eq=False)
+class DreamBoothState(TrainingState):
+    """``TrainingState`` plus the text encoders, when they train too."""
+
+    text_encoders: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Every module that trains, by its pipeline attribute name."""
+        return {"unet": self.unet, **self.text_encoders}
+
+
+@dataclass(frozen=True)
+class TrainingLatents:
+    """The instance crops' latents, and the class images' (None without prior preservation)."""
+
+    instance: InstanceLatents
+    classes: InstanceLatents | None
+
+
+class StepPrompts(Protocol):
+    """The instance and class conditioning of one step (class: None without prior preservation)."""
+
+    def for_step(self, state: DreamBoothState) -> tuple[PromptConditioning, PromptConditioning | None]: ...
+
+
+# --- stage 1: data ---------------------------------------------------------------------------------
+
+
+def prepare_latents(
+    pipe: TextToImagePipeline,
+    lock: threading.Lock,
+    crops: list[Image.Image],
+    class_images: list[Image.Image],
+    settings: DreamBoothSettings,
+) -> TrainingLatents:
+    """Encode the crops and (with prior preservation) the class images with the resident VAE."""
+    instance = encode_latents(pipe, lock, prepare_data(crops, settings.resolution))
+    if not settings.with_prior:
+        return TrainingLatents(instance, None)
+    if not class_images:
+        raise TrainingInputError("prior preservation needs class images (engine.prior.class_images)")
+    return TrainingLatents(instance, _encode_in_chunks(pipe, lock, class_images, settings.resolution))
+
+
+def _encode_in_chunks(
+    pipe: TextToImagePipeline, lock: threading.Lock, images: list[Image.Image], resolution: int
+) -> InstanceLatents:
+    """``encode_latents`` over chunks, concatenated (the rows' order does not matter: they are sampled)."""
+    parts = [
+        encode_latents(pipe, lock, prepare_data(images[i : i + _CLASS_CHUNK], resolution))
+        for i in range(0, len(images), _CLASS_CHUNK)
+    ]
+    return InstanceLatents(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]))
+
+
+# --- stage 2: prompts ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FixedPrompts:
+    """Conditioning from the frozen resident text encoders, encoded once."""
+
+    instance: PromptConditioning
+    classes: PromptConditioning | None
+
+    def for_step(self, state: DreamBoothState) -> tuple[PromptConditioning, PromptConditioning | None]:
+        return self.instance, self.classes
+
+
+@dataclass(frozen=True)
+class TrainablePrompts:
+    """Token ids, encoded every step by the run's own (training) copies of the text encoders."""
+
+    instance_ids: list[torch.Tensor]  # one per text encoder
+    class_ids: list[torch.Tensor] | None
+    time_ids: torch.Tensor | None  # SDXL's micro-conditioning; None for SD1.5
+
+    def for_step(self, state: DreamBoothState) -> tuple[PromptConditioning, PromptConditioning | None]:
+        encoders = list(state.text_encoders.values())
+        instance = encode_tokens(encoders, self.instance_ids, self.time_ids)
+        classes = None if self.class_ids is None else encode_tokens(encoders, self.class_ids, self.time_ids)
+        return instance, classes
+
+
+def prepare_prompts(
+    pipe: TextToImagePipeline,
+    lock: threading.Lock,
+    token: str,
+    class_word: str,
+    settings: DreamBoothSettings,
+) -> StepPrompts:
+    """The instance prompt, and the class prompt with prior preservation, ready for every step."""
+    prompts = [instance_prompt(token, class_word), class_prompt(class_word) if settings.with_prior else None]
+    if settings.train_text_encoder:
+        ids = [None if p is None else tokenize(pipe, p) for p in prompts]
+        assert ids[0] is not None
+        return TrainablePrompts(ids[0], ids[1], _time_ids(pipe, settings.resolution))
+    encoded = [None if p is None else encode_instance_prompt(pipe, lock, p, settings.resolution) for p in prompts]
+    assert encoded[0] is not None
+    return FixedPrompts(encoded[0], encoded[1])
+
+
+def text_encoder_names(pipe: TextToImagePipeline) -> list[str]:
+    """The pipeline's text encoders by attribute name: two for SDXL, one for SD1.5."""
+    return [name for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None]
+
+
+def tokenize(pipe: TextToImagePipeline, prompt: str) -> list[torch.Tensor]:
+    """Token ids of ``prompt`` for each text encoder, padded as the pipelines pad them."""
+    tokenizers = [getattr(pipe, name.replace("text_encoder", "tokenizer")) for name in text_encoder_names(pipe)]
+    return [
+        t(prompt, padding="max_length", max_length=t.model_max_length, truncation=True, return_tensors="pt").input_ids
+        for t in tokenizers
+    ]
+
+
+def _time_ids(pipe: TextToImagePipeline, resolution: int) -> torch.Tensor | None:
+    if pipe.unet.config.addition_embed_type != "text_time":  # SD1.5: no size micro-conditioning
+        return None
+    size = (resolution, resolution)
+    return sdxl_time_ids(size, (0, 0), size).to(pipe.device)
+
+
+def encode_tokens(
+    encoders: list[torch.nn.Module], ids: list[torch.Tensor], time_ids: torch.Tensor | None
+) -> PromptConditioning:
+    """What the pipeline's ``encode_prompt`` computes, on the given (trainable) encoders.
+
+    SDXL (``time_ids`` given): penultimate hidden states of both encoders side by side, and the pooled
+    embedding of the first that has one (``text_encoder_2``'s projection). SD1.5: the last hidden state.
+    """
+    if time_ids is None:
+        (encoder,), (tokens,) = encoders, ids
+        return PromptConditioning(encoder(tokens.to(_device(encoder)))[0])
+    hidden, pooled = [], None
+    for encoder, tokens in zip(encoders, ids, strict=True):
+        out = encoder(tokens.to(_device(encoder)), output_hidden_states=True)
+        if pooled is None and out[0].ndim == 2:
+            pooled = out[0]
+        hidden.append(out.hidden_states[-2])
+    return PromptConditioning(torch.cat(hidden, dim=-1), pooled, time_ids)
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+# --- stage 3: the trainable copies -------------------------------------------------------------------
+
+
+def build_trainable(
+    pipe: TextToImagePipeline, lock: threading.Lock, settings: DreamBoothSettings
+) -> tuple[UNet2DConditionModel, dict[str, torch.nn.Module]]:
+    """Float32 deep copies of the UNet (and, opt-in, the text encoders), every weight trainable.
+
+    LoRA adapters the renderer loaded into the resident modules are left out of the copies.
+    """
+    names = text_encoder_names(pipe) if settings.train_text_encoder else []
+    with lock:
+        unet = copy.deepcopy(pipe.unet)
+        encoders = {name: copy.deepcopy(getattr(pipe, name)) for name in names}
+    for module in (unet, *encoders.values()):
+        _remove_adapters(module)
+        module.float().requires_grad_(True).train()
+    if settings.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for encoder in encoders.values():
+            encoder.gradient_checkpointing_enable()
+    return unet, encoders
+
+
+def _remove_adapters(module: torch.nn.Module) -> None:
+    from diffusers.utils import recurse_remove_peft_layers
+
+    if getattr(module, "peft_config", None):
+        recurse_remove_peft_layers(module)
+        del module.peft_config
+
+
+def start_training(
+    unet: UNet2DConditionModel, encoders: dict[str, torch.nn.Module], settings: DreamBoothSettings
+) -> DreamBoothState:
+    """A fresh ``DreamBoothState``: AdamW over every weight of the copies, the seeded RNG, step 0."""
+    modules: list[torch.nn.Module] = [unet, *encoders.values()]
+    params = [p for module in modules for p in module.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    return DreamBoothState(unet=unet, optimizer=optimizer, generator=generator, text_encoders=encoders)
+
+
+# --- stage 4: one step ---------------------------------------------------------------------------------
+
+
+def dreambooth_step(
+    state: DreamBoothState,
+    latents: TrainingLatents,
+    prompts: StepPrompts,
+    scheduler: DDPMScheduler,
+    lock: threading.Lock,
+    settings: DreamBoothSettings,
+) -> float:
+    """One step: instance loss + ``prior_loss_weight`` × class loss → AdamW. Returns the loss."""
+    instance = _sample_batch(state, latents.instance, scheduler, settings.batch_size)
+    classes = None if latents.classes is None else _sample_batch(state, latents.classes, scheduler, settings.batch_size)
+    params = [p for group in state.optimizer.param_groups for p in group["params"]]
+    with lock:
+        with _autocast(state.unet, settings.mixed_precision):
+            instance_cond, class_cond = prompts.for_step(state)
+            loss = _denoising_loss(state.unet, scheduler, instance_cond, *instance)
+            if classes is not None and class_cond is not None:
+                loss = loss + settings.prior_loss_weight * _denoising_loss(state.unet, scheduler, class_cond, *classes)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    value = float(loss.detach())
+    state.losses.append(value)
+    return value
+
+
+def _autocast(unet: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager[object]:
+    """bf16 autocast when the UNet is on a GPU; float32 throughout on the CPU."""
+    if enabled and _device(unet).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --- stage 5: save -----------------------------------------------------------------------------------
+
+
+def save_weights(state: DreamBoothState, dtype: torch.dtype = torch.float16) -> bytes:
+    """The trained modules' state dicts as safetensors bytes, keys ``"<module>.<name>"``, in ``dtype``."""
+    from safetensors.torch import save
+
+    tensors = {
+        f"{prefix}.{name}": tensor.detach().to("cpu", dtype).contiguous()
+        for prefix, module in state.modules().items()
+        for name, tensor in module.state_dict().items()
+    }
+    # One metadata entry: safetensors writes a map's entries in no fixed order, and equal weights
+    # should give equal bytes (and so one blob key).
+    return save(tensors, metadata={"format": WEIGHTS_FORMAT})
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+
+def train_dreambooth(
+    pipe: TextToImagePipeline,
+    lock: threading.Lock,
+    crops: list[Image.Image],
+    token: str,
+    class_word: str,
+    class_images: list[Image.Image],
+    settings: DreamBoothSettings,
+    on_progress: ProgressSink | None = None,
+    *,
+    checkpoints: CheckpointStore | None = None,
+) -> DreamBoothOutcome:
+    """Fine-tune the UNet for one user on ``crops`` and return the weights file's bytes.
+
+    ``class_images`` come from ``engine.prior.class_images`` (unused when ``prior_loss_weight`` is 0).
+    ``pipe`` is the resident pipeline: its modules are only read (copied), under ``lock``. With
+    ``checkpoints``, the run resumes from the job's newest checkpoint and saves one every
+    ``settings.checkpoint_every`` steps; the caller clears them once the weights are stored.
+    """
+    settings.check()
+    latents = prepare_latents(pipe, lock, crops, class_images, settings)
+    prompts = prepare_prompts(pipe, lock, token, class_word, settings)
+    state = start_training(*build_trainable(pipe, lock, settings), settings)
+    checkpointing = None if checkpoints is None else Checkpointing(checkpoints, settings.checkpoint_every)
+    if checkpointing is not None:
+        checkpointing.resume(state, state.modules())
+    _log.info("DreamBooth: %d crops, %d steps from step %d", len(crops), settings.steps, state.step)
+    loss = run_steps(state, latents, prompts, noise_scheduler_for(pipe), lock, settings, on_progress, checkpointing)
+    return DreamBoothOutcome(save_weights(state, settings.save_dtype), loss, state.step)
+
+
+def run_steps(
+    state: DreamBoothState,
+    latents: TrainingLatents,
+    prompts: StepPrompts,
+    scheduler: DDPMScheduler,
+    lock: threading.Lock,
+    settings: DreamBoothSettings,
+    on_progress: ProgressSink | None,
+    checkpointing: Checkpointing | None = None,
+) -> float:
+    """The loop from ``state.step`` to ``settings.steps``: step, checkpoint when due, report."""
+    started, first_step = time.monotonic(), state.step
+    loss = state.losses[-1] if state.losses else float("nan")
+    while state.step < settings.steps:
+        loss = dreambooth_step(state, latents, prompts, scheduler, lock, settings)
+        if checkpointing is not None:
+            checkpointing.after_step(state, settings.steps, state.modules())
+        if on_progress is not None:
+            eta = (time.monotonic() - started) / (state.step - first_step) * (settings.steps - state.step)
+            on_progress(TrainingProgress(step=state.step, total=settings.steps, loss=loss, eta_s=eta))
+    return loss
+
+
+# --- drawing: swap the weights in, draw, swap the base back ----------------------------------------------
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A DreamBooth weights file's tensors, on the CPU."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+class WeightSwapper:
+    """Puts a user's DreamBooth weights into the resident pipeline's modules for a while.
+
+    The base values of every tensor it overwrites are copied to (pinned, on a GPU) CPU memory the first
+    time and copied back after each swap, so the base is never reloaded. Callers hold the lock that
+    guards the resident modules for the whole swap: nobody else may see the user's weights.
+    """
+
+    def __init__(self, pipe: TextToImagePipeline) -> None:
+        self._pipe = pipe
+        self._base: dict[str, torch.Tensor] = {}
+        self._active = False
+
+    @contextlib.contextmanager
+    def swapped(self, weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """The user's ``weights`` in the resident modules inside the block; the base again after it."""
+        if self._active:
+            raise DreamBoothWeightsError("a DreamBooth swap is already active on this pipeline")
+        targets = _resident_tensors(self._pipe, weights)
+        self._remember_base(targets)
+        self._active = True
+        try:
+            _copy_into(targets, weights)
+            yield
+        finally:
+            _copy_into(targets, self._base)
+            self._active = False
+
+    def _remember_base(self, targets: Mapping[str, torch.Tensor]) -> None:
+        pin = torch.cuda.is_available()
+        for name, tensor in targets.items():
+            if name not in self._base:
+                saved = tensor.detach().to("cpu", copy=True)
+                self._base[name] = saved.pin_memory() if pin and tensor.is_cuda else saved
+
+
+@contextlib.contextmanager
+def swap_unet_weights(
+    pipe: TextToImagePipeline,
+    lock: threading.Lock,
+    weights_path: Path,
+    swapper: WeightSwapper | None = None,
+) -> Iterator[TextToImagePipeline]:
+    """Hold ``lock`` with the user's weights in ``pipe``; yields ``pipe`` to draw with (no other locking).
+
+    Keep one ``swapper`` per resident pipeline: without one, the base values are copied on every call.
+    """
+    weights = load_weights(weights_path)  # read before taking the lock
+    swapper = swapper or WeightSwapper(pipe)
+    with lock, swapper.swapped(weights):
+        yield pipe
+
+
+def _resident_tensors(pipe: TextToImagePipeline, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The resident tensor each key of ``weights`` goes into; refuses a file that does not fit exactly."""
+    prefixes = {key.split(".", 1)[0] for key in weights}
+    if "unet" not in prefixes or not prefixes <= {"unet", *TEXT_ENCODERS}:
+        raise DreamBoothWeightsError(f"not a DreamBooth weights file (modules {sorted(prefixes)})")
+    targets: dict[str, torch.Tensor] = {}
+    for prefix in prefixes:
+        targets.update({f"{prefix}.{name}": t for name, t in _plain_state(getattr(pipe, prefix)).items()})
+    if targets.keys() != weights.keys():
+        raise DreamBoothWeightsError("the weights file was trained on a different base model")
+    wrong = [k for k, t in targets.items() if t.shape != weights[k].shape]
+    if wrong:
+        raise DreamBoothWeightsError(f"the weights file was trained on a different base model ({wrong[0]})")
+    return targets
+
+
+def _plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state tensors under their names without LoRA layers (adapters the renderer loaded)."""
+    return {
+        name.replace(".base_layer.", "."): tensor
+        for name, tensor in module.state_dict(keep_vars=True).items()
+        if "lora_" not in name
+    }
+
+
+@torch.no_grad()
+def _copy_into(targets: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]) -> None:
+    for name, tensor in targets.items():
+        tensor.data.copy_(values[name])
