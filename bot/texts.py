@@ -65,7 +65,7 @@ TRAINING_ALREADY_RUNNING = (
 NO_MODEL_YET = "You have no personal model yet. Use /train to make one."
 UNKNOWN_METHOD = "I don't know the training method {method!r}. Choose one of: {choices}."
 METHOD_NOT_ENABLED = (
-    "{method!r} is a valid method, but this version only trains with {enabled}. "
+    "{method!r} is a valid method, but this bot's operator has not enabled it (enabled: {enabled}). "
     "Send /train {default} instead."
 )
 EMPTY_PROMPT = "Tell me what to draw, e.g. /draw me as an astronaut."
@@ -99,6 +99,10 @@ _ERROR_CODES: dict[ErrorCode, str] = {
     ErrorCode.MODEL_UNAVAILABLE: (
         "the image model is not available right now. Try again in a few minutes."
     ),
+    ErrorCode.PREVIEW_UNAVAILABLE: (
+        "this bot runs an SD1.5 model, and instant previews (InstantID) exist for SDXL only. "
+        "Train your personal model with /train, then /draw."
+    ),
     ErrorCode.INTERNAL: (
         "something broke on the image server. Try again; if it keeps happening, "
         "tell the bot's operator."
@@ -123,7 +127,7 @@ def job_failed(what: str, code: str) -> str:
     """Why a worker job failed, from its `ErrorCode`, and what to do next."""
     try:
         reason = _ERROR_CODES[ErrorCode(code)]
-    except ValueError:
+    except (ValueError, KeyError):
         reason = _ERROR_CODES[ErrorCode.INTERNAL]
     return f"The {what} failed: {reason}"
 
@@ -328,4 +332,135 @@ IMAGE_DELETED = "Deleted that image. Your other images and your model are untouc
 NOT_YOUR_IMAGE = (
     "That image is not yours, or it was deleted: buttons work only for the person who asked for "
     "the image. Use /draw to make your own."
+)
+
+# --- Telegram --------------------------------------------------------------------------------------
+# Only what Telegram needs beyond the texts above (its users send photos, not file paths).
+
+TELEGRAM_HELP = """\
+Commands:
+  /start                         what is stored and why; a button to agree
+  /photos                        your photos and whether each was accepted
+  /preview [PROMPT]              an instant picture of you, before any training
+  /train [lora|ti|dreambooth]    train your personal model (lora is the default)
+  /draw PROMPT                   draw a picture, e.g. /draw me as an astronaut
+  /status                        your photos, models and running jobs
+  /forget                        erase everything stored about you
+  /help                          this list
+Selfies: send 3 to 5 right here, as photos or as files (files keep full quality); an album is fine.
+Under each picture: Draw again, More like this, Full size, Delete."""
+TELEGRAM_COMMANDS = (
+    ("start", "what is stored and why; agree"),
+    ("photos", "your photos and whether each was accepted"),
+    ("preview", "an instant picture of you"),
+    ("train", "train your personal model"),
+    ("draw", "draw a picture, e.g. /draw me as an astronaut"),
+    ("status", "your photos, models and running jobs"),
+    ("forget", "erase everything stored about you"),
+    ("help", "all commands"),
+)
+TELEGRAM_AGREE_BUTTON = "I agree"
+TELEGRAM_REROLL_BUTTON = "Draw again"
+TELEGRAM_MORE_BUTTON = "More like this"
+TELEGRAM_FULL_SIZE_BUTTON = "Full size"
+TELEGRAM_DELETE_BUTTON = "Delete"
+TELEGRAM_SEND_PHOTOS = (
+    "Send your selfies right here, as photos or as files (files keep full quality); "
+    "several at once is fine."
+)
+TELEGRAM_NOT_AN_UPLOAD = (
+    "I can only use photos and image files. Send your selfies as photos or files, or see /help."
+)
+TELEGRAM_FILE_TOO_BIG = (
+    "{label}: not kept, Telegram lets bots fetch files only up to {limit_mb} MB. "
+    "Send it as a photo (Telegram makes it smaller) or export a smaller file."
+)
+TELEGRAM_DOWNLOAD_FAILED = (
+    "{label}: not kept, I couldn't fetch it from Telegram. Send it again in a minute."
+)
+TELEGRAM_PROGRESS_DONE = "{what}: done."
+TELEGRAM_PRIVATE_ONLY = (
+    "I work in private chats only, so nobody else sees your photos or your model. "
+    "Open a chat with me (tap my name, then Start) and send the command there."
+)
+TELEGRAM_ANSWERED_PRIVATELY = (
+    "I answered you in our private chat, so nobody else here sees your photos or your model."
+)
+TELEGRAM_NOT_ALLOWED = "This bot is not open to this chat. Ask the bot's operator for access."
+TELEGRAM_NOT_YOUR_BUTTON = "This button belongs to someone else. Send /start to use the bot yourself."
+TELEGRAM_UNKNOWN_BUTTON = (
+    "This button no longer works. Send the command again, e.g. /draw me as an astronaut."
+)
+TELEGRAM_SOMETHING_BROKE = (
+    "Something went wrong on my side. Try again in a minute; if it keeps happening, "
+    "tell the bot's operator."
+)
+
+# --- Discord ---------------------------------------------------------------------------------------
+# Only what Discord needs beyond the texts above (slash commands with attachment options, buttons).
+
+DISCORD_HELP = """\
+Commands:
+  /start                         what is stored and why; a button to agree
+  /agree                         give your consent (nothing is stored before this)
+  /enroll photo1 .. photo5       attach 3 to 5 selfies (or send them to me by DM)
+  /photos                        your photos and whether each was accepted
+  /preview [prompt]              an instant picture of you, before any training
+  /train [method]                train your personal model (lora is the default)
+  /draw prompt                   draw a picture, e.g. /draw me as an astronaut
+  /status                        your photos, models and running jobs
+  /forget                        erase everything stored about you
+  /help                          this list
+Under each picture: Reroll, More like this, Delete (only for you)."""
+DISCORD_COMMANDS = {
+    "start": "What is stored and why; agree to it",
+    "agree": "Give your consent (nothing is stored before this)",
+    "enroll": "Send 3 to 5 selfies as attachments",
+    "photo": "Send 3 to 5 selfies as attachments (same as /enroll)",
+    "photos": "Your photos and whether each was accepted",
+    "preview": "An instant picture of you, before any training",
+    "train": "Train your personal model",
+    "draw": "Draw a picture of you, e.g. me as an astronaut",
+    "status": "Your photos, models and running jobs",
+    "forget": "Erase everything stored about you",
+    "help": "All commands",
+}
+DISCORD_PHOTO_OPTION = "Selfie {n}: one face, well lit and in focus"
+DISCORD_PREVIEW_PROMPT_OPTION = "What to picture (optional), e.g. me as an astronaut"
+DISCORD_TRAIN_METHOD_OPTION = "Training method (lora is the default)"
+DISCORD_DRAW_PROMPT_OPTION = "What to draw, e.g. me as an astronaut"
+DISCORD_CONSENT_BUTTON_HINT = "Press \u201cI agree\u201d below (or send /agree) to continue."
+DISCORD_AGREE_BUTTON = "I agree"
+DISCORD_REROLL_BUTTON = "Reroll"
+DISCORD_MORE_BUTTON = "More like this"
+DISCORD_DELETE_BUTTON = "Delete"
+DISCORD_NOT_YOUR_CONSENT = (
+    "This button belongs to someone else's /start. Send /start to read the consent text yourself."
+)
+DISCORD_HANDOFF = (
+    "This is taking a while: I will post the result as a new message and mention you."
+)
+DISCORD_CHECKING_UPLOADS = "Checking {count} photo(s)..."
+DISCORD_DOWNLOAD_FAILED = (
+    "{filename}: not kept, I couldn't download it from Discord. Send it again in a minute."
+)
+DISCORD_NOTHING_TO_CHECK = "No photo was kept. Attach 3 to 5 selfies to /enroll and try again."
+DISCORD_DM_HINT = (
+    "Send me your selfies right here as attachments, or use the slash commands: /help lists them."
+)
+DISCORD_DM_UPLOADS_OFF = (
+    "Photos sent by direct message are turned off on this bot. Attach them to /enroll instead."
+)
+DISCORD_COMMAND_OUTDATED = (
+    "This command is out of date (the bot was updated). Wait a minute for Discord to refresh "
+    "its command list, then try again."
+)
+DISCORD_BAD_OPTION = "I couldn't read one of the command's options. Check them with /help and try again."
+DISCORD_INTERRUPTED = (
+    "I was stopped (probably restarted) while working on this. Send the command again in a minute; "
+    "/status shows what was kept."
+)
+DISCORD_SOMETHING_BROKE = (
+    "Something went wrong on my side. Try again in a minute; if it keeps happening, "
+    "tell the bot's operator."
 )

@@ -94,6 +94,7 @@ class ErrorCode(StrEnum):
     MISSING_BLOB = "missing_blob"
     INVALID_REQUEST = "invalid_request"
     MODEL_UNAVAILABLE = "model_unavailable"
+    PREVIEW_UNAVAILABLE = "preview_unavailable"  # the base (SD1.5) has no zero-shot InstantID
     INTERNAL = "internal"
 
 

@@ -56,6 +56,11 @@ class Preset:
     note: str | None = None  # shown to users with every image, e.g. that the images are noise
 
     @property
+    def is_tiny(self) -> bool:
+        """Random-weight miniatures: training defaults shrink to a few steps."""
+        return self.name.startswith("tiny")
+
+    @property
     def supports_preview(self) -> bool:
         """Whether zero-shot (InstantID) previews exist for this preset: SDXL family only."""
         return self.family == FAMILY_SDXL

@@ -13,6 +13,8 @@ import logging
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -26,6 +28,8 @@ from diffusers import (
 from PIL import Image
 
 from engine.errors import EngineError
+from engine.train_dreambooth import WeightSwapper, load_weights
+from engine.train_ti import loaded_ti
 
 if TYPE_CHECKING:
     from engine.base import TextToImagePipeline
@@ -51,6 +55,23 @@ class AdapterRef(NamedTuple):
 
     adapter_id: str
     path: Path
+
+
+class EmbeddingRef(NamedTuple):
+    """A user's Textual Inversion word: the token it adds and its embedding file on disk."""
+
+    token: str
+    path: Path
+
+
+class UnetWeightsRef(NamedTuple):
+    """A user's DreamBooth model: the fine-tuned UNet weights file on disk."""
+
+    path: Path
+
+
+Personalisation = AdapterRef | EmbeddingRef | UnetWeightsRef
+"""What makes a draw the user's own: a LoRA, a learned word, or fine-tuned UNet weights."""
 
 
 def expand_me(prompt: str, token: str, class_word: str) -> str:
@@ -79,6 +100,8 @@ class Renderer:
         self._max_adapters = max_adapters
         self._loaded: OrderedDict[str, Path] = OrderedDict()  # adapter id → file, least recent first
         self._img2img: Img2ImgPipeline | None = None
+        self._weight_swapper: WeightSwapper | None = None
+        self._cached_weights: tuple[Path, Mapping[str, torch.Tensor]] | None = None
 
     @property
     def loaded_adapters(self) -> list[str]:
@@ -89,7 +112,7 @@ class Renderer:
         self,
         prompt: str,
         *,
-        adapter: AdapterRef | None = None,
+        adapter: Personalisation | None = None,
         negative_prompt: str = "",
         seed: int = 0,
         num_images: int = 1,
@@ -102,7 +125,8 @@ class Renderer:
         """Draw ``num_images`` images of ``prompt``; image ``i`` uses a generator seeded ``seed + i``.
 
         ``size`` is (width, height); None uses the base's native size. With ``adapter`` the user's
-        LoRA is active for this draw only; without it the plain base draws. With ``variation_of``
+        model (a LoRA, a TI word or DreamBooth UNet weights) applies to this draw only; without it the
+        plain base draws. With ``variation_of``
         the images are variations of that image (image-to-image at ``strength``: 0 keeps it, 1 redraws).
         """
         _check_draw(prompt, num_images, steps, size)
@@ -118,18 +142,34 @@ class Renderer:
             "guidance_scale": guidance,
             "generator": generators,
         }
-        with self._lock:
-            self._activate(adapter)
-            try:
-                if variation_of is None:
-                    result = self._pipe(width=width, height=height, **common)
-                else:
-                    start = variation_of.convert("RGB").resize((width, height)) if width and height else variation_of
-                    result = self._variations()(image=start, strength=strength, **common)
-            finally:
-                if adapter is not None:
-                    self._pipe.disable_lora()
+        unet_weights = self._unet_weights(adapter) if isinstance(adapter, UnetWeightsRef) else None
+        with self._lock, ExitStack() as personalised:
+            self._activate(adapter if isinstance(adapter, AdapterRef) else None)
+            if isinstance(adapter, AdapterRef):
+                personalised.callback(self._pipe.disable_lora)
+            elif isinstance(adapter, EmbeddingRef):
+                personalised.enter_context(loaded_ti(self._pipe, adapter.path, adapter.token))
+            elif unet_weights is not None:
+                personalised.enter_context(self._swapper().swapped(unet_weights))
+            if variation_of is None:
+                result = self._pipe(width=width, height=height, **common)
+            else:
+                start = variation_of.convert("RGB").resize((width, height)) if width and height else variation_of
+                result = self._variations()(image=start, strength=strength, **common)
         return list(result.images)
+
+    def _unet_weights(self, ref: UnetWeightsRef) -> Mapping[str, torch.Tensor]:
+        """The user's UNet weights, read outside the lock; the last user's stay cached in memory."""
+        if self._cached_weights is None or self._cached_weights[0] != ref.path:
+            if not ref.path.is_file():
+                raise RenderInputError(f"model file {ref.path} does not exist")
+            self._cached_weights = (ref.path, load_weights(ref.path))
+        return self._cached_weights[1]
+
+    def _swapper(self) -> WeightSwapper:
+        if self._weight_swapper is None:
+            self._weight_swapper = WeightSwapper(self._pipe)
+        return self._weight_swapper
 
     def _variations(self) -> Img2ImgPipeline:
         """Image-to-image on the same module objects (and so the same loaded adapters)."""

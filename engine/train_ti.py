@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from engine.checkpoints import Checkpointing, CheckpointStore
 from engine.errors import EngineError
 from engine.progress import ProgressSink, TrainingProgress
 from engine.train_lora import (
@@ -91,6 +92,7 @@ class TiTrainSettings:
     seed: int = 0
     init_word: str | None = None  # None: the class word; the TI paper starts from a coarse descriptor
     weight_decay: float = 1e-2  # diffusers' TI examples' adam_weight_decay
+    checkpoint_every: int = 250  # a TI checkpoint is a few KB; resume loses at most 250 cheap steps
 
     def check(self) -> None:
         """Raise ``TrainingInputError`` naming the first setting that cannot work."""
@@ -371,6 +373,7 @@ def train_textual_inversion(
     on_progress: ProgressSink | None = None,
     *,
     state: TiTrainingState | None = None,
+    checkpoints: CheckpointStore | None = None,
 ) -> TiTrainOutcome:
     """Learn the word ``token`` for one user from ``crops``; return the embedding file's bytes.
 
@@ -384,12 +387,18 @@ def train_textual_inversion(
     if state is None:
         trainable = build_trainable(pipe, lock, token, settings.init_word or class_word, settings.vectors_per_token)
         state = start_training(trainable, settings)
+    checkpointing = Checkpointing(checkpoints, settings.checkpoint_every) if checkpoints else None
+    modules = {f"encoder{i}": encoder.embedding for i, encoder in enumerate(state.trainable.encoders)}
+    if checkpointing is not None:
+        state = checkpointing.resume(state, modules)  # type: ignore[arg-type]  # duck-typed state
     scheduler = noise_scheduler_for(pipe)
     _log.info("TI training: %d crops, %d steps from step %d", len(crops), settings.steps, state.step)
     started, first_step = time.monotonic(), state.step
     loss = state.losses[-1] if state.losses else float("nan")
     while state.step < settings.steps:
         loss = training_step(state, latents, class_word, scheduler, lock, settings, resolution)
+        if checkpointing is not None:
+            checkpointing.after_step(state, settings.steps, modules)  # type: ignore[arg-type]
         if on_progress is not None:
             eta = (time.monotonic() - started) / (state.step - first_step) * (settings.steps - state.step)
             on_progress(TrainingProgress(step=state.step, total=settings.steps, loss=loss, eta_s=eta))

@@ -54,9 +54,19 @@ from engine.faces import FaceAnalyzer, FaceRecord, cosine, mean_embedding
 from engine.instantid import render_preview
 from engine.presets import Preset, load_preset
 from engine.progress import TrainingProgress
-from engine.render import AdapterRef, Renderer, expand_me
+from engine.checkpoints import CheckpointStore
+from engine.render import (
+    AdapterRef,
+    EmbeddingRef,
+    Personalisation,
+    Renderer,
+    RenderInputError,
+    UnetWeightsRef,
+    expand_me,
+)
 from engine.settings import EngineSettings
-from engine.train_lora import LoraTrainSettings, train_lora
+from engine.train_lora import TrainingInputError
+from engine.training import TrainingRun, UnknownTrainingMethod, train_personal_model
 from storage.blobs import LocalBlobStore
 from storage.errors import BlobNotFound
 
@@ -177,11 +187,8 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
             class_word=request.class_word or "person",
         )
         return do_preview(app, fallback)
-    adapter = None
-    if request.adapter_key is not None:
-        if request.method != TrainingMethod.LORA or not request.token or not request.class_word:
-            raise InvalidRequest(f"cannot draw with a {request.method!r} model in this version")
-        adapter = AdapterRef(_adapter_id(request.adapter_key), app.blobs.path(request.adapter_key))
+    personalisation = _personalisation(app, request)
+    if personalisation is not None and request.token and request.class_word:
         prompt = expand_me(request.prompt, request.token, request.class_word)
     else:
         prompt = expand_me(request.prompt, "a", request.class_word or "person")
@@ -191,7 +198,7 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
     app.report(request.job_id, stage="rendering")
     images = app.renderer.draw(
         prompt,
-        adapter=adapter,
+        adapter=personalisation,
         negative_prompt=request.negative_prompt,
         seed=request.seed,
         num_images=request.num_images,
@@ -205,14 +212,43 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
     return _store_ranked(app, request.owner, images, records, request.seed, prompt)
 
 
+def _personalisation(app: WorkerContext, request: DrawRequest) -> Personalisation | None:
+    """The user's model as the renderer applies it: a LoRA, a learned word or UNet weights."""
+    if request.adapter_key is None:
+        return None
+    if not request.token or not request.class_word:
+        raise InvalidRequest("a personal model needs its token and class word")
+    path = app.blobs.path(request.adapter_key)
+    if request.method == TrainingMethod.LORA:
+        return AdapterRef(_adapter_id(request.adapter_key), path)
+    if request.method == TrainingMethod.TEXTUAL_INVERSION:
+        return EmbeddingRef(request.token, path)
+    if request.method == TrainingMethod.DREAMBOOTH:
+        return UnetWeightsRef(path)
+    raise InvalidRequest(f"unknown model method {request.method!r}")
+
+
 def do_train(app: WorkerContext, request: TrainRequest) -> TrainResult:
-    """Train a personal LoRA on the user's crops and store its weights."""
-    if request.method != TrainingMethod.LORA:
-        raise InvalidRequest(f"training method {request.method!r} is not available in this version")
+    """Train a personal model (LoRA, Textual Inversion or DreamBooth) and store its weights.
+
+    Checkpoints go to the blob store under the job's id, so a killed job that arq runs again resumes
+    from its newest checkpoint; they are cleared once the model itself is stored.
+    """
+    if request.method not in set(TrainingMethod):
+        raise InvalidRequest(f"unknown training method {request.method!r}; use lora, ti or dreambooth")
     if not request.crop_keys:
         raise InvalidRequest("no training photos were given")
     crops = [Image.open(io.BytesIO(app.blobs.get(k))).convert("RGB") for k in request.crop_keys]
-    settings = lora_settings_for(app.preset, steps=request.steps or app.settings.train_steps, seed=request.seed)
+    checkpoints = CheckpointStore(app.blobs, request.owner, request.job_id)
+    run = TrainingRun(
+        pipe=app.base.text2img,
+        lock=app.base.gpu_lock,
+        preset=app.preset,
+        checkpoints=checkpoints,
+        class_image_cache=app.settings.models_dir / "cache" / "class-images",
+        seed=request.seed,
+        steps=request.steps or app.settings.train_steps,
+    )
 
     def on_progress(progress: TrainingProgress) -> None:
         app.report(
@@ -224,30 +260,19 @@ def do_train(app: WorkerContext, request: TrainRequest) -> TrainResult:
             eta_s=f"{progress.eta_s:.0f}",
         )
 
-    outcome = train_lora(
-        app.base.text2img, app.base.gpu_lock, crops, request.token, request.class_word, settings, on_progress
+    model = train_personal_model(
+        run, request.method, crops, request.token, request.class_word, on_progress, request.owner
     )
-    adapter_key = app.blobs.put(request.owner, "models", outcome.weights, ".safetensors")
+    adapter_key = app.blobs.put(request.owner, "models", model.weights, ".safetensors")
+    checkpoints.clear()
     return TrainResult(
         adapter_key=adapter_key,
         method=request.method,
         base_preset=app.preset.name,
-        steps=outcome.steps,
-        token=request.token,
+        steps=model.steps,
+        token=model.token,
         class_word=request.class_word,
-        final_loss=outcome.final_loss,
-    )
-
-
-def lora_settings_for(preset: Preset, *, steps: int | None, seed: int) -> LoraTrainSettings:
-    """The preset's training defaults; the crops are written at the preset's resolution."""
-    return LoraTrainSettings(
-        steps=steps or preset.train_steps,
-        rank=preset.train_rank,
-        alpha=preset.train_rank,
-        learning_rate=preset.train_lr,
-        resolution=preset.resolution,
-        seed=seed,
+        final_loss=model.final_loss,
     )
 
 
@@ -327,7 +352,9 @@ async def _run_job(
         result = await asyncio.to_thread(work, app, request)
     except BlobNotFound as e:
         return _failure(ErrorCode.MISSING_BLOB, str(e))
-    except (InvalidRequest, PreviewUnavailable) as e:
+    except PreviewUnavailable as e:
+        return _failure(ErrorCode.PREVIEW_UNAVAILABLE, str(e))
+    except (InvalidRequest, TrainingInputError, RenderInputError, UnknownTrainingMethod) as e:
         return _failure(ErrorCode.INVALID_REQUEST, str(e))
     except EngineError as e:
         return _failure(ErrorCode.MODEL_UNAVAILABLE, str(e))

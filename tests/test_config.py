@@ -17,7 +17,7 @@ def test_the_shipped_config_toml_loads_with_its_documented_defaults() -> None:
     assert config.redis_url is None  # embedded Valkey
     assert config.data_dir == ROOT / "data"
     assert config.bot.min_photos == 3 and config.bot.max_photos == 5
-    assert config.bot.enabled_methods == ("lora",)
+    assert config.bot.enabled_methods == ("lora", "ti")
 
 
 def test_relative_data_dir_is_relative_to_the_config_file_and_env_overrides_it(tmp_path: Path) -> None:

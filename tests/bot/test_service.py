@@ -390,10 +390,10 @@ async def test_unknown_and_disabled_methods_say_what_to_use(service: BotService)
     assert unknown.value.user_message == (
         "I don't know the training method 'magic'. Choose one of: lora, ti, dreambooth."
     )
-    for method in ("ti", "dreambooth", "DreamBooth"):
+    for method in ("dreambooth", "DreamBooth"):  # opt-in: not in the default enabled_methods
         with pytest.raises(MethodNotEnabled) as disabled:
             await service.train(ALICE, method)
-        assert "only trains with lora" in disabled.value.user_message
+        assert "has not enabled it (enabled: lora, ti)" in disabled.value.user_message
         assert "/train lora" in disabled.value.user_message
 
 

@@ -200,3 +200,19 @@ def test_bad_adapters_are_refused(pipe: StableDiffusionXLPipeline, lock: threadi
         renderer.draw(PROMPT, adapter=AdapterRef("user_x", tmp_path / "missing.safetensors"), **DRAW)  # type: ignore[arg-type]
     with pytest.raises(RenderInputError, match="adapter id"):
         renderer.draw(PROMPT, adapter=AdapterRef("user.x", tmp_path / "x.safetensors"), **DRAW)  # type: ignore[arg-type]
+
+
+def test_a_variation_is_drawn_from_its_source_image(renderers: Callable[..., Renderer]) -> None:
+    # The tiny VAE has random weights, so it does not round-trip pixels: "close to the source" is not
+    # measurable here. What is: the output is a function of the source, and differs from a fresh draw.
+    renderer = renderers()
+    first, second = (renderer.draw(PROMPT, seed=s, size=(SIZE, SIZE), steps=4)[0] for s in (1, 3))
+
+    def vary(source: Image.Image) -> np.ndarray:
+        (image,) = renderer.draw(PROMPT, seed=2, size=(SIZE, SIZE), steps=4, variation_of=source, strength=0.5)
+        return np.asarray(image)
+
+    fresh = np.asarray(renderer.draw(PROMPT, seed=2, size=(SIZE, SIZE), steps=4)[0])
+    assert np.array_equal(vary(first), vary(first))
+    assert not np.array_equal(vary(first), vary(second))
+    assert not np.array_equal(vary(first), fresh)

@@ -289,7 +289,7 @@ async def test_preview_job_on_sd15_returns_a_failure_that_says_why(app: WorkerCo
 
     result = await _run_job({"app": app}, PreviewRequest, payload, do_preview)
 
-    assert result["failed"] is True and result["code"] == ErrorCode.INVALID_REQUEST
+    assert result["failed"] is True and result["code"] == ErrorCode.PREVIEW_UNAVAILABLE
     assert "InstantID is SDXL-only" in result["detail"]
 
 

@@ -125,7 +125,7 @@ def test_a_bad_config_gets_one_clear_line(tmp_path: Path) -> None:
     done = avatarbooth("chat", "--config", str(config))
     assert done.returncode == 2
     assert "unknown preset 'giant'" in done.stderr
-    assert "sdxl, tiny" in done.stderr
+    assert "sdxl, sd15, tiny, tiny-sd15" in done.stderr
 
 
 def test_missing_weights_stop_the_start_with_the_command_that_fetches_them(tmp_path: Path) -> None:

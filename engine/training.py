@@ -1,0 +1,135 @@
+"""One entry point for the three personal-model methods, with each preset's defaults.
+
+LoRA (``engine.train_lora``), Textual Inversion (``engine.train_ti``) and DreamBooth
+(``engine.train_dreambooth``) keep their own loops; this module picks one, fills in its settings from
+the preset, and gives each run a checkpoint store so a killed job resumes instead of starting over.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from engine.api import TrainingMethod
+from engine.checkpoints import CheckpointStore
+from engine.errors import EngineError
+from engine.presets import Preset
+from engine.prior import class_images
+from engine.progress import ProgressSink
+from engine.train_dreambooth import DreamBoothSettings, train_dreambooth
+from engine.train_lora import LoraTrainSettings, train_lora
+from engine.train_ti import TiTrainSettings, train_textual_inversion
+
+if TYPE_CHECKING:
+    from engine.base import TextToImagePipeline
+
+
+class UnknownTrainingMethod(EngineError):
+    """A method name the engine does not train."""
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    weights: bytes
+    token: str  # the word that stands for the user in prompts (TI learns its own, e.g. "<u7>")
+    steps: int
+    final_loss: float
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """Everything one training job needs besides its crops."""
+
+    pipe: TextToImagePipeline
+    lock: threading.Lock
+    preset: Preset
+    checkpoints: CheckpointStore
+    class_image_cache: Path
+    seed: int
+    steps: int | None = None  # None: the preset's default for the method
+
+
+def ti_token_for(owner: str) -> str:
+    """A per-user word no tokenizer knows (TI adds it as a new token; it must be lower-case)."""
+    return f"<{owner.lower()}>"
+
+
+def train_personal_model(
+    run: TrainingRun,
+    method: str,
+    crops: list[Image.Image],
+    token: str,
+    class_word: str,
+    on_progress: ProgressSink,
+    owner: str,
+) -> TrainedModel:
+    """Train ``method`` on ``crops``; the result's ``token`` is what "me" becomes in later prompts."""
+    if method == TrainingMethod.LORA:
+        lora = train_lora(
+            run.pipe, run.lock, crops, token, class_word, lora_settings_for(run), on_progress,
+            checkpoints=run.checkpoints,
+        )
+        return TrainedModel(lora.weights, token, lora.steps, lora.final_loss)
+    if method == TrainingMethod.TEXTUAL_INVERSION:
+        word = ti_token_for(owner)
+        ti = train_textual_inversion(
+            run.pipe, run.lock, crops, word, class_word, ti_settings_for(run), on_progress,
+            checkpoints=run.checkpoints,
+        )
+        return TrainedModel(ti.weights, word, ti.steps, ti.final_loss)
+    if method == TrainingMethod.DREAMBOOTH:
+        settings = dreambooth_settings_for(run)
+        priors = class_images(
+            run.pipe, run.lock, f"{run.preset.name}:{run.preset.pipeline_dir}", class_word,
+            settings.num_class_images, run.class_image_cache,
+            resolution=settings.resolution, steps=settings.class_image_steps,
+        ) if settings.prior_loss_weight > 0 else []
+        booth = train_dreambooth(
+            run.pipe, run.lock, crops, token, class_word, priors, settings, on_progress,
+            checkpoints=run.checkpoints,
+        )
+        return TrainedModel(booth.weights, token, booth.steps, booth.final_loss)
+    raise UnknownTrainingMethod(f"unknown training method {method!r}; use lora, ti or dreambooth")
+
+
+def lora_settings_for(run: TrainingRun) -> LoraTrainSettings:
+    """The preset's LoRA defaults; the crops are written at the preset's resolution."""
+    preset = run.preset
+    return LoraTrainSettings(
+        steps=run.steps or preset.train_steps,
+        rank=preset.train_rank,
+        alpha=preset.train_rank,
+        learning_rate=preset.train_lr,
+        resolution=preset.resolution,
+        seed=run.seed,
+    )
+
+
+def ti_settings_for(run: TrainingRun) -> TiTrainSettings:
+    """TI's own defaults (engine.train_ti cites them); the tiny presets train as few steps as LoRA."""
+    defaults = TiTrainSettings()
+    steps = run.steps or (run.preset.train_steps if run.preset.is_tiny else defaults.steps)
+    return TiTrainSettings(steps=steps, resolution=run.preset.resolution, seed=run.seed)
+
+
+def dreambooth_settings_for(run: TrainingRun) -> DreamBoothSettings:
+    """DreamBooth's own defaults (engine.train_dreambooth cites them), scaled down for tiny presets."""
+    preset = run.preset
+    if preset.is_tiny:
+        return DreamBoothSettings(
+            steps=run.steps or preset.train_steps,
+            learning_rate=1e-4,  # random tiny weights: a visible change within a few steps
+            num_class_images=2,
+            class_image_steps=preset.inference_steps,
+            resolution=preset.resolution,
+            seed=run.seed,
+            gradient_checkpointing=False,
+        )
+    defaults = DreamBoothSettings()
+    return DreamBoothSettings(
+        steps=run.steps or defaults.steps, resolution=preset.resolution, seed=run.seed
+    )
