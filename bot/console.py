@@ -57,6 +57,7 @@ class ConsoleAdapter:
             "/preview": self._preview,
             "/train": self._train,
             "/draw": self._draw,
+            "/styles": self._styles,
             "/status": self._status,
             "/forget": self._forget,
             "/help": self._help,
@@ -180,13 +181,18 @@ class ConsoleAdapter:
         return await self._service.photos(self._user)
 
     async def _preview(self, rest: str) -> Reply:
-        return await self._service.preview(self._user, rest or None, on_progress=self._progress)
+        style, prompt = split_style(rest)
+        return await self._service.preview(self._user, prompt or None, on_progress=self._progress, style=style)
 
     async def _train(self, rest: str) -> Reply:
         return await self._service.train(self._user, rest or None, on_progress=self._progress)
 
     async def _draw(self, rest: str) -> Reply:
-        return await self._service.draw(self._user, rest, on_progress=self._progress)
+        style, prompt = split_style(rest)
+        return await self._service.draw(self._user, prompt, on_progress=self._progress, style=style)
+
+    async def _styles(self, _: str) -> Reply:
+        return await self._service.styles()
 
     async def _status(self, _: str) -> Reply:
         return await self._service.status(self._user)
@@ -201,3 +207,13 @@ class ConsoleAdapter:
 def _copy(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
+
+
+def split_style(rest: str) -> tuple[str | None, str]:
+    """``"--style anime me as an astronaut"`` → ``("anime", "me as an astronaut")``; no option → None."""
+    words = rest.split(maxsplit=2)
+    if words and words[0] == "--style":
+        return (words[1] if len(words) > 1 else ""), (words[2] if len(words) > 2 else "")
+    if words and words[0].startswith("--style="):
+        return words[0].removeprefix("--style="), rest.split(maxsplit=1)[1] if len(words) > 1 else ""
+    return None, rest

@@ -73,6 +73,17 @@ class NotYourImage(BotError):
         super().__init__(texts.NOT_YOUR_IMAGE)
 
 
+class PromptBlocked(BotError):
+    def __init__(self, term: str) -> None:
+        super().__init__(texts.PROMPT_BLOCKED.format(term=term))
+        self.term = term
+
+
+class UnknownStyleName(BotError):
+    def __init__(self, style: str, names: list[str]) -> None:
+        super().__init__(texts.UNKNOWN_STYLE.format(style=style, names=", ".join(names)))
+
+
 class PromptTooLong(BotError):
     def __init__(self, length: int, limit: int) -> None:
         super().__init__(texts.PROMPT_TOO_LONG.format(length=length, limit=limit))

@@ -45,12 +45,14 @@ from bot.errors import (
     MethodNotEnabled,
     NotYourImage,
     NotEnoughPhotos,
+    PromptBlocked,
     PromptTooLong,
     QueueUnavailable,
     RateLimited,
     TooManyPhotos,
     TrainingAlreadyRunning,
     UnknownMethod,
+    UnknownStyleName,
 )
 from bot.jobs import JobClient, JobRequest, ProgressFields
 from bot.settings import BotSettings
@@ -71,6 +73,8 @@ from engine.api import (
     arq_job_id,
     parse_result,
 )
+from engine.safety import PromptBlocklist
+from engine.styles import STYLES, UnknownStyle, apply_style, style_names
 from storage.blobs import BlobStore, owner_for
 from storage.db import Database, GeneratedImage, Job, PersonalModel, Photo, User
 from storage.errors import InvalidBlobKey, RecordNotFound
@@ -137,8 +141,10 @@ class BotService:
         *,
         preset_name: str,
         clock: Callable[[], float] = time.time,
+        blocklist: PromptBlocklist | None = None,
     ) -> None:
         self._db = db
+        self._blocklist = blocklist if blocklist is not None else PromptBlocklist.default()
         self._blobs = blobs
         self._jobs = jobs
         self.settings = settings
@@ -302,9 +308,12 @@ class BotService:
         user: UserRef,
         prompt: str | None = None,
         on_progress: ProgressCallback | None = None,
+        *,
+        style: str | None = None,
     ) -> Reply:
         """Zero-shot InstantID images from the enrolled photos, before any training."""
-        text = self._check_prompt(prompt, required=False) or self.settings.default_preview_prompt
+        words = self._check_prompt(prompt, required=False) or self.settings.default_preview_prompt
+        text, negative = self._styled(words, style)
         account = await self._consented(user)
         embeddings = await self._enrolled_embeddings(account.id)
         count = self.settings.preview_num_images
@@ -313,6 +322,7 @@ class BotService:
             "owner": owner_for(account.id),
             "embedding_keys": embeddings,
             "prompt": text,
+            "negative_prompt": negative,
             "seed": _new_seed(),
             "num_images": count,
             "class_word": self.settings.class_word,
@@ -321,13 +331,20 @@ class BotService:
         return await self._finish_images(job, on_progress)
 
     async def draw(
-        self, user: UserRef, prompt: str, on_progress: ProgressCallback | None = None
+        self,
+        user: UserRef,
+        prompt: str,
+        on_progress: ProgressCallback | None = None,
+        *,
+        style: str | None = None,
     ) -> Reply:
-        """Draw `prompt` from the user's newest model, or with InstantID until one exists."""
-        text = self._check_prompt(prompt, required=True)
+        """Draw `prompt` (in a style preset, if named) from the user's newest model, or with InstantID
+        until one exists."""
+        text, negative = self._styled(self._check_prompt(prompt, required=True), style)
         account = await self._consented(user)
         model = await self._db.latest_model(account.id)
-        return await self._draw(account, text, model, {}, on_progress)
+        extra = {"negative_prompt": negative} if negative else {}
+        return await self._draw(account, text, model, extra, on_progress)
 
     async def reroll(
         self, user: UserRef, image_id: int, on_progress: ProgressCallback | None = None
@@ -417,14 +434,22 @@ class BotService:
         lines = [_drawn_by(job.kind, meta)]
         prompt = str(meta.get("prompt", result.prompt_used))
         model_id = meta.get("model_id")
-        for index, key in enumerate(result.image_keys, start=1):
-            score = result.scores[index - 1] if index <= len(result.scores) else None
+        flags = result.flagged or [False] * len(result.image_keys)
+        scores = result.scores + [None] * (len(result.image_keys) - len(result.scores))
+        withheld = {key for key, flagged in zip(result.image_keys, flags) if flagged}
+        for key in withheld:  # a black stand-in: never shown, not kept unless a row already uses it
+            if await self._db.count_images_with_blob(job.user_id, key) == 0:
+                await asyncio.to_thread(self._blobs.delete, key)
+        shown = [(k, score) for k, score, flagged in zip(result.image_keys, scores, flags) if not flagged]
+        for index, (key, score) in enumerate(shown, start=1):
             row = await self._db.add_image(
                 job.user_id, job.id, key, prompt, result.seed, score,
                 model_id=model_id if isinstance(model_id, int) else None,
             )
             images.append(ImageOut(await asyncio.to_thread(self._blobs.path, key), score, row.id))
             lines.append(texts.image_line(index, score))
+        if len(shown) < len(result.image_keys):
+            lines.append(texts.images_withheld(len(result.image_keys) - len(shown)))
         note = self._images_note(result)
         if note:
             lines.append(note)
@@ -440,7 +465,23 @@ class BotService:
             raise EmptyPrompt()
         if len(text) > self.settings.max_prompt_chars:
             raise PromptTooLong(len(text), self.settings.max_prompt_chars)
+        blocked = self._blocklist.check(text)
+        if blocked is not None:  # refused before anything is queued or stored
+            raise PromptBlocked(blocked)
         return text
+
+    def _styled(self, text: str, style: str | None) -> tuple[str, str]:
+        """The prompt wrapped in a style preset, and that style's negative prompt."""
+        if style is None:
+            return text, ""
+        try:
+            return apply_style(style.lower(), text)
+        except UnknownStyle:
+            raise UnknownStyleName(style, style_names()) from None
+
+    async def styles(self) -> Reply:
+        """The style presets /preview and /draw accept."""
+        return Reply(texts.styles_list([(s.name, s.title) for s in STYLES.values()]))
 
     async def _check_rate(self, user_id: int, wanted: int) -> None:
         """Allow at most draws_per_hour images in any rolling hour; say how long to wait."""

@@ -39,9 +39,10 @@ Commands:
   /agree                         give your consent (nothing is stored before this)
   /photo PATH...                 send 3 to 5 selfies (quote paths with spaces)
   /photos                        your photos and whether each was accepted
-  /preview [PROMPT]              an instant picture of you, before any training
+  /preview [--style S] [PROMPT]  an instant picture of you, before any training
   /train [lora|ti|dreambooth]    train your personal model (lora is the default)
-  /draw PROMPT                   draw a picture, e.g. /draw me as an astronaut
+  /draw [--style S] PROMPT       draw a picture, e.g. /draw me as an astronaut
+  /styles                        the style presets for --style
   /status                        your photos, models and running jobs
   /forget                        erase everything stored about you
   /help                          this list"""
@@ -68,6 +69,19 @@ METHOD_NOT_ENABLED = (
     "{method!r} is a valid method, but this bot's operator has not enabled it (enabled: {enabled}). "
     "Send /train {default} instead."
 )
+PROMPT_BLOCKED = (
+    "I can't draw that: {term!r} is not allowed on this bot. Rephrase your prompt without it."
+)
+UNKNOWN_STYLE = "There is no style called {style!r}. Choose one of: {names} (see /styles)."
+
+
+def styles_list(styles: list[tuple[str, str]]) -> str:
+    """The style presets, as /styles shows them."""
+    lines = ["Styles for /preview and /draw (e.g. /draw --style anime me as an astronaut):"]
+    lines += [f"  {name}: {title}" for name, title in styles]
+    return "\n".join(lines)
+
+
 EMPTY_PROMPT = "Tell me what to draw, e.g. /draw me as an astronaut."
 PROMPT_TOO_LONG = (
     "Your prompt has {length} characters; the limit is {limit}. Shorten it and send it again."
@@ -328,6 +342,12 @@ FILE_UNREADABLE = "not sent: {path}: can't read it ({reason})."
 NO_FILES = "Give one or more file paths: /photo PATH... (quote paths with spaces)."
 BAD_QUOTING = "I couldn't read that line ({reason}); check the quotes and send it again."
 IMAGE_SAVED = "saved {path}"
+def images_withheld(count: int) -> str:
+    """Images the NSFW check replaced: say so, and what to do instead."""
+    what = "1 image was" if count == 1 else f"{count} images were"
+    return f"{what} withheld by the safety filter. Try a different prompt, or /draw again."
+
+
 IMAGE_DELETED = "Deleted that image. Your other images and your model are untouched."
 NOT_YOUR_IMAGE = (
     "That image is not yours, or it was deleted: buttons work only for the person who asked for "

@@ -213,6 +213,7 @@ class ImagesResult(_Message):
     seed: int
     prompt_used: str
     note: str | None = None  # e.g. that the tiny preset's images are noise
+    flagged: list[bool] = field(default_factory=list)  # per image: withheld by the NSFW check
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,14 @@ from engine.faces import FaceCheckSettings
 FAMILY_SDXL = "sdxl"
 FAMILY_SD15 = "sd15"
 
-_FACE_MODEL_FILES = ("antelopev2/scrfd_10g_bnkps.onnx", "antelopev2/glintr100.onnx")
+_COMMON_FILES = (
+    "antelopev2/scrfd_10g_bnkps.onnx",
+    "antelopev2/glintr100.onnx",
+    "safety_checker/config.json",
+)
 _REQUIRED_FILES: dict[str, tuple[str, ...]] = {
-    FAMILY_SDXL: ("sdxl/model_index.json", "identitynet/config.json", "ip-adapter.bin", *_FACE_MODEL_FILES),
-    FAMILY_SD15: ("sd15/model_index.json", *_FACE_MODEL_FILES),
+    FAMILY_SDXL: ("sdxl/model_index.json", "identitynet/config.json", "ip-adapter.bin", *_COMMON_FILES),
+    FAMILY_SD15: ("sd15/model_index.json", *_COMMON_FILES),
 }
 
 
@@ -89,6 +93,11 @@ class Preset:
     def ip_adapter_path(self) -> Path:
         """InstantID's adapter checkpoint (Resampler + per-attention to_k_ip/to_v_ip)."""
         return self.root / "ip-adapter.bin"
+
+    @property
+    def safety_checker_dir(self) -> Path:
+        """The NSFW image checker (diffusers' StableDiffusionSafetyChecker folder)."""
+        return self.root / "safety_checker"
 
     @property
     def face_models_dir(self) -> Path:
@@ -199,8 +208,11 @@ def load_preset(name: str, models_dir: Path) -> Preset:
 def _build_tiny(preset: Preset) -> None:
     from engine.tiny import build_tiny_preset, build_tiny_sd15_preset
 
+    from engine.nsfw import build_tiny_safety_checker
+
     build = build_tiny_preset if preset.family == FAMILY_SDXL else build_tiny_sd15_preset
     build(preset.root)
+    build_tiny_safety_checker(preset.safety_checker_dir)  # idempotent; also fills older tiny builds
 
 
 def _require_files(preset: Preset) -> None:

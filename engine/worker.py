@@ -52,6 +52,7 @@ from engine.base import ResidentBase
 from engine.errors import EngineError, PreviewUnavailable
 from engine.faces import FaceAnalyzer, FaceRecord, cosine, mean_embedding
 from engine.instantid import render_preview
+from engine.nsfw import NsfwChecker
 from engine.presets import Preset, load_preset
 from engine.progress import TrainingProgress
 from engine.checkpoints import CheckpointStore
@@ -89,6 +90,7 @@ class WorkerContext:
     base: ResidentBase
     faces: FaceAnalyzer
     renderer: Renderer
+    nsfw: NsfwChecker
     blobs: LocalBlobStore
     redis: ArqRedis | None = None
     loop: asyncio.AbstractEventLoop | None = None
@@ -97,10 +99,12 @@ class WorkerContext:
     def load(cls, settings: EngineSettings) -> WorkerContext:
         """Load the preset's models (slow: seconds for tiny, a minute for SDXL). Call once."""
         preset = load_preset(settings.preset, settings.models_dir)
-        base = ResidentBase.load(preset, device=_pick_device(settings.device))
+        device = _pick_device(settings.device)
+        base = ResidentBase.load(preset, device=device)
         faces = FaceAnalyzer(preset.face_models_dir, preset.face_checks)
         renderer = Renderer(base.text2img, base.gpu_lock)
-        return cls(settings, preset, base, faces, renderer, LocalBlobStore(settings.blobs_dir))
+        nsfw = NsfwChecker.load(preset.safety_checker_dir, device)
+        return cls(settings, preset, base, faces, renderer, nsfw, LocalBlobStore(settings.blobs_dir))
 
     def report(self, job_id: str, **fields: Any) -> None:
         """Publish progress from any thread; the chat side polls the hash. Never blocks the job."""
@@ -300,17 +304,25 @@ def _store_ranked(
     seed: int,
     prompt: str,
 ) -> ImagesResult:
-    """Best-of-N: rank by ArcFace cosine to the enrolled mean embedding, store, best first."""
+    """NSFW-screen, then best-of-N: rank by ArcFace cosine to the enrolled mean embedding, store.
+
+    A flagged image is stored black (never its content) and ranked last with no score.
+    """
+    screened = app.nsfw.screen(images)
     target = mean_embedding(records) if records else None
-    scored = [(_face_score(app, image, target), image) for image in images]
-    scored.sort(key=lambda pair: -2.0 if pair[0] is None else pair[0], reverse=True)
-    keys = [app.blobs.put(owner, "images", _png_bytes(image), ".png") for _, image in scored]
+    scored = [
+        (None if flagged else _face_score(app, image, target), flagged, image)
+        for image, flagged in zip(screened.images, screened.flagged, strict=True)
+    ]
+    scored.sort(key=lambda item: (item[1], -2.0 if item[0] is None else -item[0]))
+    keys = [app.blobs.put(owner, "images", _png_bytes(image), ".png") for _, _, image in scored]
     return ImagesResult(
         image_keys=keys,
-        scores=[score for score, _ in scored],
+        scores=[score for score, _, _ in scored],
         seed=seed,
         prompt_used=prompt,
         note=app.preset.note,
+        flagged=[flagged for _, flagged, _ in scored],
     )
 
 

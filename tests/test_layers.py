@@ -46,7 +46,10 @@ def violations(package: str, forbidden: set[str], allowed_ours: set[str] | None 
 
 
 def test_bot_imports_no_ml_library_and_only_storage_and_engine_api() -> None:
-    assert violations("bot", ML_LIBRARIES | {"numpy"}, allowed_ours={"storage", "engine.api"}) == []
+    # engine.styles and engine.safety are light (standard library only) so the chat side can refuse
+    # a prompt before queueing it; the subprocess test below checks they load no ML library.
+    allowed = {"storage", "engine.api", "engine.styles", "engine.safety", "engine.errors"}
+    assert violations("bot", ML_LIBRARIES | {"numpy"}, allowed_ours=allowed) == []
 
 
 def test_engine_imports_nothing_of_bot_and_never_the_database() -> None:

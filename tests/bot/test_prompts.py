@@ -1,0 +1,77 @@
+"""Prompts at the boundary: the blocklist refuses before anything is queued; styles shape the request."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from bot.console import ConsoleAdapter, split_style
+from bot.errors import PromptBlocked, UnknownStyleName
+from bot.service import BotService, UserRef
+from engine.styles import STYLES
+from storage.db import Database
+from tests.bot.test_service import (  # noqa: F401  (fixtures)
+    ALICE,
+    blobs,
+    blobs_dir,
+    clock,
+    db,
+    jobs,
+    service,
+    worker,
+)
+from tests.support import face_photo
+
+
+async def test_a_blocked_prompt_is_refused_before_any_job_exists(service: BotService, db: Database) -> None:
+    await service.agree(ALICE)
+    user = await db.get_or_create_user(ALICE.platform, ALICE.platform_user_id)
+    with pytest.raises(PromptBlocked) as blocked:
+        await service.draw(ALICE, "me, N.U.D.E, on a beach")
+    assert blocked.value.term == "nude"
+    assert "Rephrase your prompt" in blocked.value.user_message
+    with pytest.raises(PromptBlocked):
+        await service.preview(ALICE, "me nude")
+    assert await db.list_jobs(user.id) == []
+
+
+async def test_an_unknown_style_names_the_choices(service: BotService) -> None:
+    await service.agree(ALICE)
+    with pytest.raises(UnknownStyleName) as unknown:
+        await service.draw(ALICE, "me", style="baroque-ish")
+    assert "'baroque-ish'" in unknown.value.user_message and "anime" in unknown.value.user_message
+
+
+@pytest.mark.slow
+async def test_a_style_wraps_the_prompt_and_sets_its_negative_prompt(
+    service: BotService, db: Database, worker: None
+) -> None:
+    from bot.service import Upload
+
+    await service.agree(ALICE)
+    await service.add_photos(ALICE, [Upload(f"{n}.jpg", face_photo(n)) for n in range(3)])
+    await service.draw(ALICE, "me as an astronaut", style="anime")
+    user = await db.get_or_create_user(ALICE.platform, ALICE.platform_user_id)
+    (draw,) = [job for job in await db.list_jobs(user.id) if job.kind == "draw"]
+    assert draw.payload is not None
+    request = draw.payload["request"]
+    styled, negative = STYLES["anime"].apply("me as an astronaut")
+    assert request["prompt"] == styled and styled != "me as an astronaut"
+    assert request["negative_prompt"] == negative != ""
+
+
+def test_the_console_reads_a_style_option() -> None:
+    assert split_style("--style anime me as an astronaut") == ("anime", "me as an astronaut")
+    assert split_style("--style=oil-painting me") == ("oil-painting", "me")
+    assert split_style("me as an astronaut") == (None, "me as an astronaut")
+
+
+async def test_styles_lists_every_preset(service: BotService, tmp_path: object) -> None:
+    out = io.StringIO()
+    console = ConsoleAdapter(
+        service, user=UserRef("console", "x"), out_dir=tmp_path, stdin=io.StringIO("/styles\n"), stdout=out  # type: ignore[arg-type]
+    )
+    await console.run()
+    for name in STYLES:
+        assert f"  {name}: " in out.getvalue()
