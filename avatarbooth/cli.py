@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from avatarbooth.config import KNOWN_PRESETS, AppConfig, ConfigError, load_config
+from avatarbooth.config import KNOWN_PRESETS, AppConfig, ConfigError, load_config, secret
+from avatarbooth.models import add_pull_arguments, pull
+
+if TYPE_CHECKING:
+    from bot.service import BotService
 
 _log = logging.getLogger(__name__)
 
@@ -33,9 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="end stdout with one JSON line: images and job ids")
     chat = command("chat", "chat with the bot in this terminal (commands from stdin, interactive or piped)")
     chat.add_argument("--out", type=Path, default=None, help="folder for the images (default: DATA/out/chat)")
-    command("run", "serve the configured chat adapters with a worker and the embedded Valkey")
+    command("run", "serve Telegram and/or Discord (as enabled in config) with a worker and the embedded Valkey")
     worker = command("worker", "run a worker alone (for more GPUs or hosts); needs a Redis URL")
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    models = commands.add_parser("models", help="fetch model weights", description="fetch model weights")
+    models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    pull = models_commands.add_parser(
+        "pull", help="download and verify a preset's weights", description="download and verify a preset's weights"
+    )
+    pull.add_argument("--config", type=Path, default=None, help="config file (default: ./config.toml)")
+    pull.add_argument("--preset", choices=KNOWN_PRESETS, default=None, help="which preset (default: config's)")
+    pull.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
+    add_pull_arguments(pull)
     return parser
 
 
@@ -53,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "worker":
             return _run_worker(config, burst=args.burst)
+        if args.command == "models":
+            return pull(config.engine.preset, config.engine.models_dir, antelopev2_zip=args.antelopev2_zip)
+        if args.command == "run":
+            return asyncio.run(_serve_platforms(config))
         if args.command == "demo":
             from avatarbooth.demo import run_demo
 
@@ -88,6 +107,53 @@ async def _chat(config: AppConfig, *, out_dir: Path | None) -> int:
             stdout=sys.stdout,
         )
         return await console.run()
+
+
+async def _serve_platforms(config: AppConfig) -> int:
+    """Telegram and Discord together, on one service, until SIGINT/SIGTERM."""
+    from avatarbooth.runtime import serve_chat
+
+    tokens = {
+        name: secret(env, os.environ)
+        for name, env, enabled in (
+            ("telegram", "TELEGRAM_TOKEN", config.telegram.enabled),
+            ("discord", "DISCORD_TOKEN", config.discord.enabled),
+        )
+        if enabled
+    }
+    if not tokens:
+        print(
+            "avatarbooth: no chat platform is enabled: set enabled = true under [telegram] or [discord] "
+            "in config.toml (to chat in this terminal, use `avatarbooth chat`)",
+            file=sys.stderr,
+        )
+        return 2
+    missing = [f"{name.upper()}_TOKEN" for name, token in tokens.items() if not token]
+    if missing:
+        print(f"avatarbooth: set {' and '.join(missing)} in the environment or in .env", file=sys.stderr)
+        return 2
+    async with serve_chat(config) as running:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        resumed = await running.service.resume_all()
+        if resumed:
+            _log.warning("finished the interrupted jobs of %d user(s)", len(resumed))
+        await asyncio.gather(*(_platform(name, token, running.service, config, stop) for name, token in tokens.items()))
+    return 0
+
+
+async def _platform(name: str, token: str | None, service: BotService, config: AppConfig, stop: asyncio.Event) -> None:
+    assert token is not None
+    if name == "telegram":
+        from bot.telegram_adapter import serve_telegram
+
+        await serve_telegram(service, config.telegram, token, stop=stop, webhook_secret=secret("TELEGRAM_WEBHOOK_SECRET", os.environ))
+    else:
+        from bot.discord_adapter import serve_discord
+
+        await serve_discord(service, config.discord, token, stop=stop)
 
 
 def _run_worker(config: AppConfig, *, burst: bool) -> int:

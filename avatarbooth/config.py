@@ -13,12 +13,16 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from bot.discord_adapter import DiscordSettings
 from bot.settings import BotSettings
+from bot.telegram_adapter import TelegramSettings
+from engine.safety import BlocklistFileError, PromptBlocklist, load_blocklist
 from engine.settings import EngineSettings
 
 DEFAULT_CONFIG = Path("config.toml")
+_S = TypeVar("_S")
 KNOWN_PRESETS = ("sdxl", "sd15", "tiny", "tiny-sd15")
 
 
@@ -33,6 +37,9 @@ class AppConfig:
     redis_url: str | None  # None: start the embedded Valkey server
     bot: BotSettings
     engine: EngineSettings
+    telegram: TelegramSettings = TelegramSettings()
+    discord: DiscordSettings = DiscordSettings()
+    blocklist: PromptBlocklist | None = None  # None: the built-in list
 
     @property
     def database_path(self) -> Path:
@@ -48,7 +55,7 @@ class AppConfig:
         return dataclasses.replace(self, redis_url=url, engine=engine)
 
 
-_SECTIONS = {"storage", "queue", "engine", "limits", "identity", "training"}
+_SECTIONS = {"storage", "queue", "engine", "limits", "identity", "training", "telegram", "discord", "safety"}
 _ENGINE_KEYS = {"preset", "device", "models_dir", "preview_steps", "draw_steps"}
 
 
@@ -74,6 +81,9 @@ def load_config(
         redis_url=redis_url,
         bot=_bot_settings(raw),
         engine=engine,
+        telegram=_table_settings(TelegramSettings, "telegram", _section(raw, "telegram")),
+        discord=_table_settings(DiscordSettings, "discord", _section(raw, "discord")),
+        blocklist=_blocklist(_section(raw, "safety"), base_dir),
     )
 
 
@@ -196,6 +206,51 @@ def _bot_settings(raw: Mapping[str, Any]) -> BotSettings:
             if key in mapping and mapping[key] in fields:
                 overrides[mapping[key]] = _coerce(section, key, value, getattr(defaults, mapping[key]))
     return dataclasses.replace(defaults, **overrides)
+
+
+def _table_settings(cls: type[_S], section: str, table: Mapping[str, Any]) -> _S:
+    """A frozen settings dataclass from one config table: every key known, every value checked."""
+    if "token" in table:
+        env = "TELEGRAM_TOKEN" if section == "telegram" else "DISCORD_TOKEN"
+        raise ConfigError(f"[{section}] token: tokens never go in config.toml; set {env} in the environment or .env")
+    defaults = cls()
+    known = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"[{section}] {key}: unknown setting; known: {', '.join(sorted(known))}")
+        values[key] = _coerce_value(section, key, value, known[key])
+    try:
+        return dataclasses.replace(defaults, **values)  # type: ignore[type-var]
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"[{section}] {e}") from e
+
+
+def _coerce_value(section: str, key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(f"[{section}] {key} must be a list, got {value!r}")
+        return tuple(value)
+    if default is None or isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int)):
+        return value
+    raise ConfigError(f"[{section}] {key} must be a {type(default).__name__}, got {value!r}")
+
+
+def _blocklist(table: Mapping[str, Any], base_dir: Path) -> PromptBlocklist | None:
+    unknown = set(table) - {"blocklist_file", "extra_blocked_terms"}
+    if unknown:
+        raise ConfigError(f"[safety] unknown setting(s) {sorted(unknown)}; known: blocklist_file, extra_blocked_terms")
+    file = table.get("blocklist_file")
+    extra = table.get("extra_blocked_terms", [])
+    if not file and not extra:
+        return None
+    if not isinstance(extra, list) or not all(isinstance(t, str) for t in extra):
+        raise ConfigError("[safety] extra_blocked_terms must be a list of strings")
+    path = base_dir / Path(str(file)).expanduser() if file else None
+    try:
+        return load_blocklist(path, extra)
+    except BlocklistFileError as e:
+        raise ConfigError(f"[safety] blocklist_file: {e}") from e
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:

@@ -57,7 +57,9 @@ async def serve_chat(
         db = await stack.enter_async_context(Database.open(config.database_path))
         jobs = await stack.enter_async_context(await JobClient.connect(url))
         blobs = LocalBlobStore(config.engine.blobs_dir)
-        service = BotService(db, blobs, jobs, config.bot, preset_name=config.engine.preset)
+        service = BotService(
+            db, blobs, jobs, config.bot, preset_name=config.engine.preset, blocklist=config.blocklist
+        )
         yield Running(config=config, service=service, redis_url=url)
 
 

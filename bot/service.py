@@ -633,6 +633,27 @@ class BotService:
         reply.text = "\n".join(lines)
         return reply
 
+    async def resume_all(self) -> dict[UserRef, Reply]:
+        """``resume_pending`` for every user with unfinished jobs (a restarted chat side calls this).
+
+        Results are recorded for each user; the replies are returned so an adapter that can reach
+        those users may deliver them. Each user is finished on their own: one failure stops no other.
+        """
+        replies: dict[UserRef, Reply] = {}
+        for user_id in await self._db.users_with_active_jobs():
+            account = await self._db.get_user(user_id)
+            if account is None:
+                continue
+            user = UserRef(account.platform, account.platform_user_id)
+            try:
+                reply = await self.resume_pending(user)
+            except BotError as e:
+                _log.warning("resuming the jobs of user %d failed: %s", user_id, e)
+                continue
+            if reply is not None:
+                replies[user] = reply
+        return replies
+
     async def _resume(self, job: Job, reply: Reply, on_progress: ProgressCallback | None) -> str:
         """Finish one interrupted job; returns its reply line (images go into `reply`)."""
         reply.job_ids.append(arq_job_id(job.kind, job.id))

@@ -72,3 +72,37 @@ def test_secrets_come_from_the_environment_before_the_dotenv_file(tmp_path: Path
     dotenv.write_text("not a pair\n")
     with pytest.raises(ConfigError, match=r"\.env:1: expected KEY=VALUE"):
         read_dotenv(dotenv)
+
+
+def test_platform_sections_become_adapter_settings_and_refuse_tokens(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[telegram]\nenabled = true\nallowed_chats = [42, -100]\nbase_url = "http://127.0.0.1:1/bot"\n'
+        'base_file_url = "http://127.0.0.1:1/file/bot"\n[discord]\nguild_ids = [7]\n'
+    )
+    config = load_config(path, env={})
+    assert config.telegram.enabled and config.telegram.allowed_chats == (42, -100)
+    assert config.discord.guild_ids == (7,) and not config.discord.enabled
+    path.write_text('[telegram]\ntoken = "123:abc"\n')
+    with pytest.raises(ConfigError, match="set TELEGRAM_TOKEN"):
+        load_config(path, env={})
+    path.write_text("[discord]\nguild_ids = [-3]\n")
+    with pytest.raises(ConfigError, match="guild_ids must be server ids"):
+        load_config(path, env={})
+    path.write_text("[telegram]\nwebhook_prot = 1\n")
+    with pytest.raises(ConfigError, match="webhook_prot: unknown setting"):
+        load_config(path, env={})
+
+
+def test_a_blocklist_file_extends_the_built_in_list(tmp_path: Path) -> None:
+    (tmp_path / "blocked.txt").write_text("# ours\nbroccoli\n")
+    path = tmp_path / "c.toml"
+    path.write_text('[safety]\nblocklist_file = "blocked.txt"\nextra_blocked_terms = ["kale"]\n')
+    blocklist = load_config(path, env={}).blocklist
+    assert blocklist is not None
+    assert blocklist.check("me eating broccoli") == "broccoli"
+    assert blocklist.check("kale smoothie") == "kale"
+    assert blocklist.check("me, nude") == "nude"  # the built-in terms stay
+    path.write_text('[safety]\nblocklist_file = "missing.txt"\n')
+    with pytest.raises(ConfigError, match="blocklist_file"):
+        load_config(path, env={})
