@@ -23,7 +23,6 @@ import contextlib
 import copy
 import logging
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from PIL import Image
 
 from engine.checkpoints import Checkpointing, CheckpointStore
 from engine.errors import EngineError
-from engine.progress import ProgressSink, TrainingProgress
+from engine.progress import ProgressClock, ProgressSink
 from engine.train_lora import (
     InstanceLatents,
     PromptConditioning,
@@ -414,15 +413,13 @@ def run_steps(
     checkpointing: Checkpointing | None = None,
 ) -> float:
     """The loop from ``state.step`` to ``settings.steps``: step, checkpoint when due, report."""
-    started, first_step = time.monotonic(), state.step
+    clock = ProgressClock(on_progress, settings.steps, state.step)
     loss = state.losses[-1] if state.losses else float("nan")
     while state.step < settings.steps:
         loss = dreambooth_step(state, latents, prompts, scheduler, lock, settings)
         if checkpointing is not None:
             checkpointing.after_step(state, settings.steps, state.modules())
-        if on_progress is not None:
-            eta = (time.monotonic() - started) / (state.step - first_step) * (settings.steps - state.step)
-            on_progress(TrainingProgress(step=state.step, total=settings.steps, loss=loss, eta_s=eta))
+        clock.report(state.step, loss)
     return loss
 
 

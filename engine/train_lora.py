@@ -19,7 +19,6 @@ import copy
 import logging
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,7 @@ from PIL import Image
 
 from engine.checkpoints import Checkpointing, CheckpointStore
 from engine.errors import EngineError
-from engine.progress import ProgressSink, TrainingProgress
+from engine.progress import ProgressClock, ProgressSink
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -450,14 +449,11 @@ def run_steps(
     checkpointing: Checkpointing | None = None,
 ) -> float:
     """The training loop, from ``state.step`` to ``settings.steps``; returns the last loss."""
-    started, first_step = time.monotonic(), state.step
+    clock = ProgressClock(on_progress, settings.steps, state.step)
     loss = state.losses[-1] if state.losses else float("nan")
     while state.step < settings.steps:
         loss = training_step(state, latents, conditioning, scheduler, lock, settings)
         if checkpointing is not None:
             checkpointing.after_step(state, settings.steps)
-        if on_progress is not None:
-            per_step = (time.monotonic() - started) / (state.step - first_step)
-            eta = per_step * (settings.steps - state.step)
-            on_progress(TrainingProgress(step=state.step, total=settings.steps, loss=loss, eta_s=eta))
+        clock.report(state.step, loss)
     return loss

@@ -22,7 +22,6 @@ import copy
 import logging
 import re
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from PIL import Image
 
 from engine.checkpoints import Checkpointing, CheckpointStore
 from engine.errors import EngineError
-from engine.progress import ProgressSink, TrainingProgress
+from engine.progress import ProgressClock, ProgressSink
 from engine.train_lora import (
     InstanceLatents,
     PromptConditioning,
@@ -393,15 +392,13 @@ def train_textual_inversion(
         state = checkpointing.resume(state, modules)  # type: ignore[arg-type]  # duck-typed state
     scheduler = noise_scheduler_for(pipe)
     _log.info("TI training: %d crops, %d steps from step %d", len(crops), settings.steps, state.step)
-    started, first_step = time.monotonic(), state.step
+    clock = ProgressClock(on_progress, settings.steps, state.step)
     loss = state.losses[-1] if state.losses else float("nan")
     while state.step < settings.steps:
         loss = training_step(state, latents, class_word, scheduler, lock, settings, resolution)
         if checkpointing is not None:
             checkpointing.after_step(state, settings.steps, modules)  # type: ignore[arg-type]
-        if on_progress is not None:
-            eta = (time.monotonic() - started) / (state.step - first_step) * (settings.steps - state.step)
-            on_progress(TrainingProgress(step=state.step, total=settings.steps, loss=loss, eta_s=eta))
+        clock.report(state.step, loss)
     return TiTrainOutcome(weights=save_ti(state.trainable), final_loss=loss, steps=state.step)
 
 
