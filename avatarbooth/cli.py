@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from avatarbooth.config import KNOWN_PRESETS, AppConfig, ConfigError, load_config, secret
-from avatarbooth.models import add_pull_arguments, pull
+from avatarbooth.models import add_pull_arguments, pull, with_base_model
 
 if TYPE_CHECKING:
     from bot.service import BotService
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "worker":
             return _run_worker(config, burst=args.burst)
         if args.command == "models":
-            return pull(config.engine.preset, config.engine.models_dir, antelopev2_zip=args.antelopev2_zip)
+            return _pull(config, antelopev2_zip=args.antelopev2_zip)
         if args.command == "run":
             return asyncio.run(_serve_platforms(config))
         if args.command == "demo":
@@ -107,6 +107,14 @@ async def _chat(config: AppConfig, *, out_dir: Path | None) -> int:
             stdout=sys.stdout,
         )
         return await console.run()
+
+
+def _pull(config: AppConfig, *, antelopev2_zip: Path | None) -> int:
+    preset = config.engine.preset
+    components = None
+    if config.base_model and preset in ("sdxl", "sd15"):
+        components = with_base_model(preset, config.base_model)
+    return pull(preset, config.engine.models_dir, antelopev2_zip=antelopev2_zip, components=components)
 
 
 async def _serve_platforms(config: AppConfig) -> int:

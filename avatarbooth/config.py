@@ -37,6 +37,7 @@ class AppConfig:
     redis_url: str | None  # None: start the embedded Valkey server
     bot: BotSettings
     engine: EngineSettings
+    base_model: str | None = None  # a Hub repo id that `models pull` fetches in place of the preset's base
     telegram: TelegramSettings = TelegramSettings()
     discord: DiscordSettings = DiscordSettings()
     blocklist: PromptBlocklist | None = None  # None: the built-in list
@@ -56,7 +57,7 @@ class AppConfig:
 
 
 _SECTIONS = {"storage", "queue", "engine", "limits", "identity", "training", "telegram", "discord", "safety"}
-_ENGINE_KEYS = {"preset", "device", "models_dir", "preview_steps", "draw_steps"}
+_ENGINE_KEYS = {"preset", "device", "models_dir", "preview_steps", "draw_steps", "base_model"}
 
 
 def load_config(
@@ -81,6 +82,7 @@ def load_config(
         redis_url=redis_url,
         bot=_bot_settings(raw),
         engine=engine,
+        base_model=_base_model(_section(raw, "engine")),
         telegram=_table_settings(TelegramSettings, "telegram", _section(raw, "telegram")),
         discord=_table_settings(DiscordSettings, "discord", _section(raw, "discord")),
         blocklist=_blocklist(_section(raw, "safety"), base_dir),
@@ -206,6 +208,13 @@ def _bot_settings(raw: Mapping[str, Any]) -> BotSettings:
             if key in mapping and mapping[key] in fields:
                 overrides[mapping[key]] = _coerce(section, key, value, getattr(defaults, mapping[key]))
     return dataclasses.replace(defaults, **overrides)
+
+
+def _base_model(engine: Mapping[str, Any]) -> str | None:
+    value = engine.get("base_model") or None
+    if value is not None and (not isinstance(value, str) or value.count("/") != 1 or " " in value):
+        raise ConfigError(f"[engine] base_model must be a Hub repository id like 'owner/name', got {value!r}")
+    return value
 
 
 def _table_settings(cls: type[_S], section: str, table: Mapping[str, Any]) -> _S:

@@ -223,6 +223,24 @@ MANIFESTS: dict[str, tuple[Component, ...]] = {
 }
 """What ``pull`` fetches for each real preset."""
 
+def with_base_model(preset: str, repo_id: str) -> tuple[Component, ...]:
+    """``preset``'s manifest with its base model taken from ``repo_id`` (a fine-tuned SDXL or SD1.5
+    checkpoint in diffusers' folder layout). Such repositories often have no ``.fp16.`` files, so the
+    full-precision file is the fallback for each."""
+    base = {"sdxl": _SDXL, "sd15": _SD15}[preset]
+
+    def retarget(file: HubFile) -> HubFile:
+        fallbacks = tuple((path.replace(".fp16.", "."), dest) for path, dest in file.candidates if ".fp16." in path)
+        return HubFile(repo_id, file.candidates + fallbacks)
+
+    custom = Component(
+        f"base model {repo_id} (in place of {base.name})",
+        f"The licence of {repo_id}: read it at https://huggingface.co/{repo_id} before use.",
+        files=tuple(retarget(f) for f in base.files),
+    )
+    return tuple(custom if component is base else component for component in MANIFESTS[preset])
+
+
 BUILT_LOCALLY = ("tiny", "tiny-sd15")
 """Presets the project builds itself, offline."""
 

@@ -307,3 +307,22 @@ def test_every_member_of_the_real_manifest_is_pinned() -> None:
     assert {m.dest for m in archive_members} == {"antelopev2/scrfd_10g_bnkps.onnx", "antelopev2/glintr100.onnx"}
     assert all(m.sha256 and len(m.sha256) == 64 for m in archive_members)
     assert "sd15/model_index.json" in files_for("sd15")
+
+
+def test_a_custom_base_model_without_fp16_files_is_pulled_in_place_of_sdxl_base(tmp_path: Path) -> None:
+    from avatarbooth.models import with_base_model
+    from engine.presets import load_preset
+
+    manifest = with_base_model("sdxl", "someone/sdxl-finetune")
+    repos, urls = _served(MANIFESTS["sdxl"])
+    # The fine-tune's repository has only full-precision files, under the plain names.
+    custom = {path.replace(".fp16.", "."): data for path, data in repos.pop("stabilityai/stable-diffusion-xl-base-1.0").items()}
+    repos["someone/sdxl-finetune"] = custom
+    hub = FakeHub(repos, urls)
+    assert pull("sdxl", tmp_path, hub=hub, report=lambda _: None, components=_with_archive_hashes(manifest, urls)) == 0
+    assert load_preset("sdxl", tmp_path).name == "sdxl"
+    fetched = {path for repo, path in hub.downloads if repo == "someone/sdxl-finetune"}
+    assert "unet/diffusion_pytorch_model.safetensors" in fetched
+    assert not any(repo == "stabilityai/stable-diffusion-xl-base-1.0" for repo, _ in hub.downloads)
+    unet = tmp_path / "sdxl/sdxl/unet/diffusion_pytorch_model.safetensors"
+    assert unet.read_bytes() == custom["unet/diffusion_pytorch_model.safetensors"]
