@@ -78,7 +78,10 @@ async def run(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     photos = [face_photo(n) for n in range(PHOTOS_PER_USER)]
     with EmbeddedValkey(folder / "valkey") as valkey:
         async with worker_process(valkey.url, models, blobs_dir, folder / "worker.log"):
-            async with Database.open(folder / "db.sqlite3") as db, await JobClient.connect(valkey.url) as jobs:
+            async with (
+                Database.open(folder / "db.sqlite3") as db,
+                await JobClient.connect(valkey.url) as jobs,
+            ):
                 bot_settings = BotSettings(draw_num_images=1, draws_per_hour=1000)
                 service = BotService(db, LocalBlobStore(blobs_dir), jobs, bot_settings, preset_name="tiny")
                 async with FakeTelegram() as tg:
@@ -239,7 +242,9 @@ async def worker_process(redis_url: str, models: Path, blobs: Path, log: Path) -
     with log.open("wb") as output:
         process = subprocess.Popen(
             [sys.executable, "-c", code], cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            # One thread for torch: on a small machine the chat side keeps a core (in production
+            # the worker has a GPU host of its own).
+            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
         )
     redis = Redis.from_url(redis_url)
     try:

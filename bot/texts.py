@@ -361,9 +361,10 @@ TELEGRAM_HELP = """\
 Commands:
   /start                         what is stored and why; a button to agree
   /photos                        your photos and whether each was accepted
-  /preview [PROMPT]              an instant picture of you, before any training
+  /preview [--style S] [PROMPT]  an instant picture of you, before any training
   /train [lora|ti|dreambooth]    train your personal model (lora is the default)
-  /draw PROMPT                   draw a picture, e.g. /draw me as an astronaut
+  /draw [--style S] PROMPT       draw a picture, e.g. /draw me as an astronaut
+  /styles                        the style presets for --style
   /status                        your photos, models and running jobs
   /forget                        erase everything stored about you
   /help                          this list
@@ -375,6 +376,7 @@ TELEGRAM_COMMANDS = (
     ("preview", "an instant picture of you"),
     ("train", "train your personal model"),
     ("draw", "draw a picture, e.g. /draw me as an astronaut"),
+    ("styles", "the style presets for /draw --style"),
     ("status", "your photos, models and running jobs"),
     ("forget", "erase everything stored about you"),
     ("help", "all commands"),
