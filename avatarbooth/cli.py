@@ -16,7 +16,8 @@ from avatarbooth.config import KNOWN_PRESETS, AppConfig, ConfigError, load_confi
 from avatarbooth.models import add_pull_arguments, pull, with_base_model
 
 if TYPE_CHECKING:
-    from bot.service import BotService
+    from avatarbooth.runtime import Running
+    from bot.service import Reply, UserRef
 
 _log = logging.getLogger(__name__)
 
@@ -148,20 +149,38 @@ async def _serve_platforms(config: AppConfig) -> int:
         resumed = await running.service.resume_all()
         if resumed:
             _log.warning("finished the interrupted jobs of %d user(s)", len(resumed))
-        await asyncio.gather(*(_platform(name, token, running.service, config, stop) for name, token in tokens.items()))
+        serving = (_platform(name, token, running, stop, resumed) for name, token in tokens.items())
+        await asyncio.gather(*serving)
     return 0
 
 
-async def _platform(name: str, token: str | None, service: BotService, config: AppConfig, stop: asyncio.Event) -> None:
+async def _platform(
+    name: str, token: str | None, running: Running, stop: asyncio.Event, resumed: dict[UserRef, Reply]
+) -> None:
+    """Serve one platform; a rejected token stops the start with a line saying which one."""
     assert token is not None
-    if name == "telegram":
-        from bot.telegram_adapter import serve_telegram
+    from avatarbooth.runtime import StartupError
 
-        await serve_telegram(service, config.telegram, token, stop=stop, webhook_secret=secret("TELEGRAM_WEBHOOK_SECRET", os.environ))
+    service, config = running.service, running.config
+    if name == "telegram":
+        from bot.telegram_adapter import TelegramStartError, serve_telegram
+
+        try:
+            await serve_telegram(
+                service, config.telegram, token, stop=stop,
+                webhook_secret=secret("TELEGRAM_WEBHOOK_SECRET", os.environ), resumed=resumed,
+            )
+        except TelegramStartError as e:
+            raise StartupError(f"Telegram: {e}") from e
     else:
+        from discord import LoginFailure
+
         from bot.discord_adapter import serve_discord
 
-        await serve_discord(service, config.discord, token, stop=stop)
+        try:
+            await serve_discord(service, config.discord, token, stop=stop)
+        except LoginFailure as e:
+            raise StartupError("Discord rejected DISCORD_TOKEN: check the bot token in the developer portal") from e
 
 
 def _run_worker(config: AppConfig, *, burst: bool) -> int:
