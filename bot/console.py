@@ -10,12 +10,13 @@ import asyncio
 import logging
 import shlex
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from bot import texts
-from bot.errors import BotError
+from bot.errors import BotError, MissingOptionValue, UnknownOption
 from bot.service import BotService, Reply, Upload, UserRef
 
 _log = logging.getLogger(__name__)
@@ -181,15 +182,21 @@ class ConsoleAdapter:
         return await self._service.photos(self._user)
 
     async def _preview(self, rest: str) -> Reply:
-        style, prompt = split_style(rest)
-        return await self._service.preview(self._user, prompt or None, on_progress=self._progress, style=style)
+        options = parse_options(rest, allowed=("--style", "--ar"))
+        return await self._service.preview(
+            self._user, options.prompt or None, on_progress=self._progress,
+            style=options.style, aspect=options.aspect,
+        )
 
     async def _train(self, rest: str) -> Reply:
         return await self._service.train(self._user, rest or None, on_progress=self._progress)
 
     async def _draw(self, rest: str) -> Reply:
-        style, prompt = split_style(rest)
-        return await self._service.draw(self._user, prompt, on_progress=self._progress, style=style)
+        options = parse_options(rest)
+        return await self._service.draw(
+            self._user, options.prompt, on_progress=self._progress,
+            style=options.style, aspect=options.aspect, boost=options.boost,
+        )
 
     async def _styles(self, _: str) -> Reply:
         return await self._service.styles()
@@ -217,3 +224,52 @@ def split_style(rest: str) -> tuple[str | None, str]:
     if words and words[0].startswith("--style="):
         return words[0].removeprefix("--style="), rest.split(maxsplit=1)[1] if len(words) > 1 else ""
     return None, rest
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """What a /preview or /draw line asked for: its options and the prompt after them."""
+
+    prompt: str
+    style: str | None = None
+    aspect: str | None = None
+    boost: bool = False
+
+
+_VALUE_OPTIONS = {"--style": ("style", "--style anime"), "--ar": ("aspect", "--ar 3:4")}
+_FLAG_OPTIONS = ("--boost",)
+PROMPT_OPTIONS = (*_VALUE_OPTIONS, *_FLAG_OPTIONS)
+
+
+def parse_options(rest: str, allowed: Collection[str] = PROMPT_OPTIONS) -> PromptOptions:
+    """Leading ``--name value``, ``--name=value`` and ``--flag`` words, then the prompt.
+
+    >>> parse_options("--ar 3:4 --boost me as an astronaut")
+    PromptOptions(prompt='me as an astronaut', style=None, aspect='3:4', boost=True)
+
+    Raises ``UnknownOption`` for an option not in ``allowed`` and ``MissingOptionValue`` for a
+    value option with nothing after it.
+    """
+    values: dict[str, str] = {}
+    boost = False
+    remaining = rest.strip()
+    while remaining.startswith("--"):
+        word, remaining = _next_word(remaining)
+        name, has_value, value = word.partition("=")
+        if name not in allowed or (name in _FLAG_OPTIONS and has_value):
+            raise UnknownOption(word)
+        if name in _FLAG_OPTIONS:
+            boost = True
+            continue
+        field_name, example = _VALUE_OPTIONS[name]
+        if not has_value:
+            value, remaining = _next_word(remaining)
+        if not value:
+            raise MissingOptionValue(name, example)
+        values[field_name] = value
+    return PromptOptions(remaining, style=values.get("style"), aspect=values.get("aspect"), boost=boost)
+
+
+def _next_word(text: str) -> tuple[str, str]:
+    words = text.split(maxsplit=1)
+    return (words[0] if words else ""), (words[1] if len(words) > 1 else "")

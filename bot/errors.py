@@ -84,6 +84,24 @@ class UnknownStyleName(BotError):
         super().__init__(texts.UNKNOWN_STYLE.format(style=style, names=", ".join(names)))
 
 
+class UnknownAspect(BotError):
+    def __init__(self, aspect: str, choices: Sequence[str]) -> None:
+        super().__init__(texts.UNKNOWN_ASPECT.format(aspect=aspect, choices=", ".join(choices)))
+        self.aspect = aspect
+
+
+class UnknownOption(BotError):
+    def __init__(self, option: str) -> None:
+        super().__init__(texts.UNKNOWN_OPTION.format(option=option))
+        self.option = option
+
+
+class MissingOptionValue(BotError):
+    def __init__(self, option: str, example: str) -> None:
+        super().__init__(texts.MISSING_OPTION_VALUE.format(option=option, example=example))
+        self.option = option
+
+
 class PromptTooLong(BotError):
     def __init__(self, length: int, limit: int) -> None:
         super().__init__(texts.PROMPT_TOO_LONG.format(length=length, limit=limit))

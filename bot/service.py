@@ -51,6 +51,7 @@ from bot.errors import (
     RateLimited,
     TooManyPhotos,
     TrainingAlreadyRunning,
+    UnknownAspect,
     UnknownMethod,
     UnknownStyleName,
 )
@@ -58,6 +59,7 @@ from bot.jobs import JobClient, JobRequest, ProgressFields
 from bot.settings import BotSettings
 from bot.uploads import RefusedUpload, inspect_upload
 from engine.api import (
+    ASPECT_RATIOS,
     JOB_QUEUES,
     CheckPhotoRequest,
     CheckPhotoResult,
@@ -310,10 +312,15 @@ class BotService:
         on_progress: ProgressCallback | None = None,
         *,
         style: str | None = None,
+        aspect: str | None = None,
     ) -> Reply:
-        """Zero-shot InstantID images from the enrolled photos, before any training."""
+        """Zero-shot InstantID images from the enrolled photos, before any training.
+
+        ``aspect`` is a width:height ratio from ``engine.api.ASPECT_RATIOS``; None: square.
+        """
         words = self._check_prompt(prompt, required=False) or self.settings.default_preview_prompt
         text, negative = self._styled(words, style)
+        shape = _aspect_fields(aspect)
         account = await self._consented(user)
         embeddings = await self._enrolled_embeddings(account.id)
         count = self.settings.preview_num_images
@@ -326,6 +333,7 @@ class BotService:
             "seed": _new_seed(),
             "num_images": count,
             "class_word": self.settings.class_word,
+            **shape,
         }
         job = await self._create_job(account, JobName.PREVIEW, fields, {"prompt": text})
         return await self._finish_images(job, on_progress)
@@ -337,13 +345,24 @@ class BotService:
         on_progress: ProgressCallback | None = None,
         *,
         style: str | None = None,
+        aspect: str | None = None,
+        boost: bool = False,
     ) -> Reply:
         """Draw `prompt` (in a style preset, if named) from the user's newest model, or with InstantID
-        until one exists."""
+        until one exists.
+
+        ``aspect`` is a width:height ratio from ``engine.api.ASPECT_RATIOS`` (None: square);
+        ``boost`` adds InstantID on the enrolled faces to a LoRA model's draw (SDXL presets; ignored
+        elsewhere).
+        """
         text, negative = self._styled(self._check_prompt(prompt, required=True), style)
+        extra: dict[str, Any] = _aspect_fields(aspect)
         account = await self._consented(user)
         model = await self._db.latest_model(account.id)
-        extra = {"negative_prompt": negative} if negative else {}
+        if negative:
+            extra["negative_prompt"] = negative
+        if boost:
+            extra["identity_boost"] = True
         return await self._draw(account, text, model, extra, on_progress)
 
     async def reroll(
@@ -351,14 +370,15 @@ class BotService:
     ) -> Reply:
         """The prompt of one of the user's images again, from the same model, with a new seed."""
         account, image = await self._own_image(user, image_id)
-        return await self._draw(account, image.prompt, await self._model_of(image), {}, on_progress)
+        extra = await self._shape_of(image)
+        return await self._draw(account, image.prompt, await self._model_of(image), extra, on_progress)
 
     async def more_like(
         self, user: UserRef, image_id: int, on_progress: ProgressCallback | None = None
     ) -> Reply:
         """Variations of one of the user's images: same prompt and model, starting from that image."""
         account, image = await self._own_image(user, image_id)
-        extra = {"variation_of": image.blob_key}
+        extra = {"variation_of": image.blob_key, **await self._shape_of(image)}
         return await self._draw(account, image.prompt, await self._model_of(image), extra, on_progress)
 
     async def delete_image(self, user: UserRef, image_id: int) -> Reply:
@@ -381,6 +401,13 @@ class BotService:
         if image is None or image.user_id != account.id:
             raise NotYourImage()
         return account, image
+
+    async def _shape_of(self, image: GeneratedImage) -> dict[str, Any]:
+        """The aspect ratio the image was drawn at, so a redraw keeps its shape."""
+        job = await self._db.get_job(image.job_id) if image.job_id is not None else None
+        request = (job.payload or {}).get("request") if job is not None else None
+        aspect = request.get("aspect") if isinstance(request, dict) else None
+        return {"aspect": aspect} if isinstance(aspect, str) and aspect in ASPECT_RATIOS else {}
 
     async def _model_of(self, image: GeneratedImage) -> PersonalModel | None:
         if image.model_id is None:
@@ -831,6 +858,15 @@ def _blob_keys(raw: dict[str, Any]) -> list[str]:
     keys = [raw.get(name) for name in ("embedding_key", "crop_key", "adapter_key")]
     keys += list(raw.get("image_keys") or [])
     return [key for key in keys if isinstance(key, str)]
+
+
+def _aspect_fields(aspect: str | None) -> dict[str, Any]:
+    """The request fields for an aspect ratio the user asked for; refuses one the engine lacks."""
+    if aspect is None:
+        return {}
+    if aspect.strip() not in ASPECT_RATIOS:
+        raise UnknownAspect(aspect, list(ASPECT_RATIOS))
+    return {"aspect": aspect.strip()}
 
 
 def _new_seed() -> int:

@@ -39,13 +39,17 @@ Commands:
   /agree                         give your consent (nothing is stored before this)
   /photo PATH...                 send 3 to 5 selfies (quote paths with spaces)
   /photos                        your photos and whether each was accepted
-  /preview [--style S] [PROMPT]  an instant picture of you, before any training
+  /preview [--style S] [--ar W:H] [PROMPT]
+                                 an instant picture of you, before any training
   /train [lora|ti|dreambooth]    train your personal model (lora is the default)
-  /draw [--style S] PROMPT       draw a picture, e.g. /draw me as an astronaut
+  /draw [--style S] [--ar W:H] [--boost] PROMPT
+                                 draw a picture, e.g. /draw --ar 3:4 me as an astronaut
   /styles                        the style presets for --style
   /status                        your photos, models and running jobs
   /forget                        erase everything stored about you
-  /help                          this list"""
+  /help                          this list
+Options: --ar picks the shape (1:1, 3:4, 4:3, 2:3, 3:2, 9:16, 16:9; square by default);
+  --boost adds your enrolled face to a LoRA model's drawing for a closer likeness."""
 
 UNKNOWN_COMMAND = "I don't know {command!r}. Send /help for the list of commands."
 NOT_A_COMMAND = "Commands start with '/'. Send /help for the list of commands."
@@ -72,6 +76,12 @@ METHOD_NOT_ENABLED = (
 PROMPT_BLOCKED = (
     "I can't draw that: {term!r} is not allowed on this bot. Rephrase your prompt without it."
 )
+UNKNOWN_ASPECT = "There is no aspect ratio {aspect!r}. Choose one of: {choices} (width:height)."
+UNKNOWN_OPTION = (
+    "I don't know the option {option!r} here. /preview takes --style S and --ar W:H; /draw also "
+    "takes --boost. Options go before the prompt."
+)
+MISSING_OPTION_VALUE = "The option {option} needs a value, e.g. {example}."
 UNKNOWN_STYLE = "There is no style called {style!r}. Choose one of: {names} (see /styles)."
 
 
@@ -173,7 +183,7 @@ _REFUSALS: dict[Refusal, str] = {
         "the image is too small: send one at least {min_side} pixels on its shorter side."
     ),
     Refusal.FILE_TOO_LARGE: "the file is too large: send one under {max_mib} MiB.",
-    Refusal.DUPLICATE: "you already sent this exact photo: send a different one.",
+    Refusal.DUPLICATE: "you already sent this photo (or a copy of it): send a different one.",
     Refusal.NO_FACE: "I found no face: send a photo where your face is clearly visible.",
     Refusal.SEVERAL_FACES: (
         "I found more than one face: send a photo with only you in it, or crop the others out."

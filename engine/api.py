@@ -9,8 +9,10 @@ ids and blob keys, never image bytes or model weights.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any, Self, TypeVar
 
 import msgpack
@@ -98,6 +100,21 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
 
 
+ASPECT_RATIOS: Mapping[str, tuple[int, int]] = MappingProxyType(
+    {
+        "1:1": (1, 1),
+        "3:4": (3, 4),
+        "4:3": (4, 3),
+        "2:3": (2, 3),
+        "3:2": (3, 2),
+        "9:16": (9, 16),
+        "16:9": (16, 9),
+    }
+)
+"""The aspect ratios (width:height) a preview or draw may ask for; the worker keeps about the
+preset's pixel count and picks the size from the ratio."""
+DEFAULT_ASPECT = "1:1"
+
 _T = TypeVar("_T", bound="_Message")
 
 
@@ -154,6 +171,7 @@ class PreviewRequest(_Message):
     seed: int = 0
     num_images: int = 1
     class_word: str = "person"  # what "me" in the prompt becomes (there is no personal token yet)
+    aspect: str = DEFAULT_ASPECT  # a key of ASPECT_RATIOS
 
 
 @dataclass(frozen=True)
@@ -186,7 +204,8 @@ class DrawRequest(_Message):
     """Render a prompt for one user, from their personal model when ``adapter_key`` is set.
 
     With no adapter, the worker falls back to InstantID on ``embedding_keys``. ``prompt`` still holds
-    the user's words; the worker replaces "me" with ``token`` + ``class_word``.
+    the user's words; the worker replaces "me" with ``token`` + ``class_word``. ``identity_boost``
+    adds InstantID on ``embedding_keys`` to a LoRA model's draw (SDXL presets).
     """
 
     job_id: str
@@ -202,6 +221,10 @@ class DrawRequest(_Message):
     num_images: int = 1
     variation_of: str | None = None  # blob key of an earlier image to vary ("more like this")
     variation_strength: float = 0.6  # 0 keeps that image, 1 redraws it entirely
+    aspect: str = DEFAULT_ASPECT  # a key of ASPECT_RATIOS
+    # With a LoRA model on an SDXL preset: draw through InstantID with the LoRA active, so the
+    # face embedding pulls the likeness further. Ignored where that is not possible.
+    identity_boost: bool = False
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 ``insightface.model_zoo.get_model``, so detection, NMS, keypoints and alignment are insightface's
 code. ``check`` turns one uploaded photo into an accept/refuse decision, a ``FaceRecord`` (embedding,
 keypoints, box) and a face-centred training crop. The refusal order is: no face, several prominent
-faces, face too small, too blurry, different person.
+faces, face too small, too blurry, duplicate (the same photo again, e.g. re-encoded), different person.
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ class FaceCheckSettings:
     blur_threshold: float = 20.0  # variance of the Laplacian on the grey face at 128×128
     prominent_face_ratio: float = 0.25  # another face this large (by area) next to the largest: refused
     same_person_threshold: float = 0.4  # cosine to the mean of the accepted photos' embeddings
+    # Cosine to any one accepted photo at or above which the photo counts as that photo again
+    # (re-encoded, resized, lightly edited): two separate shots of one person, even seconds apart,
+    # differ in pose and light enough for ArcFace to score them clearly lower. Above 1: off.
+    duplicate_threshold: float = 0.995
     crop_size: int = 128  # training crop side, in pixels (the preset's resolution)
     crop_context: float = 0.75  # margin around the face box on each side, in face-box sizes
 
@@ -58,6 +62,11 @@ class FaceCheckSettings:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if not -1.0 <= self.same_person_threshold <= 1.0:
             raise ValueError(f"same_person_threshold is a cosine, in [-1, 1]: {self.same_person_threshold}")
+        if self.duplicate_threshold <= self.same_person_threshold:
+            raise ValueError(
+                f"duplicate_threshold ({self.duplicate_threshold}) must exceed same_person_threshold "
+                f"({self.same_person_threshold})"
+            )
         if self.crop_size < 16:
             raise ValueError(f"crop_size must be at least 16 pixels, got {self.crop_size}")
         for name in ("min_face_px", "blur_threshold", "crop_context"):
@@ -197,6 +206,9 @@ class FaceAnalyzer:
             return FaceCheck(False, refusal, None, None, len(faces), None)
         main = faces[0]
         similarity = cosine(main.embedding, mean_embedding(references)) if references else None
+        closest = max((cosine(main.embedding, r.embedding) for r in references), default=None)
+        if closest is not None and closest >= self.settings.duplicate_threshold:
+            return FaceCheck(False, Refusal.DUPLICATE, None, None, len(faces), similarity)
         if similarity is not None and similarity < self.settings.same_person_threshold:
             return FaceCheck(False, Refusal.DIFFERENT_PERSON, None, None, len(faces), similarity)
         height, width = image.shape[:2]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -70,15 +71,17 @@ def draw_keypoints(kps: np.ndarray, size: int | tuple[int, int]) -> Image.Image:
     return image
 
 
-def fit_keypoints(kps: np.ndarray, image_size: tuple[int, int], out_size: int) -> np.ndarray:
-    """Map keypoints from an image of ``image_size`` (width, height) into a square of ``out_size``.
+def fit_keypoints(kps: np.ndarray, image_size: tuple[int, int], out_size: int | tuple[int, int]) -> np.ndarray:
+    """Map keypoints from an image of ``image_size`` (width, height) into an output of ``out_size``
+    (a square's side, or (width, height)).
 
-    The image is scaled to fit the square and centred, so the face keeps its proportions.
+    The image is scaled to fit the output and centred, so the face keeps its proportions.
     """
     points = _check_keypoints(kps).astype(np.float64)
     width, height = image_size
-    scale = out_size / max(width, height)
-    offset = np.array([(out_size - width * scale) / 2, (out_size - height * scale) / 2])
+    out_width, out_height = (out_size, out_size) if isinstance(out_size, int) else out_size
+    scale = min(out_width / width, out_height / height)
+    offset = np.array([(out_width - width * scale) / 2, (out_height - height * scale) / 2])
     return points * scale + offset
 
 
@@ -315,22 +318,27 @@ def render_preview(
     num_images: int,
     steps: int | None = None,
     callback: StepCallback | None = None,
+    out_size: tuple[int, int] | None = None,
+    while_locked: Callable[[], AbstractContextManager[object]] | None = None,
 ) -> list[Image.Image]:
-    """Zero-shot InstantID images of one face, with the preset's size, guidance and identity weights.
+    """Zero-shot InstantID images of one face, with the preset's guidance and identity weights.
 
     ``embedding`` is the face's 512-d insightface embedding (InstantID was trained on the raw
     ``embedding``, not the normalised one); ``kps`` are its five keypoints in the coordinates of an
-    image of ``image_size`` (width, height), fitted into the output square. Image ``i`` is seeded
-    with ``seed + i``, so each image is reproducible on its own. Holds ``base.gpu_lock`` while drawing.
+    image of ``image_size`` (width, height), fitted into the output. ``out_size`` is the output's
+    (width, height), multiples of 8; None: the preset's square. Image ``i`` is seeded with
+    ``seed + i``, so each image is reproducible on its own. Holds ``base.gpu_lock`` while drawing;
+    ``while_locked`` (e.g. a user's LoRA made active on the shared UNet) is entered inside the lock.
     Raises ``PreviewUnavailable`` on a base without InstantID (SD1.5).
     """
     instantid = base.require_instantid()
     preset = base.preset
-    keypoints = fit_keypoints(kps, image_size, preset.resolution)
-    keypoint_image = draw_keypoints(keypoints, preset.resolution)
+    size = out_size or (preset.resolution, preset.resolution)
+    keypoints = fit_keypoints(kps, image_size, size)
+    keypoint_image = draw_keypoints(keypoints, size)
     face = torch.from_numpy(np.asarray(embedding, dtype=np.float32))
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
-    with base.gpu_lock:
+    with base.gpu_lock, (while_locked or nullcontext)():
         return instantid(
             prompt=prompt,
             negative_prompt=negative_prompt,

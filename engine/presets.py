@@ -105,6 +105,9 @@ class Preset:
         return self.root / "antelopev2"
 
 
+_DUPLICATE_CHECK_OFF = 1.01  # above any cosine
+
+
 def _tiny(root: Path) -> Preset:
     return Preset(
         name="tiny",
@@ -118,7 +121,9 @@ def _tiny(root: Path) -> Preset:
         train_steps=8,
         train_rank=4,
         train_lr=1e-3,
-        face_checks=FaceCheckSettings(crop_size=128),
+        # The tiny recognizer's random weights are mirror-symmetric and coarse: a mirrored selfie scores
+        # as high as a re-encoded one (~0.999), so it cannot tell a duplicate photo: check off.
+        face_checks=FaceCheckSettings(crop_size=128, duplicate_threshold=_DUPLICATE_CHECK_OFF),
         note="tiny preset: random weights, images are noise",
     )
 
@@ -172,7 +177,7 @@ def _tiny_sd15(root: Path) -> Preset:
         train_steps=8,
         train_rank=4,
         train_lr=1e-3,
-        face_checks=FaceCheckSettings(crop_size=128),
+        face_checks=FaceCheckSettings(crop_size=128, duplicate_threshold=_DUPLICATE_CHECK_OFF),
         note="tiny SD1.5 preset: random weights, images are noise",
     )
 

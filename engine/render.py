@@ -13,8 +13,8 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -177,6 +177,19 @@ class Renderer:
             self._img2img = img2img_for(self._pipe)
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
+
+    @contextmanager
+    def lora_active(self, adapter: AdapterRef) -> Iterator[None]:
+        """Make ``adapter`` the only active LoRA for the block, then switch LoRA off again.
+
+        For other pipelines over the shared modules (InstantID). The caller must hold the lock this
+        renderer was built with, for the whole block.
+        """
+        self._activate(adapter)
+        try:
+            yield
+        finally:
+            self._pipe.disable_lora()
 
     def forget(self, adapter_id: str) -> None:
         """Unload ``adapter_id`` if it is loaded (e.g. when the user's model is deleted or replaced)."""

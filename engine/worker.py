@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import os
 import socket
 import time
@@ -29,6 +30,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from PIL import Image
 
 from engine.api import (
+    ASPECT_RATIOS,
     JOB_QUEUES,
     QUEUE_INTERACTIVE,
     QUEUE_TRAINING,
@@ -170,6 +172,7 @@ def do_preview(app: WorkerContext, request: PreviewRequest) -> ImagesResult:
         num_images=request.num_images,
         steps=app.settings.preview_steps,
         callback=lambda done, total: app.report(request.job_id, stage="rendering", step=done, total=total),
+        out_size=_output_size(app, request.aspect),
     )
     return _store_ranked(app, request.owner, images, records, request.seed, prompt)
 
@@ -178,7 +181,10 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
     """Render from the user's personal model, or fall back when there is none yet.
 
     The fallback is InstantID on SDXL presets, and the plain base drawing "a <class word>" on SD1.5.
+    ``identity_boost`` with a LoRA on an SDXL preset draws through InstantID with the LoRA active;
+    elsewhere (no model, another method, SD1.5, a variation) it is ignored and the draw goes on as usual.
     """
+    size = _output_size(app, request.aspect)
     if request.adapter_key is None and request.variation_of is None and app.base.instantid is not None:
         fallback = PreviewRequest(
             job_id=request.job_id,
@@ -189,9 +195,17 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
             seed=request.seed,
             num_images=request.num_images,
             class_word=request.class_word or "person",
+            aspect=request.aspect,
         )
         return do_preview(app, fallback)
     personalisation = _personalisation(app, request)
+    if (
+        request.identity_boost
+        and isinstance(personalisation, AdapterRef)
+        and request.variation_of is None
+        and app.base.instantid is not None
+    ):
+        return _draw_boosted(app, request, personalisation, size)
     if personalisation is not None and request.token and request.class_word:
         prompt = expand_me(request.prompt, request.token, request.class_word)
     else:
@@ -206,7 +220,7 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
         negative_prompt=request.negative_prompt,
         seed=request.seed,
         num_images=request.num_images,
-        size=(app.preset.resolution, app.preset.resolution),
+        size=size,
         steps=app.settings.draw_steps or app.preset.inference_steps,
         guidance=app.preset.guidance_scale,
         variation_of=variation_of,
@@ -214,6 +228,54 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
     )
     records = _records(app, request.embedding_keys) if request.embedding_keys else []
     return _store_ranked(app, request.owner, images, records, request.seed, prompt)
+
+
+def _draw_boosted(
+    app: WorkerContext, request: DrawRequest, adapter: AdapterRef, size: tuple[int, int]
+) -> ImagesResult:
+    """InstantID on the enrolled faces with the user's LoRA active on the shared UNet: the LoRA
+    brings what training learned, the face embedding and keypoints pull the likeness further."""
+    assert request.token and request.class_word  # _personalisation checked both
+    records = _records(app, request.embedding_keys)
+    prompt = expand_me(request.prompt, request.token, request.class_word)
+    images = render_preview(
+        app.base,
+        mean_embedding(records),
+        records[0].kps,
+        _image_size(records[0]),
+        prompt=prompt,
+        negative_prompt=request.negative_prompt,
+        seed=request.seed,
+        num_images=request.num_images,
+        steps=app.settings.draw_steps or app.preset.inference_steps,
+        callback=lambda done, total: app.report(request.job_id, stage="rendering", step=done, total=total),
+        out_size=size,
+        while_locked=lambda: app.renderer.lora_active(adapter),
+    )
+    return _store_ranked(app, request.owner, images, records, request.seed, prompt)
+
+
+def aspect_size(aspect: str, resolution: int, multiple: int) -> tuple[int, int]:
+    """(width, height) for ``aspect`` with about ``resolution``² pixels, each a multiple of ``multiple``.
+
+    >>> aspect_size("3:4", 1024, 64)
+    (896, 1152)
+    """
+    ratio = ASPECT_RATIOS.get(aspect)
+    if ratio is None:
+        raise InvalidRequest(f"unknown aspect ratio {aspect!r}; use one of {', '.join(ASPECT_RATIOS)}")
+    width = resolution * math.sqrt(ratio[0] / ratio[1])
+    height = resolution * resolution / width
+    return _round_to(width, multiple), _round_to(height, multiple)
+
+
+def _round_to(value: float, multiple: int) -> int:
+    return max(multiple, round(value / multiple) * multiple)
+
+
+def _output_size(app: WorkerContext, aspect: str) -> tuple[int, int]:
+    # SDXL's and SD1.5's training buckets are multiples of 64; the tiny presets' 128 px needs finer steps.
+    return aspect_size(aspect, app.preset.resolution, 8 if app.preset.is_tiny else 64)
 
 
 def _personalisation(app: WorkerContext, request: DrawRequest) -> Personalisation | None:

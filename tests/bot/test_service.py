@@ -238,7 +238,7 @@ async def test_an_exact_duplicate_is_refused_without_a_job(
     user_id = await consented(service, db)
     datas = await seed_accepted(db, blobs, user_id, 1)
     reply = await service.add_photos(ALICE, [Upload(None, datas[0])])
-    assert reply.text.splitlines()[0] == "photo 1: refused, you already sent this exact photo: send a different one."
+    assert reply.text.splitlines()[0] == "photo 1: refused, you already sent this photo (or a copy of it): send a different one."
     assert len(await db.list_photos(user_id)) == 1
     assert await db.list_jobs(user_id) == []
 

@@ -25,6 +25,7 @@ from engine.faces import (
     training_crop,
 )
 from engine.tiny_faces import build_tiny_face_models
+from tests.support import face_photo
 
 T1_JPG = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 ASTRONAUT_FACE = (175, 70, 270, 180)  # x1, y1, x2, y2 of her face in skimage's astronaut()
@@ -128,8 +129,11 @@ def test_another_person_is_refused_and_the_same_one_accepted(analyzer: FaceAnaly
     someone_else = dataclasses.replace(mine, embedding=-mine.embedding)
     again = encode(astronaut, "JPEG", quality=85)
 
+    other_shot = analyzer.check(face_photo(3), references=[]).record  # brighter, cropped: not a copy
+    assert other_shot is not None
+
     refused = analyzer.check(again, references=[someone_else])
-    accepted = analyzer.check(again, references=[mine, mine])
+    accepted = analyzer.check(again, references=[other_shot, other_shot])
 
     assert (refused.accepted, refused.refusal) == (False, Refusal.DIFFERENT_PERSON)
     assert refused.similarity is not None and refused.similarity < -0.9
@@ -218,3 +222,44 @@ def test_missing_models_and_bad_settings_are_explained(tmp_path: Path) -> None:
         FaceCheckSettings(det_size=(640, 600))
     with pytest.raises(ValueError, match="prominent_face_ratio"):
         FaceCheckSettings(prominent_face_ratio=1.5)
+
+
+def test_the_same_photo_again_is_refused_as_a_duplicate(analyzer: FaceAnalyzer) -> None:
+    astronaut = data.astronaut()
+    original = analyzer.check(encode(astronaut), references=[])
+    other_shot = analyzer.check(face_photo(3), references=[])
+    assert original.record is not None and other_shot.record is not None
+
+    # Re-encoded as a JPEG: the photo's own record is among the references, next to another shot.
+    again = analyzer.check(encode(astronaut, "JPEG", quality=70), references=[other_shot.record, original.record])
+    different = analyzer.check(face_photo(4), references=[original.record])
+
+    assert (again.accepted, again.refusal) == (False, Refusal.DUPLICATE)
+    assert again.record is None and again.crop is None and again.faces_found == 1
+    assert (different.accepted, different.refusal) == (True, None)
+
+
+def test_the_duplicate_check_can_be_turned_off(model_dir: Path) -> None:
+    lenient = FaceAnalyzer(model_dir, FaceCheckSettings(duplicate_threshold=1.01))
+    photo = encode(data.astronaut())
+    record = lenient.check(photo, references=[]).record
+    assert record is not None
+
+    assert lenient.check(photo, references=[record]).accepted
+    with pytest.raises(ValueError, match="duplicate_threshold"):
+        FaceCheckSettings(duplicate_threshold=0.3)
+
+
+def test_the_tiny_presets_accept_mirrored_selfies(tiny_preset_dir: Path) -> None:
+    from engine.presets import load_preset
+
+    # The tiny recognizer scores a mirrored photo like a copy, so its presets keep the check off.
+    preset = load_preset("tiny", tiny_preset_dir.parent)
+    tiny = FaceAnalyzer(preset.face_models_dir, preset.face_checks)
+    record = tiny.check(encode(data.astronaut()), references=[]).record
+    assert record is not None
+
+    mirrored = tiny.check(encode(data.astronaut()[:, ::-1].copy()), references=[record])
+
+    assert (mirrored.accepted, mirrored.refusal) == (True, None)
+    assert mirrored.similarity is not None and mirrored.similarity > 0.99
