@@ -24,7 +24,7 @@ import copy
 import logging
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -114,6 +114,25 @@ class DreamBoothSettings:
         return self.prior_loss_weight > 0
 
 
+class PriorTrainingSettings(Protocol):
+    """The settings the shared stages read; ``DreamBoothSettings`` and ``LoraTrainSettings`` have them."""
+
+    @property
+    def resolution(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def prior_loss_weight(self) -> float: ...
+    @property
+    def with_prior(self) -> bool: ...
+    @property
+    def train_text_encoder(self) -> bool: ...
+    @property
+    def mixed_precision(self) -> bool: ...
+    @property
+    def max_grad_norm(self) -> float: ...
+
+
 @dataclass(frozen=True)
 class DreamBoothOutcome:
     """What a finished run produced: the weights file's bytes, the last step's loss, steps run."""
@@ -125,13 +144,7 @@ class DreamBoothOutcome:
 
 @dataclass(eq=False)
 class DreamBoothState(TrainingState):
-    """``TrainingState`` plus the text encoders, when they train too."""
-
-    text_encoders: dict[str, torch.nn.Module] = field(default_factory=dict)
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        """Every module that trains, by its pipeline attribute name."""
-        return {"unet": self.unet, **self.text_encoders}
+    """A DreamBooth run's ``TrainingState`` (its ``text_encoders`` are full copies when they train)."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +158,7 @@ class TrainingLatents:
 class StepPrompts(Protocol):
     """The instance and class conditioning of one step (class: None without prior preservation)."""
 
-    def for_step(self, state: DreamBoothState) -> tuple[PromptConditioning, PromptConditioning | None]: ...
+    def for_step(self, state: TrainingState) -> tuple[PromptConditioning, PromptConditioning | None]: ...
 
 
 # --- stage 1: data ---------------------------------------------------------------------------------
@@ -156,7 +169,7 @@ def prepare_latents(
     lock: threading.Lock,
     crops: list[Image.Image],
     class_images: list[Image.Image],
-    settings: DreamBoothSettings,
+    settings: PriorTrainingSettings,
 ) -> TrainingLatents:
     """Encode the crops and (with prior preservation) the class images with the resident VAE."""
     instance = encode_latents(pipe, lock, prepare_data(crops, settings.resolution))
@@ -164,10 +177,10 @@ def prepare_latents(
         return TrainingLatents(instance, None)
     if not class_images:
         raise TrainingInputError("prior preservation needs class images (engine.prior.class_images)")
-    return TrainingLatents(instance, _encode_in_chunks(pipe, lock, class_images, settings.resolution))
+    return TrainingLatents(instance, encode_in_chunks(pipe, lock, class_images, settings.resolution))
 
 
-def _encode_in_chunks(
+def encode_in_chunks(
     pipe: TextToImagePipeline, lock: threading.Lock, images: list[Image.Image], resolution: int
 ) -> InstanceLatents:
     """``encode_latents`` over chunks, concatenated (the rows' order does not matter: they are sampled)."""
@@ -188,7 +201,7 @@ class FixedPrompts:
     instance: PromptConditioning
     classes: PromptConditioning | None
 
-    def for_step(self, state: DreamBoothState) -> tuple[PromptConditioning, PromptConditioning | None]:
+    def for_step(self, state: TrainingState) -> tuple[PromptConditioning, PromptConditioning | None]:
         return self.instance, self.classes
 
 
@@ -200,7 +213,7 @@ class TrainablePrompts:
     class_ids: list[torch.Tensor] | None
     time_ids: torch.Tensor | None  # SDXL's micro-conditioning; None for SD1.5
 
-    def for_step(self, state: DreamBoothState) -> tuple[PromptConditioning, PromptConditioning | None]:
+    def for_step(self, state: TrainingState) -> tuple[PromptConditioning, PromptConditioning | None]:
         encoders = list(state.text_encoders.values())
         instance = encode_tokens(encoders, self.instance_ids, self.time_ids)
         classes = None if self.class_ids is None else encode_tokens(encoders, self.class_ids, self.time_ids)
@@ -212,7 +225,7 @@ def prepare_prompts(
     lock: threading.Lock,
     token: str,
     class_word: str,
-    settings: DreamBoothSettings,
+    settings: PriorTrainingSettings,
 ) -> StepPrompts:
     """The instance prompt, and the class prompt with prior preservation, ready for every step."""
     prompts = [instance_prompt(token, class_word), class_prompt(class_word) if settings.with_prior else None]
@@ -285,7 +298,7 @@ def build_trainable(
         unet = copy.deepcopy(pipe.unet)
         encoders = {name: copy.deepcopy(getattr(pipe, name)) for name in names}
     for module in (unet, *encoders.values()):
-        _remove_adapters(module)
+        remove_adapters(module)
         module.float().requires_grad_(True).train()
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -294,12 +307,21 @@ def build_trainable(
     return unet, encoders
 
 
-def _remove_adapters(module: torch.nn.Module) -> None:
-    from diffusers.utils import recurse_remove_peft_layers
+def remove_adapters(module: torch.nn.Module) -> None:
+    """Strip every peft LoRA layer (and the adapter bookkeeping) from ``module``, a private copy.
 
-    if getattr(module, "peft_config", None):
+    Looks for the layers, not only ``peft_config``: once the renderer has deleted every adapter that
+    attribute can be gone while the (disabled) wrapper layers stay.
+    """
+    from diffusers.utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(isinstance(m, BaseTunerLayer) for m in module.modules()):
         recurse_remove_peft_layers(module)
+    if hasattr(module, "peft_config"):
         del module.peft_config
+    if getattr(module, "_hf_peft_config_loaded", False):  # transformers' flag: add_adapter starts afresh
+        module._hf_peft_config_loaded = False
 
 
 def start_training(
@@ -317,19 +339,19 @@ def start_training(
 
 
 def dreambooth_step(
-    state: DreamBoothState,
+    state: TrainingState,
     latents: TrainingLatents,
     prompts: StepPrompts,
     scheduler: DDPMScheduler,
     lock: threading.Lock,
-    settings: DreamBoothSettings,
+    settings: PriorTrainingSettings,
 ) -> float:
     """One step: instance loss + ``prior_loss_weight`` × class loss → AdamW. Returns the loss."""
     instance = _sample_batch(state, latents.instance, scheduler, settings.batch_size)
     classes = None if latents.classes is None else _sample_batch(state, latents.classes, scheduler, settings.batch_size)
     params = [p for group in state.optimizer.param_groups for p in group["params"]]
     with lock:
-        with _autocast(state.unet, settings.mixed_precision):
+        with training_autocast(state.unet, settings.mixed_precision):
             instance_cond, class_cond = prompts.for_step(state)
             loss = _denoising_loss(state.unet, scheduler, instance_cond, *instance)
             if classes is not None and class_cond is not None:
@@ -344,7 +366,7 @@ def dreambooth_step(
     return value
 
 
-def _autocast(unet: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager[object]:
+def training_autocast(unet: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager[object]:
     """bf16 autocast when the UNet is on a GPU; float32 throughout on the CPU."""
     if enabled and _device(unet).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)

@@ -1,13 +1,17 @@
-"""DreamBooth-style LoRA training on the resident pipeline's UNet (SDXL or SD1.5), as named stages.
+"""DreamBooth-LoRA training on the resident pipeline's UNet (SDXL or SD1.5), as named stages.
 
 1. ``prepare_data``     crops → pixel tensors in [-1, 1] at the training resolution.
 2. ``encode_latents``, ``encode_instance_prompt``, ``sdxl_time_ids``: the frozen resident VAE and text
    encoders, used once, under the lock. The families differ only here: SDXL has two text encoders
    and conditions its UNet on the pooled text and image sizes too (``PromptConditioning.unet_kwargs``).
-3. ``build_trainable``  a deep copy of the UNet with a LoRA adapter; only the adapter trains, so the
-   resident UNet keeps serving draws while a user's model trains.
-4. ``training_step``    one denoising-loss step, under the lock.
-5. ``save_lora``        the adapter as diffusers-format LoRA safetensors bytes.
+   With class images (``engine.prior.class_images``) their latents and the class prompt are prepared
+   too, by ``engine.train_dreambooth``'s shared stages.
+3. ``build_trainable``  a deep copy of the UNet with a LoRA adapter (and, opt-in,
+   ``build_trainable_text_encoders``: copies of the text encoders with their own); only the adapters
+   train, so the resident modules keep serving draws while a user's model trains.
+4. ``training_step``    one step under the lock: instance loss + ``prior_loss_weight`` × class loss
+   (``engine.train_dreambooth.dreambooth_step``: DreamBooth-LoRA is DreamBooth's loss on a LoRA).
+5. ``save_lora``        the adapters as one diffusers-format LoRA safetensors file's bytes.
 
 ``train_lora`` runs them in order. The lock is the one that guards the GPU and the resident modules:
 it is taken per stage and per step, so interactive draws interleave with training.
@@ -19,7 +23,8 @@ import copy
 import logging
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +41,7 @@ if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from engine.base import TextToImagePipeline
+    from engine.train_dreambooth import StepPrompts, TrainingLatents
 
 _log = logging.getLogger(__name__)
 
@@ -67,6 +73,16 @@ class LoraTrainSettings:
     max_grad_norm: float = 1.0  # diffusers' training scripts' gradient clipping
     # A LoRA checkpoint is small (tens of MB with AdamW state): a killed run loses at most 100 steps.
     checkpoint_every: int = 100
+    # Prior preservation, used when the run is given class images (engine.prior.class_images):
+    prior_loss_weight: float = 1.0  # DreamBooth paper (λ = 1); diffusers' DreamBooth-LoRA scripts' default
+    num_class_images: int = 100  # diffusers' DreamBooth-LoRA scripts' default
+    class_image_steps: int = 30  # inference steps for drawing them, as engine.train_dreambooth draws them
+    # Opt-in, as in diffusers' DreamBooth-LoRA scripts (--train_text_encoder): sharper identity, bigger file.
+    train_text_encoder: bool = False
+    # CLIP's attention projections: what diffusers' DreamBooth-LoRA scripts target in the text encoders.
+    text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    gradient_checkpointing: bool = False  # a LoRA's optimizer state is small: memory is rarely short
+    mixed_precision: bool = True  # bf16 autocast on a GPU (float32 LoRA weights); ignored on the CPU
 
     def check(self) -> None:
         """Raise ``TrainingInputError`` naming the first setting that cannot work."""
@@ -80,6 +96,15 @@ class LoraTrainSettings:
             raise TrainingInputError(f"batch_size must be at least 1, got {self.batch_size}")
         if not self.learning_rate > 0:
             raise TrainingInputError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.prior_loss_weight < 0:
+            raise TrainingInputError(f"prior_loss_weight must not be negative, got {self.prior_loss_weight}")
+        if self.num_class_images < 0:
+            raise TrainingInputError(f"num_class_images must not be negative, got {self.num_class_images}")
+
+    @property
+    def with_prior(self) -> bool:
+        """Whether the class loss is part of training (a weight of 0 skips class images altogether)."""
+        return self.prior_loss_weight > 0
 
 
 @dataclass(frozen=True)
@@ -133,7 +158,7 @@ class PromptConditioning:
 
 @dataclass(eq=False)
 class TrainingState:
-    """The mutable part of a run: the trainable UNet, its optimizer, the RNG and the step reached.
+    """The mutable part of a run: the trainable UNet (and text encoders), optimizer, RNG, step reached.
 
     The seam for checkpoint/resume: a run restored into a ``TrainingState`` continues from ``step``.
     """
@@ -143,6 +168,11 @@ class TrainingState:
     generator: torch.Generator
     step: int = 0
     losses: list[float] = field(default_factory=list)
+    text_encoders: dict[str, torch.nn.Module] = field(default_factory=dict)  # when they train too
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Every module that trains, by its pipeline attribute name (what checkpoints save)."""
+        return {"unet": self.unet, **self.text_encoders}
 
 
 # --- stage 1: data -------------------------------------------------------------------------------
@@ -268,8 +298,44 @@ def build_trainable(
         unet.add_adapter(config)
     for param in trainable_parameters(unet):
         param.data = param.data.float()
+    if settings.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     unet.train()
     return unet
+
+
+def build_trainable_text_encoders(
+    pipe: TextToImagePipeline, lock: threading.Lock, settings: LoraTrainSettings
+) -> dict[str, torch.nn.Module]:
+    """Deep copies of the text encoder(s) with fresh LoRA adapters, by pipeline attribute name.
+
+    As for the UNet: adapters the renderer loaded are left out, only float32 LoRA weights train.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from engine.train_dreambooth import remove_adapters, text_encoder_names
+
+    with lock:
+        encoders = {name: copy.deepcopy(getattr(pipe, name)) for name in text_encoder_names(pipe)}
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        init_lora_weights="gaussian",
+        target_modules=list(settings.text_encoder_target_modules),
+    )
+    for encoder in encoders.values():
+        remove_adapters(encoder)
+        encoder.requires_grad_(False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            # peft directly, as diffusers' loader does: transformers' add_adapter wants a newer peft
+            inject_adapter_in_model(config, encoder, adapter_name="default")
+        for param in trainable_parameters(encoder):
+            param.data = param.data.float()
+        if settings.gradient_checkpointing:  # non-reentrant: the frozen embeddings need no grad
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        encoder.train()
+    return encoders
 
 
 def _has_lora_layers(unet: torch.nn.Module) -> bool:
@@ -288,13 +354,17 @@ def trainable_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def start_training(unet: UNet2DConditionModel, settings: LoraTrainSettings) -> TrainingState:
-    """A fresh ``TrainingState``: AdamW over the adapter, the run's seeded RNG, step 0."""
-    optimizer = torch.optim.AdamW(
-        trainable_parameters(unet), lr=settings.learning_rate, weight_decay=settings.weight_decay
-    )
+def start_training(
+    unet: UNet2DConditionModel,
+    settings: LoraTrainSettings,
+    text_encoders: Mapping[str, torch.nn.Module] | None = None,
+) -> TrainingState:
+    """A fresh ``TrainingState``: AdamW over the adapters, the run's seeded RNG, step 0."""
+    encoders = dict(text_encoders or {})
+    params = [p for module in (unet, *encoders.values()) for p in trainable_parameters(module)]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     generator = torch.Generator("cpu").manual_seed(settings.seed)
-    return TrainingState(unet=unet, optimizer=optimizer, generator=generator)
+    return TrainingState(unet=unet, optimizer=optimizer, generator=generator, text_encoders=encoders)
 
 
 def noise_scheduler_for(pipe: TextToImagePipeline) -> DDPMScheduler:
@@ -309,24 +379,23 @@ def noise_scheduler_for(pipe: TextToImagePipeline) -> DDPMScheduler:
 
 def training_step(
     state: TrainingState,
-    latents: InstanceLatents,
-    conditioning: PromptConditioning,
+    latents: InstanceLatents | TrainingLatents,
+    conditioning: PromptConditioning | StepPrompts,
     scheduler: DDPMScheduler,
     lock: threading.Lock,
     settings: LoraTrainSettings,
 ) -> float:
-    """One step: sample latents → add noise at random timesteps → predict → MSE → AdamW. Returns the loss."""
-    batch = _sample_batch(state, latents, scheduler, settings.batch_size)
-    with lock:
-        loss = _denoising_loss(state.unet, scheduler, conditioning, *batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable_parameters(state.unet), settings.max_grad_norm)
-        state.optimizer.step()
-        state.optimizer.zero_grad(set_to_none=True)
-    state.step += 1
-    value = float(loss.detach())
-    state.losses.append(value)
-    return value
+    """One step: sample latents → add noise at random timesteps → predict → MSE (+ the class loss) → AdamW.
+
+    Takes the instance latents and prompt alone too (no prior preservation). Returns the loss.
+    """
+    from engine.train_dreambooth import FixedPrompts, TrainingLatents, dreambooth_step
+
+    if isinstance(latents, InstanceLatents):
+        latents = TrainingLatents(latents, None)
+    if isinstance(conditioning, PromptConditioning):
+        conditioning = FixedPrompts(conditioning, None)
+    return dreambooth_step(state, latents, conditioning, scheduler, lock, settings)
 
 
 def _sample_batch(
@@ -378,27 +447,35 @@ def _randn_like(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 # --- stage 5: save -----------------------------------------------------------------------------------
 
 
-def save_lora(unet: UNet2DConditionModel) -> bytes:
-    """The trained adapter as the bytes of a diffusers-format LoRA safetensors file.
+def save_lora(unet: UNet2DConditionModel, text_encoders: Mapping[str, torch.nn.Module] | None = None) -> bytes:
+    """The trained adapters as the bytes of one diffusers-format LoRA safetensors file.
 
-    The file carries the LoraConfig (rank, alpha, targets) in its metadata, so
-    ``pipe.load_lora_weights(path, adapter_name=...)`` rebuilds the adapter exactly. A UNet-only LoRA
-    file has the same layout for SDXL and SD1.5 (``unet.``-prefixed keys), so one writer serves both.
+    The file carries each LoraConfig (rank, alpha, targets) in its metadata, so
+    ``pipe.load_lora_weights(path, adapter_name=...)`` rebuilds the adapters exactly. Keys are prefixed
+    by module (``unet.``, ``text_encoder.``, ``text_encoder_2.``); SDXL's loader mixin is the writer
+    that knows the second text encoder, and writes the same layout as SD1.5's for the others.
     """
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    kwargs: dict[str, Any] = {}
+    modules: dict[str, torch.nn.Module] = {"unet": unet, **(text_encoders or {})}
+    for name, module in modules.items():
+        kwargs[f"{name}_lora_layers"] = _lora_layers(module)
+        kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+    xl = "text_encoder_2" in (text_encoders or {})
+    writer = StableDiffusionXLLoraLoaderMixin if xl else StableDiffusionLoraLoaderMixin
+    with tempfile.TemporaryDirectory(prefix="avatarbooth-lora-") as tmp:
+        writer.save_lora_weights(tmp, weight_name=LORA_WEIGHT_NAME, **kwargs)
+        return (Path(tmp) / LORA_WEIGHT_NAME).read_bytes()
+
+
+def _lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s adapter weights, named as diffusers' LoRA files name them, on the CPU."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    layers = {name: tensor.detach().to("cpu").contiguous() for name, tensor in layers.items()}
-    with tempfile.TemporaryDirectory(prefix="avatarbooth-lora-") as tmp:
-        StableDiffusionLoraLoaderMixin.save_lora_weights(
-            tmp,
-            unet_lora_layers=layers,
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-            weight_name=LORA_WEIGHT_NAME,
-        )
-        return (Path(tmp) / LORA_WEIGHT_NAME).read_bytes()
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    return {name: tensor.detach().to("cpu").contiguous() for name, tensor in layers.items()}
 
 
 # --- the run -------------------------------------------------------------------------------------------
@@ -413,35 +490,45 @@ def train_lora(
     settings: LoraTrainSettings,
     on_progress: ProgressSink | None = None,
     *,
+    class_images: list[Image.Image] | tuple[Image.Image, ...] = (),
     state: TrainingState | None = None,
     checkpoints: CheckpointStore | None = None,
 ) -> LoraTrainOutcome:
     """Train a LoRA for one user on ``crops`` and return its safetensors bytes.
 
-    ``pipe`` is the resident pipeline: its modules are only read (the UNet is copied), under ``lock``.
+    ``class_images`` (from ``engine.prior.class_images``) turn on prior preservation: every step adds
+    ``settings.prior_loss_weight`` × the loss on them with the class prompt; without them it is off.
+    ``pipe`` is the resident pipeline: its modules are only read (copied), under ``lock``.
     ``on_progress`` is called after every step. ``state`` is the resume seam: a restored run continues
     from ``state.step``. With ``checkpoints`` the run saves every ``settings.checkpoint_every`` steps and
     first resumes from the job's newest checkpoint, so a killed job does not start again at step 0.
     """
+    from engine.train_dreambooth import prepare_latents, prepare_prompts
+
     settings.check()
-    pixels = prepare_data(crops, settings.resolution)
-    latents = encode_latents(pipe, lock, pixels)
-    conditioning = encode_instance_prompt(pipe, lock, instance_prompt(token, class_word), settings.resolution)
+    if not class_images:
+        settings = replace(settings, prior_loss_weight=0.0)
+    latents = prepare_latents(pipe, lock, crops, list(class_images), settings)
+    prompts = prepare_prompts(pipe, lock, token, class_word, settings)
     if state is None:
-        state = start_training(build_trainable(pipe, lock, settings), settings)
+        encoders = build_trainable_text_encoders(pipe, lock, settings) if settings.train_text_encoder else {}
+        state = start_training(build_trainable(pipe, lock, settings), settings, encoders)
     checkpointing = Checkpointing(checkpoints, settings.checkpoint_every) if checkpoints else None
     if checkpointing is not None:
-        state = checkpointing.resume(state)
+        state = checkpointing.resume(state, state.modules())
     scheduler = noise_scheduler_for(pipe)
-    _log.info("LoRA training: %d crops, %d steps from step %d", len(crops), settings.steps, state.step)
-    loss = run_steps(state, latents, conditioning, scheduler, lock, settings, on_progress, checkpointing)
-    return LoraTrainOutcome(weights=save_lora(state.unet), final_loss=loss, steps=state.step)
+    _log.info(
+        "LoRA training: %d crops, %d class images, %d steps from step %d",
+        len(crops), len(class_images) if settings.with_prior else 0, settings.steps, state.step,
+    )
+    loss = run_steps(state, latents, prompts, scheduler, lock, settings, on_progress, checkpointing)
+    return LoraTrainOutcome(weights=save_lora(state.unet, state.text_encoders), final_loss=loss, steps=state.step)
 
 
 def run_steps(
     state: TrainingState,
-    latents: InstanceLatents,
-    conditioning: PromptConditioning,
+    latents: TrainingLatents,
+    prompts: StepPrompts,
     scheduler: DDPMScheduler,
     lock: threading.Lock,
     settings: LoraTrainSettings,
@@ -452,8 +539,8 @@ def run_steps(
     clock = ProgressClock(on_progress, settings.steps, state.step)
     loss = state.losses[-1] if state.losses else float("nan")
     while state.step < settings.steps:
-        loss = training_step(state, latents, conditioning, scheduler, lock, settings)
+        loss = training_step(state, latents, prompts, scheduler, lock, settings)
         if checkpointing is not None:
-            checkpointing.after_step(state, settings.steps)
+            checkpointing.after_step(state, settings.steps, state.modules())
         clock.report(state.step, loss)
     return loss

@@ -8,7 +8,7 @@ the preset, and gives each run a checkpoint store so a killed job resumes instea
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,8 +69,10 @@ def train_personal_model(
 ) -> TrainedModel:
     """Train ``method`` on ``crops``; the result's ``token`` is what "me" becomes in later prompts."""
     if method == TrainingMethod.LORA:
+        lora_settings = lora_settings_for(run)
         lora = train_lora(
-            run.pipe, run.lock, crops, token, class_word, lora_settings_for(run), on_progress,
+            run.pipe, run.lock, crops, token, class_word, lora_settings, on_progress,
+            class_images=prior_images_for(run, class_word, lora_settings),
             checkpoints=run.checkpoints,
         )
         return TrainedModel(lora.weights, token, lora.steps, lora.final_loss)
@@ -83,11 +85,7 @@ def train_personal_model(
         return TrainedModel(ti.weights, word, ti.steps, ti.final_loss)
     if method == TrainingMethod.DREAMBOOTH:
         settings = dreambooth_settings_for(run)
-        priors = class_images(
-            run.pipe, run.lock, f"{run.preset.name}:{run.preset.pipeline_dir}", class_word,
-            settings.num_class_images, run.class_image_cache,
-            resolution=settings.resolution, steps=settings.class_image_steps,
-        ) if settings.prior_loss_weight > 0 else []
+        priors = prior_images_for(run, class_word, settings)
         booth = train_dreambooth(
             run.pipe, run.lock, crops, token, class_word, priors, settings, on_progress,
             checkpoints=run.checkpoints,
@@ -96,10 +94,26 @@ def train_personal_model(
     raise UnknownTrainingMethod(f"unknown training method {method!r}; use lora, ti or dreambooth")
 
 
+def prior_images_for(
+    run: TrainingRun, class_word: str, settings: LoraTrainSettings | DreamBoothSettings
+) -> list[Image.Image]:
+    """The base's class images for prior preservation, drawn once per base and class word and cached.
+
+    LoRA and DreamBooth share the cache: a set's image ``i`` is the same whoever asks first.
+    """
+    if settings.prior_loss_weight <= 0:
+        return []
+    return class_images(
+        run.pipe, run.lock, f"{run.preset.name}:{run.preset.pipeline_dir}", class_word,
+        settings.num_class_images, run.class_image_cache,
+        resolution=settings.resolution, steps=settings.class_image_steps,
+    )
+
+
 def lora_settings_for(run: TrainingRun) -> LoraTrainSettings:
     """The preset's LoRA defaults; the crops are written at the preset's resolution."""
     preset = run.preset
-    return LoraTrainSettings(
+    settings = LoraTrainSettings(
         steps=run.steps or preset.train_steps,
         rank=preset.train_rank,
         alpha=preset.train_rank,
@@ -107,6 +121,9 @@ def lora_settings_for(run: TrainingRun) -> LoraTrainSettings:
         resolution=preset.resolution,
         seed=run.seed,
     )
+    if preset.is_tiny:  # two quickly drawn class images: the prior loss runs, tests stay fast
+        return replace(settings, num_class_images=2, class_image_steps=preset.inference_steps)
+    return settings
 
 
 def ti_settings_for(run: TrainingRun) -> TiTrainSettings:

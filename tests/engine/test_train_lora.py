@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
+from engine.prior import class_images
 from engine.progress import TrainingProgress
 from engine.render import AdapterRef, Renderer
 from engine.train_lora import (
@@ -25,6 +26,7 @@ from engine.train_lora import (
     TrainingInputError,
     TrainingState,
     build_trainable,
+    build_trainable_text_encoders,
     encode_latents,
     prepare_data,
     start_training,
@@ -218,3 +220,118 @@ def test_bad_settings_are_refused(bad: dict[str, float]) -> None:
 def test_no_crops_is_refused() -> None:
     with pytest.raises(TrainingInputError, match="at least one"):
         prepare_data([], SIZE)
+
+
+# --- prior preservation, text-encoder LoRA, gradient checkpointing ----------------------------------
+
+
+class CountingLock:
+    """A real lock that counts how often it was taken (``class_images`` draws each image under it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.taken = 0
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self.taken += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def lora_tensors(weights: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(weights)
+
+
+def test_prior_preservation_changes_the_lora_and_class_images_are_drawn_once(
+    tiny_preset_dir: Path, tmp_path: Path
+) -> None:
+    pipe, lock = load_pipe(tiny_preset_dir), CountingLock()
+    draw = {"resolution": SIZE, "steps": 1}
+    classes = class_images(pipe, lock, "tiny", "person", 2, tmp_path, **draw)  # type: ignore[arg-type]
+    first_draws = lock.taken
+    again = class_images(pipe, lock, "tiny", "person", 2, tmp_path, **draw)  # type: ignore[arg-type]
+    assert first_draws == 2 and lock.taken == first_draws, "the second call drew instead of using the cache"
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(classes, again, strict=True))
+
+    plain_lock = threading.Lock()
+    results = {
+        weight: train_lora(
+            pipe, plain_lock, crops(), "sks", "person",
+            LoraTrainSettings(steps=2, rank=2, alpha=2, learning_rate=5e-2, resolution=SIZE, prior_loss_weight=weight),
+            class_images=classes,
+        )
+        for weight in (0.0, 1.0)
+    }
+    without, with_prior = (lora_tensors(results[w].weights) for w in (0.0, 1.0))
+    assert without.keys() == with_prior.keys()
+    assert any(not torch.equal(without[k], with_prior[k]) for k in without)
+    # No class images: prior preservation is off, whatever the weight (same run as weight 0).
+    no_classes = train_lora(
+        pipe, plain_lock, crops(), "sks", "person",
+        LoraTrainSettings(steps=2, rank=2, alpha=2, learning_rate=5e-2, resolution=SIZE),
+    )
+    plain = lora_tensors(no_classes.weights)
+    assert all(torch.equal(plain[k], without[k]) for k in without)
+
+
+@dataclass
+class TextEncoderRun:
+    pipe: StableDiffusionXLPipeline
+    lock: threading.Lock
+    settings: LoraTrainSettings
+    encoders_before: dict[str, dict[str, torch.Tensor]]
+    outcome: LoraTrainOutcome
+
+
+@pytest.fixture(scope="module")
+def te_run(tiny_preset_dir: Path) -> TextEncoderRun:
+    """One run with text-encoder LoRA on its own resident pipeline."""
+    pipe, lock = load_pipe(tiny_preset_dir), threading.Lock()
+    before = {name: snapshot(getattr(pipe, name)) for name in ("text_encoder", "text_encoder_2")}
+    settings = LoraTrainSettings(
+        steps=2, rank=4, alpha=4, learning_rate=5e-2, resolution=SIZE, train_text_encoder=True
+    )
+    return TextEncoderRun(pipe, lock, settings, before, train_lora(pipe, lock, crops(), "sks", "person", settings))
+
+
+def test_text_encoder_lora_is_saved_and_the_resident_encoders_are_untouched(te_run: TextEncoderRun) -> None:
+    for name, before in te_run.encoders_before.items():
+        assert_same(before, snapshot(getattr(te_run.pipe, name)))
+    keys = lora_tensors(te_run.outcome.weights).keys()
+    assert {k.split(".", 1)[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(".lora" in k for k in keys)
+
+
+def test_text_encoder_lora_draws_the_same_in_a_fresh_process(
+    te_run: TextEncoderRun, tiny_preset_dir: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import save
+
+    full, unet_only = tmp_path / "full.safetensors", tmp_path / "unet.safetensors"
+    full.write_bytes(te_run.outcome.weights)
+    tensors = lora_tensors(te_run.outcome.weights)
+    unet_only.write_bytes(save({k: v for k, v in tensors.items() if k.startswith("unet.")}))
+    renderer = Renderer(te_run.pipe, te_run.lock)
+    in_process = np.asarray(renderer.draw(PROMPT, adapter=AdapterRef("full", full), **DRAW)[0])
+    without_te = np.asarray(renderer.draw(PROMPT, adapter=AdapterRef("unet", unet_only), **DRAW)[0])
+
+    fresh = draw_in_subprocess(tiny_preset_dir / "sdxl", full, tmp_path / "fresh.png")
+
+    assert np.array_equal(fresh, in_process)
+    assert not np.array_equal(in_process, without_te), "the text-encoder half of the file is not used"
+    # The resident encoders now hold adapters loaded for drawing: a new run's copies carry only their own.
+    copies = build_trainable_text_encoders(te_run.pipe, te_run.lock, te_run.settings)
+    assert all(list(encoder.peft_config) == ["default"] for encoder in copies.values())
+
+
+def test_gradient_checkpointing_trains_the_same_lora(te_run: TextEncoderRun, tiny_preset_dir: Path) -> None:
+    pipe, lock = load_pipe(tiny_preset_dir), threading.Lock()
+    settings = replace(te_run.settings, gradient_checkpointing=True)
+    checkpointed = lora_tensors(train_lora(pipe, lock, crops(), "sks", "person", settings).weights)
+    plain = lora_tensors(te_run.outcome.weights)
+    assert plain.keys() == checkpointed.keys()
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-5) for k in plain)
