@@ -33,7 +33,7 @@ from PIL import Image
 
 from engine.checkpoints import Checkpointing, CheckpointStore
 from engine.errors import EngineError
-from engine.progress import ProgressClock, ProgressSink
+from engine.progress import ProgressSink
 from engine.train_lora import (
     InstanceLatents,
     PromptConditioning,
@@ -46,6 +46,7 @@ from engine.train_lora import (
     instance_prompt,
     noise_scheduler_for,
     prepare_data,
+    run_steps,
     sdxl_time_ids,
 )
 from engine.prior import class_prompt
@@ -420,29 +421,10 @@ def train_dreambooth(
     if checkpointing is not None:
         checkpointing.resume(state, state.modules())
     _log.info("DreamBooth: %d crops, %d steps from step %d", len(crops), settings.steps, state.step)
-    loss = run_steps(state, latents, prompts, noise_scheduler_for(pipe), lock, settings, on_progress, checkpointing)
+    # The loop is LoRA's own (train_lora.run_steps): the same stages, with the prior loss in each step.
+    loss = run_steps(state, latents, prompts, noise_scheduler_for(pipe), lock, settings, on_progress, checkpointing)  # type: ignore[arg-type]
     return DreamBoothOutcome(save_weights(state, settings.save_dtype), loss, state.step)
 
-
-def run_steps(
-    state: DreamBoothState,
-    latents: TrainingLatents,
-    prompts: StepPrompts,
-    scheduler: DDPMScheduler,
-    lock: threading.Lock,
-    settings: DreamBoothSettings,
-    on_progress: ProgressSink | None,
-    checkpointing: Checkpointing | None = None,
-) -> float:
-    """The loop from ``state.step`` to ``settings.steps``: step, checkpoint when due, report."""
-    clock = ProgressClock(on_progress, settings.steps, state.step)
-    loss = state.losses[-1] if state.losses else float("nan")
-    while state.step < settings.steps:
-        loss = dreambooth_step(state, latents, prompts, scheduler, lock, settings)
-        if checkpointing is not None:
-            checkpointing.after_step(state, settings.steps, state.modules())
-        clock.report(state.step, loss)
-    return loss
 
 
 # --- drawing: swap the weights in, draw, swap the base back ----------------------------------------------
