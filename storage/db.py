@@ -224,11 +224,21 @@ class Database:
     """Typed access to the chat side's SQLite database; open it with `Database.open`."""
 
     def __init__(self, connection: aiosqlite.Connection, clock: Clock = time.time) -> None:
+        # Three connections to one file, each with its own aiosqlite thread:
+        # - `_conn` runs the transactions of several statements (migrations, erasure), one at a
+        #   time under `_lock`, because a coroutine's statements must not interleave with another's;
+        # - `_statements` runs every other write: each is one statement, atomic by itself, sent
+        #   without a lock, so aiosqlite runs them back to back;
+        # - `_reader` runs reads, without a lock; it sees only committed data.
+        # SQLite's own write lock orders the two writing connections (BEGIN IMMEDIATE takes it
+        # up front; busy_timeout makes the other wait). Behind one asyncio lock every statement
+        # had to wait for each coroutine ahead of it to be resumed by a busy event loop: 200
+        # Telegram users agreeing at once waited seconds (bench/telegram_load.py).
         self._conn = connection
         self._clock = clock
-        # One connection serves all coroutines: the lock keeps one coroutine's transaction
-        # from swallowing another's statements, and reads from seeing half of a transaction.
         self._lock = asyncio.Lock()
+        self._statements: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -270,13 +280,19 @@ class Database:
             with _translate_errors():  # e.g. the file is not a database
                 await db._configure()
                 await db._migrate(migrations)
+                db._statements = await _open_connection(path)
+                db._reader = await _open_connection(path, read_only=True)
         except BaseException:
-            await connection.close()
+            await db.close()
             raise
         return db
 
     async def close(self) -> None:
-        """Close the connection; the object is unusable afterwards."""
+        """Close the connections; the object is unusable afterwards."""
+        for extra in (self._reader, self._statements):
+            if extra is not None:
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    await extra.close()
         await self._conn.close()
 
     # -- users and consent ---------------------------------------------------------------------
@@ -291,17 +307,14 @@ class Database:
         )
         if known is not None:
             return User(**_fields(known))
-        async with self._write() as conn:
-            await conn.execute(
-                "INSERT INTO users (platform, platform_user_id, created_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (platform, platform_user_id) DO NOTHING",
-                (platform, platform_user_id, self._clock()),
-            )
-            row = await _fetch_one(
-                conn,
-                f"SELECT {_USER} FROM users WHERE platform = ? AND platform_user_id = ?",
-                (platform, platform_user_id),
-            )
+        # One statement: a racing first message of the same user gets the same row back
+        # (the no-op update makes RETURNING return it), never a second one.
+        row = await self._write_one(
+            "INSERT INTO users (platform, platform_user_id, created_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (platform, platform_user_id) DO UPDATE SET platform = excluded.platform"
+            f" RETURNING {_USER}",
+            (platform, platform_user_id, self._clock()),
+        )
         return User(**_fields(_present(row)))
 
     async def get_user(self, user_id: int) -> User | None:
@@ -330,13 +343,11 @@ class Database:
         """Record an uploaded photo stored under `blob_key`."""
         _require_choice("photo status", status, PHOTO_STATUSES)
         now = self._clock()
-        async with self._write() as conn:
-            row = await _fetch_one(
-                conn,
-                "INSERT INTO photos (user_id, blob_key, sha256, status, created_at, updated_at)"
-                f" VALUES (?, ?, ?, ?, ?, ?) RETURNING {_PHOTO}",
-                (user_id, blob_key, sha256, status, now, now),
-            )
+        row = await self._write_one(
+            "INSERT INTO photos (user_id, blob_key, sha256, status, created_at, updated_at)"
+            f" VALUES (?, ?, ?, ?, ?, ?) RETURNING {_PHOTO}",
+            (user_id, blob_key, sha256, status, now, now),
+        )
         return Photo(**_fields(_present(row)))
 
     async def set_photo_result(
@@ -349,13 +360,11 @@ class Database:
     ) -> Photo:
         """Store the outcome of a face check; it replaces any earlier outcome entirely."""
         _require_choice("photo status", status, PHOTO_STATUSES)
-        async with self._write() as conn:
-            row = await _fetch_one(
-                conn,
-                "UPDATE photos SET status = ?, refusal = ?, embedding_key = ?, crop_key = ?,"
-                f" updated_at = ? WHERE id = ? RETURNING {_PHOTO}",
-                (status, refusal, embedding_key, crop_key, self._clock(), photo_id),
-            )
+        row = await self._write_one(
+            "UPDATE photos SET status = ?, refusal = ?, embedding_key = ?, crop_key = ?,"
+            f" updated_at = ? WHERE id = ? RETURNING {_PHOTO}",
+            (status, refusal, embedding_key, crop_key, self._clock(), photo_id),
+        )
         if row is None:
             raise RecordNotFound(
                 f"photo {photo_id} does not exist; it was deleted or erased with its user"
@@ -387,8 +396,7 @@ class Database:
 
     async def delete_photo(self, photo_id: int) -> None:
         """Delete the photo's row (not its blobs); deleting a missing photo is a no-op."""
-        async with self._write() as conn:
-            await conn.execute("DELETE FROM photos WHERE id = ?", (photo_id,))
+        await self._write_one("DELETE FROM photos WHERE id = ?", (photo_id,))
 
     # -- jobs ----------------------------------------------------------------------------------
 
@@ -400,13 +408,11 @@ class Database:
         _require_text("job queue", queue)
         encoded = _encode_json("job payload", payload)
         now = self._clock()
-        async with self._write() as conn:
-            row = await _fetch_one(
-                conn,
-                "INSERT INTO jobs (user_id, kind, queue, state, payload, created_at, updated_at)"
-                f" VALUES (?, ?, ?, 'queued', ?, ?, ?) RETURNING {_JOB}",
-                (user_id, kind, queue, encoded, now, now),
-            )
+        row = await self._write_one(
+            "INSERT INTO jobs (user_id, kind, queue, state, payload, created_at, updated_at)"
+            f" VALUES (?, ?, ?, 'queued', ?, ?, ?) RETURNING {_JOB}",
+            (user_id, kind, queue, encoded, now, now),
+        )
         return _job(_present(row))
 
     async def update_job(
@@ -427,12 +433,10 @@ class Database:
         assignments = [f"{column} = ?" for column in changes]
         assignments += ["attempts = attempts + ?", "updated_at = ?"]
         params = (*changes.values(), attempts_delta, self._clock(), job_id)
-        async with self._write() as conn:
-            row = await _fetch_one(
-                conn,
-                f"UPDATE jobs SET {', '.join(assignments)} WHERE id = ? RETURNING {_JOB}",
-                params,
-            )
+        row = await self._write_one(
+            f"UPDATE jobs SET {', '.join(assignments)} WHERE id = ? RETURNING {_JOB}",
+            params,
+        )
         if row is None:
             raise RecordNotFound(
                 f"job {job_id} does not exist; it may have been erased with its user"
@@ -492,16 +496,14 @@ class Database:
         """Record a trained model as the user's next version (1 for the first)."""
         _require_text("model method", method)
         # One statement computes and claims the version, so concurrent adds cannot collide.
-        async with self._write() as conn:
-            row = await _fetch_one(
-                conn,
-                "INSERT INTO models (user_id, method, version, base_preset, blob_key, token,"
-                " class_word, job_id, created_at)"
-                " SELECT ?, ?, COALESCE(MAX(version), 0) + 1, ?, ?, ?, ?, ?, ?"
-                f" FROM models WHERE user_id = ? RETURNING {_MODEL}",
-                (user_id, method, base_preset, blob_key, token, class_word, job_id,
-                 self._clock(), user_id),
-            )
+        row = await self._write_one(
+            "INSERT INTO models (user_id, method, version, base_preset, blob_key, token,"
+            " class_word, job_id, created_at)"
+            " SELECT ?, ?, COALESCE(MAX(version), 0) + 1, ?, ?, ?, ?, ?, ?"
+            f" FROM models WHERE user_id = ? RETURNING {_MODEL}",
+            (user_id, method, base_preset, blob_key, token, class_word, job_id,
+             self._clock(), user_id),
+        )
         return PersonalModel(**_fields(_present(row)))
 
     async def latest_model(self, user_id: int) -> PersonalModel | None:
@@ -530,13 +532,11 @@ class Database:
         model_id: int | None = None,
     ) -> GeneratedImage:
         """Record a generated image; `model_id` is None for zero-shot (InstantID) images."""
-        async with self._write() as conn:
-            row = await _fetch_one(
-                conn,
-                "INSERT INTO images (user_id, job_id, model_id, blob_key, prompt, seed, score,"
-                f" created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_IMAGE}",
-                (user_id, job_id, model_id, blob_key, prompt, seed, score, self._clock()),
-            )
+        row = await self._write_one(
+            "INSERT INTO images (user_id, job_id, model_id, blob_key, prompt, seed, score,"
+            f" created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_IMAGE}",
+            (user_id, job_id, model_id, blob_key, prompt, seed, score, self._clock()),
+        )
         return GeneratedImage(**_fields(_present(row)))
 
     async def get_image(self, image_id: int) -> GeneratedImage | None:
@@ -546,8 +546,7 @@ class Database:
 
     async def delete_image(self, image_id: int) -> None:
         """Remove one image row (its blob is the caller's to delete). A missing id does nothing."""
-        async with self._write() as conn:
-            await conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
+        await self._write_one("DELETE FROM images WHERE id = ?", (image_id,))
 
     async def count_images_with_blob(self, user_id: int, blob_key: str) -> int:
         """How many of the user's image rows point at ``blob_key`` (equal images share one blob)."""
@@ -579,14 +578,10 @@ class Database:
     # -- plumbing ------------------------------------------------------------------------------
 
     async def _configure(self) -> None:
-        self._conn.row_factory = aiosqlite.Row
-        await self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        await self._conn.execute("PRAGMA foreign_keys = ON")
+        await _configure_connection(self._conn)
         row = await _fetch_one(self._conn, "PRAGMA journal_mode = WAL", ())
         if row is None or str(row[0]).lower() != "wal":
             _log.warning("SQLite refused WAL mode (got %r); concurrent access will be slower", row)
-        # NORMAL is durable across application crashes in WAL mode and much faster than FULL.
-        await self._conn.execute("PRAGMA synchronous = NORMAL")
 
     async def _migrate(self, migrations: Sequence[Migration]) -> None:
         _check_migrations(migrations)
@@ -646,12 +641,12 @@ class Database:
             async with self._transaction():
                 yield self._conn
 
-    async def _write_one(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
-        """One statement on its own: atomic by itself in autocommit mode, and one trip to
-        aiosqlite's thread instead of three (BEGIN, statement, COMMIT). Under load that matters."""
+    async def _write_one(self, sql: str, params: Sequence[Any]) -> sqlite3.Row | None:
+        """One statement on its own, atomic by itself in autocommit mode: one trip to
+        aiosqlite's thread, no lock. Returns its first row (for RETURNING), if any."""
         with _translate_errors():
-            async with self._lock:
-                return list(await self._conn.execute_fetchall(sql, params))
+            rows = await _require(self._statements).execute_fetchall(sql, params)
+        return next(iter(rows), None)
 
     async def _read_one(self, sql: str, params: Sequence[Any]) -> sqlite3.Row | None:
         rows = await self._read_all(sql, params)
@@ -660,8 +655,36 @@ class Database:
     async def _read_all(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
         # execute_fetchall: one trip to aiosqlite's thread (execute, fetch and close would be three).
         with _translate_errors():
-            async with self._lock:
-                return list(await self._conn.execute_fetchall(sql, params))
+            return list(await _require(self._reader).execute_fetchall(sql, params))
+
+
+async def _open_connection(path: Path, *, read_only: bool = False) -> aiosqlite.Connection:
+    """Another connection to the database file (WAL mode is a property of the file)."""
+    connection = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        await _configure_connection(connection)
+        if read_only:  # a reader can then never take a lock the writers would wait for
+            await connection.execute("PRAGMA query_only = ON")
+    except BaseException:
+        await connection.close()
+        raise
+    return connection
+
+
+async def _configure_connection(connection: aiosqlite.Connection) -> None:
+    """What every connection needs: rows by name, waiting for locks, enforced references."""
+    connection.row_factory = aiosqlite.Row
+    await connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    await connection.execute("PRAGMA foreign_keys = ON")
+    # Per connection, like the two above. NORMAL is durable across application crashes in WAL
+    # mode and much faster than FULL (no fsync per commit).
+    await connection.execute("PRAGMA synchronous = NORMAL")
+
+
+def _require(connection: aiosqlite.Connection | None) -> aiosqlite.Connection:
+    if connection is None:
+        raise StorageError("the database is still opening or already closed; open it with Database.open")
+    return connection
 
 
 async def _fetch_one(

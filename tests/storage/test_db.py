@@ -149,6 +149,41 @@ async def test_two_connections_wait_for_each_other(db_path: Path) -> None:
     assert len({user.id for user in users}) == 20
 
 
+async def test_every_connection_commits_without_fsync_and_enforces_references(db: Database) -> None:
+    # Per-connection settings: a connection that missed them would fsync every commit (FULL)
+    # or let a row point at nothing. Reads, single writes and transactions each have their own.
+    for connection in (db._conn, db._statements, db._reader):
+        assert connection is not None
+        assert [tuple(r) for r in await connection.execute_fetchall("PRAGMA synchronous")] == [(1,)]
+        assert [tuple(r) for r in await connection.execute_fetchall("PRAGMA foreign_keys")] == [(1,)]
+
+
+async def test_the_first_messages_of_one_user_at_once_make_one_user(db: Database) -> None:
+    users = await asyncio.gather(*(db.get_or_create_user("telegram", "7") for _ in range(30)))
+    assert len({user.id for user in users}) == 1
+
+
+async def test_writes_racing_an_erasure_are_all_either_before_or_after_it(
+    db: Database, db_path: Path
+) -> None:
+    """Single-statement writes run without the transaction lock, beside a transaction of several
+    statements (erasure): SQLite's own lock must keep each one whole, before or after it."""
+    user = await db.get_or_create_user("console", "racer")
+    await db.record_consent(user.id, "1")
+    photos = [db.add_photo(user.id, f"k{n}", SHA) for n in range(40)]
+    jobs = [db.create_job(user.id, "draw", "q", {}) for _ in range(40)]
+    written = await asyncio.gather(*photos, db.erase_user(user.id), *jobs)  # no "database is locked"
+    photo_ids = sorted(p.id for p in written[:40])
+    job_ids = sorted(j.id for j in written[41:])
+    kept_photos = [p.id for p in await db.list_photos(user.id)]
+    kept_jobs = [i for (i,) in _query(db_path, f"SELECT id FROM jobs WHERE user_id = {user.id} ORDER BY id")]
+    # The erasure happened at one point: what was written before it is all gone, what came
+    # after is all there (a suffix of each table's ids), and the reader sees just that.
+    assert kept_photos == photo_ids[len(photo_ids) - len(kept_photos):]
+    assert kept_jobs == job_ids[len(job_ids) - len(kept_jobs):]
+    assert _query(db_path, f"SELECT COUNT(*) FROM consents WHERE user_id = {user.id}") == [(0,)]
+
+
 # -- users and consent ------------------------------------------------------------------------
 
 
