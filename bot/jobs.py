@@ -15,7 +15,7 @@ from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import job_key_prefix, result_key_prefix, retry_key_prefix
-from arq.jobs import DeserializationError, Job, ResultNotFound, SerializationError
+from arq.jobs import DeserializationError, ResultNotFound, SerializationError, deserialize_result
 from redis.exceptions import RedisError
 
 from bot import texts
@@ -58,6 +58,8 @@ class JobClient:
     def __init__(self, redis: ArqRedis, *, poll_delay: float = 0.25) -> None:
         self._redis = redis
         self._poll_delay = poll_delay
+        self._waiters: set[_Waiter] = set()
+        self._watcher: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -75,6 +77,9 @@ class JobClient:
         return cls(redis, poll_delay=poll_delay)
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         await self._redis.aclose()
 
     async def __aenter__(self) -> JobClient:
@@ -152,42 +157,116 @@ class JobClient:
         """
         name = job_name_of(job_id)
         what = texts.job_label(name)
-        job = Job(job_id, self._redis, _queue_name=JOB_QUEUES[name], _deserializer=deserialize_job)
-        pending = asyncio.ensure_future(job.result(timeout=timeout, poll_delay=self._poll_delay))
+        waiter = _Waiter(job_id, JOB_QUEUES[name], wants_progress=on_progress is not None)
+        self._waiters.add(waiter)
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch(), name="avatarbooth-job-watcher")
+        last: ProgressFields = {}
         try:
-            await self._follow_progress(job_id, pending, on_progress)
-            result = pending.result()
-        except asyncio.TimeoutError as exc:
+            async with asyncio.timeout(timeout):
+                while True:
+                    await waiter.changed.wait()
+                    waiter.changed.clear()
+                    if on_progress is not None and waiter.progress and waiter.progress != last:
+                        last = waiter.progress
+                        await on_progress(last)
+                    if waiter.outcome.done():
+                        result = waiter.outcome.result()
+                        break
+        except TimeoutError as exc:
             raise JobFailed.timed_out(what, timeout) from exc
         except ResultNotFound as exc:
             raise JobFailed.lost(what) from exc
         except (SerializationError, DeserializationError) as exc:
             # The worker raised instead of returning a JobFailure, or arq gave up on the job.
             raise JobFailed(texts.job_failed(what, "internal")) from exc
-        except (RedisError, OSError) as exc:
-            raise QueueUnavailable(f"waiting for {job_id}: {exc}") from exc
         finally:
-            if not pending.done():
-                pending.cancel()
-                await asyncio.gather(pending, return_exceptions=True)
+            self._waiters.discard(waiter)
         if not isinstance(result, dict):
             raise JobFailed.unreadable(what)
         return result
 
-    async def _follow_progress(
-        self, job_id: str, pending: asyncio.Future[Any], on_progress: ProgressSink | None
-    ) -> None:
-        """Poll the progress hash until `pending` is done; report once more at the end."""
-        last: ProgressFields = {}
-        while True:
-            done, _ = await asyncio.wait({pending}, timeout=self._poll_delay)
-            if on_progress is not None:
-                current = await self.read_progress(job_id)
-                if current and current != last:
-                    last = current
-                    await on_progress(current)
-            if done:
-                return
+    async def _watch(self) -> None:
+        """One loop for every waiting job: each round is one MULTI/EXEC to Redis, however many
+        jobs wait. (arq's own `Job.result` polls per job: with hundreds of users enrolling at
+        once, those polls took most of the chat process's time; bench/telegram_load.py.)"""
+        round_ = 0
+        while self._waiters:
+            waiters = list(self._waiters)
+            # Whether a job is still queued or running is only asked every few rounds: it only
+            # tells a lost job (a flushed Redis, an expired entry) from a slow one.
+            ask_queue = round_ % _QUEUE_CHECK_ROUNDS == 0
+            try:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.mget([result_key_prefix + w.job_id for w in waiters])
+                    for w in waiters:
+                        if w.wants_progress:
+                            pipe.hgetall(progress_key(w.job_id))
+                        if ask_queue:
+                            pipe.zscore(w.queue, w.job_id)
+                    replies: list[Any] = await pipe.execute()
+            except (RedisError, OSError) as exc:
+                for w in waiters:
+                    w.finish(exception=QueueUnavailable(f"waiting for {w.job_id}: {exc}"))
+            except Exception as exc:  # a bug here must not leave every waiter to its timeout
+                _log.exception("the job watcher failed")
+                for w in waiters:
+                    w.finish(exception=exc)
+            else:
+                answers = iter(replies[1:])
+                for w, stored in zip(waiters, replies[0]):
+                    progress = next(answers) if w.wants_progress else None
+                    queued = next(answers) if ask_queue else True
+                    if progress:
+                        w.report({_text(k): _text(v) for k, v in progress.items()})
+                    if stored:
+                        w.finish(**_outcome(stored))
+                    elif queued is None:
+                        w.finish(exception=ResultNotFound(f"job {w.job_id} is neither queued nor done"))
+            round_ += 1
+            await asyncio.sleep(self._poll_delay)
+
+
+_QUEUE_CHECK_ROUNDS = 8
+
+
+class _Waiter:
+    """One `JobClient.wait` call, as the watcher sees it."""
+
+    def __init__(self, job_id: str, queue: str, *, wants_progress: bool) -> None:
+        self.job_id = job_id
+        self.queue = queue
+        self.wants_progress = wants_progress
+        self.progress: ProgressFields = {}
+        self.outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.changed = asyncio.Event()
+
+    def report(self, progress: ProgressFields) -> None:
+        if progress != self.progress:
+            self.progress = progress
+            self.changed.set()
+
+    def finish(self, *, result: Any = None, exception: BaseException | None = None) -> None:
+        if self.outcome.done():
+            return
+        if exception is not None:
+            self.outcome.set_exception(exception)
+        else:
+            self.outcome.set_result(result)
+        self.changed.set()
+
+
+def _outcome(stored: bytes) -> dict[str, Any]:
+    """A kept arq result as `_Waiter.finish` arguments (arq's own reading of it, as in Job.result)."""
+    try:
+        info = deserialize_result(stored, deserializer=deserialize_job)
+    except DeserializationError as exc:
+        return {"exception": exc}
+    if info.success:
+        return {"result": info.result}
+    if isinstance(info.result, Exception):
+        return {"exception": info.result}
+    return {"exception": SerializationError(repr(info.result))}  # e.g. the job was cancelled
 
 
 def _text(value: bytes | str) -> str:

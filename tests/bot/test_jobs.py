@@ -202,3 +202,31 @@ async def test_losing_the_server_while_waiting_is_reported(tmp_path: Path) -> No
             await waiting
     finally:
         await jobs.close()
+
+
+async def test_many_waiting_jobs_share_one_redis_round_per_poll(client: JobClient, valkey_url: str) -> None:
+    """Hundreds of users enrolling at once must not mean hundreds of polls per round: a poll
+    per job made the chat process spend most of its time on Redis (bench/telegram_load.py)."""
+    ids = [f"check_photo-{200 + n}" for n in range(50)]
+    for job_id in ids:
+        await client.submit(JobName.CHECK_PHOTO, check_request(job_id), job_id)
+    waits = [asyncio.ensure_future(client.wait(job_id, timeout=30)) for job_id in ids]
+    await asyncio.sleep(0.1)  # all fifty are waiting
+    before = await commands_processed(client)
+    await asyncio.sleep(20 * 0.02)  # about twenty poll rounds
+    spent = await commands_processed(client) - before
+    # Per round: MULTI, MGET, EXEC, and every eighth round a ZSCORE per job. One poll per job
+    # (arq's Job.result: MULTI, GET, ZSCORE, EXEC) would be 4 * 50 commands a round.
+    assert spent < 20 * 50
+
+    async def check_photo(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+        return {"accepted": True, "job": payload["job_id"]}
+
+    await run_worker(valkey_url, JobName.CHECK_PHOTO, check_photo)
+    results = await asyncio.gather(*waits)
+    assert [r["job"] for r in results] == ids  # each waiter got its own job's result
+
+
+async def commands_processed(client: JobClient) -> int:
+    stats: dict[str, Any] = await client.redis.info("stats")
+    return int(stats["total_commands_processed"])
