@@ -75,6 +75,7 @@ from bot.errors import BotError
 from bot.service import BotService, ProgressCallback, Reply, Upload, UserRef
 from bot.settings import BotSettings
 from bot.uploads import RefusedUpload, inspect_upload
+from bot.telegram_http import AiohttpRequest
 from engine.api import Refusal
 
 _log = logging.getLogger(__name__)
@@ -296,8 +297,9 @@ class TelegramAdapter:
                     overall_max_rate=settings.messages_per_second, max_retries=settings.max_retries
                 )
             )
-            .connection_pool_size(settings.connection_pool_size)
-            .pool_timeout(30.0)
+            # aiohttp instead of PTB's httpx: see bot/telegram_http.py for why.
+            .request(AiohttpRequest(pool_size=settings.connection_pool_size))
+            .get_updates_request(AiohttpRequest(pool_size=1))
         )
         if settings.base_url is not None and settings.base_file_url is not None:
             builder = builder.base_url(settings.base_url).base_file_url(settings.base_file_url)
