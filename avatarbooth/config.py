@@ -180,6 +180,7 @@ _BOT_KEYS: dict[str, dict[str, str]] = {
         "max_pixels": "max_pixels",
         "min_side": "min_side",
         "draws_per_hour": "draws_per_hour",
+        "images_per_draw": "draw_num_images",
         "max_prompt_chars": "max_prompt_chars",
     },
     "identity": {"token": "token", "class_word": "class_word"},
@@ -207,7 +208,10 @@ def _bot_settings(raw: Mapping[str, Any]) -> BotSettings:
                 raise ConfigError(f"[{section}] {key}: unknown setting; known: {', '.join(sorted(allowed))}")
             if key in mapping and mapping[key] in fields:
                 overrides[mapping[key]] = _coerce(section, key, value, getattr(defaults, mapping[key]))
-    return dataclasses.replace(defaults, **overrides)
+    try:
+        return dataclasses.replace(defaults, **overrides)
+    except ValueError as exc:  # settings that are wrong together, e.g. min_photos > max_photos
+        raise ConfigError(f"[limits] or [training]: {exc}; fix config.toml") from exc
 
 
 def _base_model(engine: Mapping[str, Any]) -> str | None:

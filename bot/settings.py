@@ -7,6 +7,9 @@ from dataclasses import dataclass
 MIB = 1024 * 1024
 
 
+MAX_IMAGES_PER_REQUEST = 8  # best-of-N beyond this costs more GPU time than it buys likeness
+
+
 @dataclass(frozen=True)
 class BotSettings:
     """Limits the chat side enforces before anything reaches a worker.
@@ -37,6 +40,11 @@ class BotSettings:
             raise ValueError(
                 f"min_photos ({self.min_photos}) must not exceed max_photos ({self.max_photos})"
             )
+        for name, count in (("preview", self.preview_num_images), ("draw", self.draw_num_images)):
+            if not 1 <= count <= MAX_IMAGES_PER_REQUEST:
+                raise ValueError(
+                    f"images per {name} must be between 1 and {MAX_IMAGES_PER_REQUEST}, not {count}"
+                )
         if not self.enabled_methods:
             raise ValueError("enabled_methods must name at least one training method, e.g. 'lora'")
 

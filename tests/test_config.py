@@ -18,6 +18,13 @@ def test_the_shipped_config_toml_loads_with_its_documented_defaults() -> None:
     assert config.data_dir == ROOT / "data"
     assert config.bot.min_photos == 3 and config.bot.max_photos == 5
     assert config.bot.enabled_methods == ("lora", "ti")
+    assert config.bot.draw_num_images == 2
+
+
+def test_images_per_draw_sets_how_many_candidates_a_draw_ranks(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[limits]\nimages_per_draw = 1\n")
+    assert load_config(path, env={}).bot.draw_num_images == 1
 
 
 def test_relative_data_dir_is_relative_to_the_config_file_and_env_overrides_it(tmp_path: Path) -> None:
@@ -47,6 +54,8 @@ def test_the_preset_flag_wins_over_the_file(tmp_path: Path) -> None:
         ('[limits]\nmax_photos = "five"\n', "max_photos must be a int"),
         ("[limits]\nmax_fotos = 5\n", "max_fotos: unknown setting"),
         ("[queue]\nmax_jobs = 0\n", "max_jobs must be a positive whole number"),
+        ("[limits]\nimages_per_draw = 9\n", "images per draw must be between 1 and 8, not 9"),
+        ("[limits]\nmin_photos = 6\n", r"min_photos \(6\) must not exceed max_photos \(5\)"),
         ("[engine\n", "not valid TOML"),
     ],
 )
