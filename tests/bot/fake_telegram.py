@@ -14,6 +14,7 @@ keeps a message's text through edits, refuses edits that change nothing, refuses
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import itertools
 import json
@@ -88,6 +89,7 @@ class FakeTelegram:
         self._message_ids = itertools.count(1000)
         self._file_ids = itertools.count(1)
         self._files: dict[str, tuple[str, bytes, int]] = {}  # file_id -> (path, data, size)
+        self._file_ids_by_path: dict[str, str] = {}
         self._users: dict[int, FakeUser] = {}
         self._chats: dict[int, dict[str, Any]] = {}
         self._failures: list[_Failure] = []
@@ -105,7 +107,10 @@ class FakeTelegram:
         app.router.add_get("/file/bot{token}/{path:.+}", self._file)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        # A backlog as deep as the bot's connection pool: Telegram accepts hundreds of connections
+        # at once, and with aiohttp's default (128) the kernel drops the excess SYNs, so the
+        # client's retransmits (1 s, 3 s, 7 s, 15 s) would show up as the bot's reply time.
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
         await site.start()
         server = site._server
         assert server is not None and server.sockets
@@ -159,18 +164,10 @@ class FakeTelegram:
         chat_id: int | None = None,
     ) -> dict[str, Any]:
         """A compressed photo: Telegram sends several sizes, smallest first (the last is ``data``)."""
-        sizes = []
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            for side in (90, 320):
-                if max(width, height) <= side:
-                    continue
-                small = image.copy()
-                small.thumbnail((side, side))
-                out = io.BytesIO()
-                small.convert("RGB").save(out, format="JPEG", quality=80)
-                sizes.append(self._photo_size(out.getvalue(), *small.size))
-        sizes.append(self._photo_size(data, width, height))
+        sizes = [
+            self._photo_size(content, width, height)
+            for content, width, height in _photo_sizes(data)
+        ]
         message = self._user_message(user, chat_id)
         message["photo"] = sizes
         if media_group_id:
@@ -306,11 +303,11 @@ class FakeTelegram:
         if request.match_info["token"] != self.token:
             return web.Response(status=401)
         path = request.match_info["path"]
-        for stored_path, data, _ in self._files.values():
-            if stored_path == path:
-                self.downloads.append(path)
-                return web.Response(body=data)
-        return web.Response(status=404)
+        file_id = self._file_ids_by_path.get(path)
+        if file_id is None:
+            return web.Response(status=404)
+        self.downloads.append(path)
+        return web.Response(body=self._files[file_id][1])
 
     def _take_failure(self, method: str) -> _Failure | None:
         for failure in self._failures:
@@ -469,11 +466,13 @@ class FakeTelegram:
         number = next(self._file_ids)
         file_id = f"F{number:04d}"
         stored_size = size if size is not None else len(data)
-        self._files[file_id] = (f"{folder}/file_{number}.{suffix}", data, stored_size)
+        path = f"{folder}/file_{number}.{suffix}"
+        self._files[file_id] = (path, data, stored_size)
+        self._file_ids_by_path[path] = file_id
         return file_id
 
     def file_id_of_path(self, path: str) -> str:
-        return next(fid for fid, (p, _, _) in self._files.items() if p == path)
+        return self._file_ids_by_path[path]
 
 
 class _ApiError(Exception):
@@ -527,3 +526,23 @@ def _error(status: int, description: str, retry_after: int | None = None) -> web
     if retry_after is not None:
         body["parameters"] = {"retry_after": retry_after}
     return web.json_response(body, status=status)
+
+
+@functools.lru_cache(maxsize=64)
+def _photo_sizes(data: bytes) -> tuple[tuple[bytes, int, int], ...]:
+    """The sizes Telegram makes of a photo: thumbnails of 90 and 320 px, then the photo itself.
+    Cached: Telegram does this on its own machines, and a load test sending the same photos for
+    hundreds of users must not spend the bot's time on it."""
+    sizes = []
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        for side in (90, 320):
+            if max(width, height) <= side:
+                continue
+            small = image.copy()
+            small.thumbnail((side, side))
+            out = io.BytesIO()
+            small.convert("RGB").save(out, format="JPEG", quality=80)
+            sizes.append((out.getvalue(), *small.size))
+    sizes.append((data, width, height))
+    return tuple(sizes)
