@@ -40,7 +40,8 @@ from PIL import Image, UnidentifiedImageError
 from bot import texts
 from bot.errors import BotError
 from bot.service import BotService, ImageOut, Reply, Upload, UserRef
-from engine.api import Refusal, TrainingMethod
+from engine.api import ASPECT_RATIOS, Refusal, TrainingMethod
+from engine.styles import STYLES
 
 _log = logging.getLogger(__name__)
 
@@ -742,6 +743,9 @@ def _shows_image(filename: str, image_id: int) -> bool:
 
 
 _TRAIN_CHOICES = [app_commands.Choice(name=m.value, value=m.value) for m in TrainingMethod]
+# Choices rather than free text: Discord shows them as a menu and refuses anything else itself.
+_STYLE_CHOICES = [app_commands.Choice(name=s.title, value=s.name) for s in STYLES.values()]
+_ASPECT_CHOICES = [app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_RATIOS]
 _PHOTO_DESCRIPTIONS = {
     name: texts.DISCORD_PHOTO_OPTION.format(n=n) for n, name in enumerate(PHOTO_OPTIONS, start=1)
 }
@@ -796,11 +800,24 @@ class _Commands(commands.Cog, name="AvatarBooth"):
         await self.bot.simple_command(interaction, lambda u, p: service.photos(u), private=True)
 
     @app_commands.command(name="preview", description=texts.DISCORD_COMMANDS["preview"])
-    @app_commands.describe(prompt=texts.DISCORD_PREVIEW_PROMPT_OPTION)
-    async def preview(self, interaction: Interaction, prompt: str | None = None) -> None:
+    @app_commands.describe(
+        prompt=texts.DISCORD_PREVIEW_PROMPT_OPTION,
+        style=texts.DISCORD_STYLE_OPTION,
+        aspect=texts.DISCORD_ASPECT_OPTION,
+    )
+    @app_commands.choices(style=_STYLE_CHOICES, aspect=_ASPECT_CHOICES)
+    async def preview(
+        self,
+        interaction: Interaction,
+        prompt: str | None = None,
+        style: str | None = None,
+        aspect: str | None = None,
+    ) -> None:
         service = self.bot.service
         await self.bot.simple_command(
-            interaction, lambda u, p: service.preview(u, prompt, on_progress=p), private=False
+            interaction,
+            lambda u, p: service.preview(u, prompt, on_progress=p, style=style, aspect=aspect),
+            private=False,
         )
 
     @app_commands.command(name="train", description=texts.DISCORD_COMMANDS["train"])
@@ -816,11 +833,26 @@ class _Commands(commands.Cog, name="AvatarBooth"):
         )
 
     @app_commands.command(name="draw", description=texts.DISCORD_COMMANDS["draw"])
-    @app_commands.describe(prompt=texts.DISCORD_DRAW_PROMPT_OPTION)
-    async def draw(self, interaction: Interaction, prompt: str) -> None:
+    @app_commands.describe(
+        prompt=texts.DISCORD_DRAW_PROMPT_OPTION,
+        style=texts.DISCORD_STYLE_OPTION,
+        aspect=texts.DISCORD_ASPECT_OPTION,
+        boost=texts.DISCORD_BOOST_OPTION,
+    )
+    @app_commands.choices(style=_STYLE_CHOICES, aspect=_ASPECT_CHOICES)
+    async def draw(
+        self,
+        interaction: Interaction,
+        prompt: str,
+        style: str | None = None,
+        aspect: str | None = None,
+        boost: bool = False,
+    ) -> None:
         service = self.bot.service
         await self.bot.simple_command(
-            interaction, lambda u, p: service.draw(u, prompt, on_progress=p), private=False
+            interaction,
+            lambda u, p: service.draw(u, prompt, on_progress=p, style=style, aspect=aspect, boost=boost),
+            private=False,
         )
 
     @app_commands.command(name="status", description=texts.DISCORD_COMMANDS["status"])

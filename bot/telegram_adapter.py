@@ -70,8 +70,8 @@ from telegram.ext import (
 )
 
 from bot import texts
-from bot.console import split_style
 from bot.errors import BotError
+from bot.options import parse_options
 from bot.service import BotService, ProgressCallback, Reply, Upload, UserRef
 from bot.settings import BotSettings
 from bot.uploads import RefusedUpload, inspect_upload
@@ -555,12 +555,17 @@ class TelegramAdapter:
         }
 
     async def _preview(self, user: UserRef, rest: str, on_progress: ProgressCallback) -> Reply:
-        style, prompt = split_style(rest)
-        return await self._service.preview(user, prompt or None, on_progress=on_progress, style=style)
+        options = parse_options(rest, allowed=("--style", "--ar"))
+        return await self._service.preview(
+            user, options.prompt or None, on_progress=on_progress, style=options.style, aspect=options.aspect
+        )
 
     async def _draw(self, user: UserRef, rest: str, on_progress: ProgressCallback) -> Reply:
-        style, prompt = split_style(rest)
-        return await self._service.draw(user, prompt, on_progress=on_progress, style=style)
+        options = parse_options(rest)
+        return await self._service.draw(
+            user, options.prompt, on_progress=on_progress,
+            style=options.style, aspect=options.aspect, boost=options.boost,
+        )
 
     async def _start(self, channel: _Channel, user: User, rest: str) -> None:
         reply = await self._service.start(_ref(user))

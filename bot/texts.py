@@ -437,12 +437,16 @@ Commands:
   /agree                         give your consent (nothing is stored before this)
   /enroll photo1 .. photo5       attach 3 to 5 selfies (or send them to me by DM)
   /photos                        your photos and whether each was accepted
-  /preview [prompt]              an instant picture of you, before any training
+  /preview [prompt] [style] [aspect]
+                                 an instant picture of you, before any training
   /train [method]                train your personal model (lora is the default)
-  /draw prompt                   draw a picture, e.g. /draw me as an astronaut
+  /draw prompt [style] [aspect] [boost]
+                                 draw a picture, e.g. /draw me as an astronaut
   /status                        your photos, models and running jobs
   /forget                        erase everything stored about you
   /help                          this list
+style: a look from a menu (anime, oil painting, ...); aspect: the shape (3:4, 16:9, ...);
+boost: adds your enrolled face to your model's drawing for a closer likeness.
 Under each picture: Reroll, More like this, Delete (only for you)."""
 DISCORD_COMMANDS = {
     "start": "What is stored and why; agree to it",
@@ -461,6 +465,9 @@ DISCORD_PHOTO_OPTION = "Selfie {n}: one face, well lit and in focus"
 DISCORD_PREVIEW_PROMPT_OPTION = "What to picture (optional), e.g. me as an astronaut"
 DISCORD_TRAIN_METHOD_OPTION = "Training method (lora is the default)"
 DISCORD_DRAW_PROMPT_OPTION = "What to draw, e.g. me as an astronaut"
+DISCORD_STYLE_OPTION = "A style preset (see /help); none keeps your prompt as it is"
+DISCORD_ASPECT_OPTION = "The picture's shape, width:height (square by default)"
+DISCORD_BOOST_OPTION = "Add your enrolled face to your model's drawing for a closer likeness"
 DISCORD_CONSENT_BUTTON_HINT = "Press \u201cI agree\u201d below (or send /agree) to continue."
 DISCORD_AGREE_BUTTON = "I agree"
 DISCORD_REROLL_BUTTON = "Reroll"

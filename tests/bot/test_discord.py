@@ -29,7 +29,8 @@ from bot.discord_adapter import DiscordSettings, fit_under, serve_discord
 from bot.jobs import JobClient
 from bot.service import BotService, Upload, UserRef
 from bot.settings import BotSettings
-from engine.api import Refusal
+from engine.api import ASPECT_RATIOS, Refusal
+from engine.styles import STYLES
 from storage.blobs import LocalBlobStore
 from storage.db import Database
 from tests.bot.discord_http import (
@@ -212,6 +213,12 @@ async def test_commands_sync_to_the_guild_and_the_token_is_never_logged(
     assert [(o["name"], o["type"], o.get("required", False)) for o in enroll["options"]] == [
         ("photo1", 11, True), *((f"photo{n}", 11, False) for n in range(2, 6))
     ]
+    draw = next(c for c in fake.commands[str(place.guild_id)] if c["name"] == "draw")
+    assert [(o["name"], o["type"], o.get("required", False)) for o in draw["options"]] == [
+        ("prompt", 3, True), ("style", 3, False), ("aspect", 3, False), ("boost", 5, False)
+    ]
+    (aspect,) = [o for o in draw["options"] if o["name"] == "aspect"]
+    assert [c["value"] for c in aspect["choices"]] == list(ASPECT_RATIOS)
     (identify,) = fake.identified
     privileged = (1 << 1) | (1 << 8) | (1 << 15)  # members, presences, message content
     assert identify["intents"] & privileged == 0
@@ -385,8 +392,16 @@ async def test_preview_and_draw_send_images_with_buttons_for_the_requester_only(
             f"ab:{action}:{image_id}:{alice.id}" for action in ("reroll", "more", "delete")
         ]
 
-        draw = await command(fake, alice, place, "draw", options={"prompt": "me as an astronaut"})
+        draw = await command(
+            fake, alice, place, "draw",
+            options={"prompt": "me as an astronaut", "style": "anime", "aspect": "3:4"},
+        )
         drawn = await fake.wait_for(edit_of(draw, "image 2:"))
+        width, height = decoded(drawn.files[0][1]).size
+        assert abs(width / height - 3 / 4) < 0.05  # the shape asked for (sides are multiples of 16)
+        (draw_job,) = [j for j in await stack.db.list_jobs(await account_id(stack, alice)) if j.kind == "draw"]
+        assert draw_job.payload is not None
+        assert draw_job.payload["request"]["prompt"] == STYLES["anime"].apply("me as an astronaut")[0]
         message = fake.original_response(int(draw["id"]))
         assert not message["flags"] & EPHEMERAL  # results are public, so their buttons last
         assert len(drawn.files) == 2 and len(message["attachments"]) == 2

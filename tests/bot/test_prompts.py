@@ -6,7 +6,8 @@ import io
 
 import pytest
 
-from bot.console import ConsoleAdapter, split_style
+from bot.console import ConsoleAdapter
+from bot.options import PromptOptions, parse_options
 from bot.errors import PromptBlocked, UnknownStyleName
 from bot.service import BotService, UserRef
 from engine.styles import STYLES
@@ -61,10 +62,10 @@ async def test_a_style_wraps_the_prompt_and_sets_its_negative_prompt(
     assert request["negative_prompt"] == negative != ""
 
 
-def test_the_console_reads_a_style_option() -> None:
-    assert split_style("--style anime me as an astronaut") == ("anime", "me as an astronaut")
-    assert split_style("--style=oil-painting me") == ("oil-painting", "me")
-    assert split_style("me as an astronaut") == (None, "me as an astronaut")
+def test_a_style_option_is_read_before_the_prompt() -> None:
+    assert parse_options("--style anime me as an astronaut") == PromptOptions("me as an astronaut", style="anime")
+    assert parse_options("--style=oil-painting me") == PromptOptions("me", style="oil-painting")
+    assert parse_options("me as an astronaut") == PromptOptions("me as an astronaut")
 
 
 async def test_styles_lists_every_preset(service: BotService, tmp_path: object) -> None:

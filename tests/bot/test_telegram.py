@@ -224,12 +224,14 @@ async def test_the_whole_journey(
         gaps = [b.at - a.at for a, b in zip(progress_edits, progress_edits[1:])]
         assert all(gap >= 0.19 for gap in gaps), gaps
 
-        # draw: two images from the model, each with buttons
-        tg.send_text(ann, "/draw me as an astronaut")
+        # draw: two images from the model, each with buttons, in the shape asked for
+        tg.send_text(ann, "/draw --ar 3:4 me as an astronaut")
         await tg.wait_text(ann.id, "Drawn by your lora model v1.")
         await tg.wait_for(lambda: len(photos_in(tg, ann.id)) == 3)
         drawn = photos_in(tg, ann.id)[-1]
         assert drawn["caption"].startswith("image 2:")
+        with Image.open(io.BytesIO(tg.calls_of("sendPhoto")[-1].files["photo"][1])) as image:
+            assert abs(image.width / image.height - 3 / 4) < 0.05  # sides are multiples of 16
 
         # buttons: full size, draw again, more like this, delete
         tg.press(ann, drawn, button(drawn, texts.TELEGRAM_FULL_SIZE_BUTTON))
@@ -432,6 +434,10 @@ async def test_errors_and_stray_messages_get_friendly_replies(tg: FakeTelegram, 
         await tg.wait_text(ann.id, "consent is recorded")
         tg.send_text(ann, "/draw")
         await tg.wait_text(ann.id, texts.EMPTY_PROMPT)
+        tg.send_text(ann, "/draw --zoom 2 me")
+        await tg.wait_text(ann.id, texts.UNKNOWN_OPTION.format(option="--zoom"))
+        tg.send_text(ann, "/preview --boost")  # the boost is for drawing from a trained model
+        await tg.wait_text(ann.id, texts.UNKNOWN_OPTION.format(option="--boost"))
         tg.send_text(ann, "/train")
         await tg.wait_text(ann.id, "You have 0 accepted photo(s)")
         tg.send_photo(ann, faceless_photo(100))  # too small: refused at the boundary

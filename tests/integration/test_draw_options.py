@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bot.console import parse_options
+from bot.options import parse_options
 from bot.errors import MissingOptionValue, UnknownAspect, UnknownOption
 from bot.jobs import JobClient
 from bot.service import BotService, Upload, UserRef

@@ -1,0 +1,58 @@
+"""The options of /preview and /draw (``--style S``, ``--ar W:H``, ``--boost``), read the same way
+wherever commands arrive as text (console, Telegram)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from bot.errors import MissingOptionValue, UnknownOption
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """What a /preview or /draw line asked for: its options and the prompt after them."""
+
+    prompt: str
+    style: str | None = None
+    aspect: str | None = None
+    boost: bool = False
+
+
+_VALUE_OPTIONS = {"--style": ("style", "--style anime"), "--ar": ("aspect", "--ar 3:4")}
+_FLAG_OPTIONS = ("--boost",)
+PROMPT_OPTIONS = (*_VALUE_OPTIONS, *_FLAG_OPTIONS)
+
+
+def parse_options(rest: str, allowed: Collection[str] = PROMPT_OPTIONS) -> PromptOptions:
+    """Leading ``--name value``, ``--name=value`` and ``--flag`` words, then the prompt.
+
+    >>> parse_options("--ar 3:4 --boost me as an astronaut")
+    PromptOptions(prompt='me as an astronaut', style=None, aspect='3:4', boost=True)
+
+    Raises ``UnknownOption`` for an option not in ``allowed`` and ``MissingOptionValue`` for a
+    value option with nothing after it.
+    """
+    values: dict[str, str] = {}
+    boost = False
+    remaining = rest.strip()
+    while remaining.startswith("--"):
+        word, remaining = _next_word(remaining)
+        name, has_value, value = word.partition("=")
+        if name not in allowed or (name in _FLAG_OPTIONS and has_value):
+            raise UnknownOption(word)
+        if name in _FLAG_OPTIONS:
+            boost = True
+            continue
+        field_name, example = _VALUE_OPTIONS[name]
+        if not has_value:
+            value, remaining = _next_word(remaining)
+        if not value:
+            raise MissingOptionValue(name, example)
+        values[field_name] = value
+    return PromptOptions(remaining, style=values.get("style"), aspect=values.get("aspect"), boost=boost)
+
+
+def _next_word(text: str) -> tuple[str, str]:
+    words = text.split(maxsplit=1)
+    return (words[0] if words else ""), (words[1] if len(words) > 1 else "")
