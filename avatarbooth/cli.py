@@ -178,7 +178,7 @@ async def _platform(
         from bot.discord_adapter import serve_discord
 
         try:
-            await serve_discord(service, config.discord, token, stop=stop)
+            await serve_discord(service, config.discord, token, stop=stop, resumed=resumed)
         except LoginFailure as e:
             raise StartupError("Discord rejected DISCORD_TOKEN: check the bot token in the developer portal") from e
 

@@ -26,7 +26,7 @@ import asyncio
 import io
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -486,9 +486,14 @@ class AvatarBoothBot(commands.Bot):
         settings: DiscordSettings,
         *,
         progress_interval_s: float = 1.0,
+        resumed: Mapping[UserRef, Reply] | None = None,
         **options: Any,
     ) -> None:
-        """`options` go to `discord.Client` (e.g. `proxy`, or a `connector` in tests)."""
+        """`options` go to `discord.Client` (e.g. `proxy`, or a `connector` in tests).
+
+        ``resumed``: what `BotService.resume_all` finished at start-up; Discord users get theirs by
+        direct message once the bot has logged in (the interactions they came from have expired).
+        """
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents(),
@@ -500,13 +505,36 @@ class AvatarBoothBot(commands.Bot):
         self.settings = settings
         self.progress_interval_s = progress_interval_s
         self._conversations: set[asyncio.Task[Any]] = set()  # commands still running
+        self._resumed = {
+            int(user.platform_user_id): reply
+            for user, reply in (resumed or {}).items()
+            if user.platform == PLATFORM and user.platform_user_id.isdigit()
+        }
         self.tree.error(self._on_command_error)
 
     async def setup_hook(self) -> None:
-        """Register the persistent buttons (so old messages' buttons work) and sync the commands."""
+        """Register the persistent buttons (so old messages' buttons work) and sync the commands;
+        then send what finished while the bot was down."""
         self.add_dynamic_items(ImageButton, AgreeButton)
         await self.add_cog(_Commands(self))
         await self._sync_commands()
+        for user_id, reply in self._resumed.items():
+            task = asyncio.create_task(self._deliver_resumed(user_id, reply))
+            self._conversations.add(task)
+            task.add_done_callback(self._conversations.discard)
+
+    async def _deliver_resumed(self, user_id: int, reply: Reply) -> None:
+        """One user's finished work, with its buttons, in a direct message."""
+        try:
+            channel = await self.create_dm(discord.Object(user_id))
+            files = await asyncio.to_thread(_image_files, reply.images, DEFAULT_UPLOAD_LIMIT)
+            await channel.send(
+                _clip(reply.text),
+                files=[f.to_file() for f in files],
+                **_view_kwargs(_result_view(reply.images, user_id)),
+            )
+        except discord.HTTPException as exc:  # e.g. the user does not accept DMs from the bot
+            _log.warning("could not deliver finished work to a Discord user: %s", exc)
 
     async def close(self) -> None:
         """Stop commands still running (each tells its user), then disconnect."""

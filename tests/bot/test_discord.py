@@ -27,7 +27,7 @@ from PIL import Image
 from bot import texts
 from bot.discord_adapter import DiscordSettings, fit_under, serve_discord
 from bot.jobs import JobClient
-from bot.service import BotService, Upload, UserRef
+from bot.service import BotService, Reply, Upload, UserRef
 from bot.settings import BotSettings
 from engine.api import ASPECT_RATIOS, Refusal
 from engine.styles import STYLES
@@ -106,14 +106,20 @@ def alice() -> Person:
 
 @asynccontextmanager
 async def serving(
-    fake: FakeDiscord, service: BotService, place: Place, *, dm_uploads: bool = True
+    fake: FakeDiscord,
+    service: BotService,
+    place: Place,
+    *,
+    dm_uploads: bool = True,
+    resumed: dict[UserRef, Reply] | None = None,
 ) -> AsyncIterator[None]:
     """`serve_discord` (the entry point `avatarbooth run` uses) connected to the fake, until exit."""
     stop = asyncio.Event()
     settings = DiscordSettings(enabled=True, guild_ids=(place.guild_id or 1,), dm_uploads=dm_uploads)
     task = asyncio.create_task(
         serve_discord(
-            service, settings, TOKEN, stop=stop, connector=fake.connector(), progress_interval_s=0.0
+            service, settings, TOKEN, stop=stop, connector=fake.connector(), progress_interval_s=0.0,
+            resumed=resumed,
         )
     )
     connected = asyncio.create_task(fake.wait_connected())
@@ -354,6 +360,33 @@ async def test_selfies_sent_by_dm_are_enrolled(
         )
     assert final.json["content"].count(": accepted.") == 3
     assert final.path.startswith(f"/channels/{alice.dm_channel_id}/messages/")
+
+
+async def test_work_finished_while_the_bot_was_down_reaches_its_user_by_dm(
+    fake: FakeDiscord, stack: Stack, place: Place, alice: Person
+) -> None:
+    ref = user_of(alice)
+    await stack.service.agree(ref)
+    async with stack.worker():
+        await stack.service.add_photos(ref, [Upload(None, face_photo(n)) for n in range(3)])
+        # A preview whose chat process "died" while waiting: its row stays running, as after a crash.
+        interrupted = asyncio.create_task(stack.service.preview(ref))
+        uid = await account_id(stack, alice)
+        while not await stack.db.list_jobs(uid, states=("queued", "running")):
+            await asyncio.sleep(0.02)
+        interrupted.cancel()
+        await asyncio.gather(interrupted, return_exceptions=True)
+        resumed = await stack.service.resume_all()  # what `avatarbooth run` does before serving
+    assert list(resumed) == [ref]
+
+    dm = f"/channels/{alice.dm_channel_id}/messages"
+    async with serving(fake, stack.service, place, resumed=resumed):
+        sent = await fake.wait_for(lambda r: r.method == "POST" and r.path == dm)
+    assert texts.RESUMED in sent.json["content"]
+    (image,) = sent.files
+    assert decoded(image[1]).format == "PNG"
+    buttons = [c["custom_id"] for row in sent.json["components"] for c in row["components"]]
+    assert buttons and all(b.endswith(f":{alice.id}") for b in buttons)  # only Alice's to press
 
 
 async def test_direct_messages_without_photos_or_with_dm_uploads_off_get_pointers(
