@@ -236,8 +236,10 @@ def enrollment_standing(accepted: int, min_photos: int, max_photos: int) -> str:
     if accepted >= max_photos:
         return f"{accepted} of {max_photos} photos: you can /preview and /train now."
     if accepted >= min_photos:
+        # "4 of 3 photos" read like a mistake: past the minimum, just the count.
+        count = f"{accepted} of {min_photos} photos" if accepted == min_photos else f"{accepted} photos"
         return (
-            f"{accepted} of {min_photos} photos: you can /preview and /train now "
+            f"{count}: you can /preview and /train now "
             f"(up to {max_photos} photos improve the result)."
         )
     missing = min_photos - accepted

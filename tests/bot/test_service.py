@@ -571,3 +571,10 @@ async def test_help_lists_every_command(service: BotService) -> None:
     text = (await service.help()).text
     for command in ("/start", "/agree", "/photo", "/photos", "/preview", "/train", "/draw", "/status", "/forget", "/help"):
         assert command in text
+
+
+def test_the_standing_after_photos_never_counts_past_the_minimum_as_a_fraction() -> None:
+    assert texts.enrollment_standing(2, 3, 5).startswith("2 of 3 photos: send 1 more")
+    assert texts.enrollment_standing(3, 3, 5).startswith("3 of 3 photos: you can /preview")
+    assert texts.enrollment_standing(4, 3, 5).startswith("4 photos: you can /preview")
+    assert texts.enrollment_standing(5, 3, 5).startswith("5 of 5 photos: you can /preview")
