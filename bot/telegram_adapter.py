@@ -221,7 +221,11 @@ class TelegramAdapter:
         self._webhook_secret = webhook_secret or secrets.token_urlsafe(32)
         self._redaction = _TokenRedaction(token)
         self._tasks = _Tasks()
-        self._holds = _Holds()
+        self._holds = _Holds(on_release=self._released)
+        # Uploads kept in the service's inbox (so Telegram is told at once that they arrived),
+        # dropped from it once answered; and the updates the poller must not handle twice.
+        self._kept: set[int] = set()
+        self._seen: set[int] = set()
         self._albums = _Albums(settings.album_wait_s, self._tasks)
         self._resumed = {
             int(user.platform_user_id): reply
@@ -259,6 +263,7 @@ class TelegramAdapter:
             )
         except TelegramError as exc:  # the menu is a convenience; commands work without it
             _log.warning("could not set the command menu: %s", exc)
+        await self._replay_kept()
         if self._settings.webhook_url is None:
             self._intake = asyncio.create_task(self._poll(), name="telegram-poll")
         else:
@@ -324,7 +329,6 @@ class TelegramAdapter:
             raise TelegramStartError("Telegram no longer accepts the bot token (TELEGRAM_TOKEN)") from exc
         except TelegramError as exc:  # getUpdates says Conflict while a webhook is still set
             _log.warning("could not remove a webhook before polling: %s", exc)
-        seen: set[int] = set()
         backoff = 1.0
         while True:
             offset = self._holds.offset()
@@ -349,11 +353,17 @@ class TelegramAdapter:
                 backoff = min(backoff * 2, 30.0)
                 continue
             backoff = 1.0
-            fresh = [u for u in updates if u.update_id not in seen]
-            for update in fresh:
-                seen.add(update.update_id)
-                self._holds.fetched(update.update_id, hold=_is_upload(update))
-                self._tasks.spawn(self._process(update))
+            fresh = [u for u in updates if u.update_id not in self._seen]
+            fresh_ids = {u.update_id for u in fresh}
+            kept = await self._keep(fresh)
+            for update in updates:  # replayed ones too: the offset moves past them
+                if update.update_id in fresh_ids:
+                    self._seen.add(update.update_id)
+                    hold = _is_upload(update) and update.update_id not in kept
+                    self._holds.fetched(update.update_id, hold=hold)
+                    self._tasks.spawn(self._process(update))
+                else:
+                    self._holds.fetched(update.update_id, hold=False)
             if len(updates) >= _PAGE and self._holds.offset() != updates[-1].update_id + 1:
                 # A full page: newer updates may wait behind it, and unanswered uploads at its
                 # start would keep them out. Confirm past the page; those uploads are still
@@ -365,7 +375,7 @@ class TelegramAdapter:
                         _PAGE, given_up,
                     )
             floor = self._holds.offset() or 0
-            seen = {i for i in seen if i >= floor}
+            self._seen = {i for i in self._seen if i >= floor}
             if not fresh and updates:
                 # Only updates still being handled came back: wait for one to settle.
                 await _wait_event(self._holds.changed, _HELD_RETRY_S)
@@ -398,7 +408,61 @@ class TelegramAdapter:
             update = await queue.get()
             queue.task_done()
             if isinstance(update, Update):
+                # Telegram has had its "200 OK": keeping an upload narrows what a crash loses.
+                await self._keep([update])
                 self._tasks.spawn(self._process(update))
+
+    async def _keep(self, updates: Sequence[Update]) -> set[int]:
+        """Keep the uploads among ``updates`` in the service's inbox; returns the ids kept.
+
+        Kept uploads can be confirmed to Telegram at once: a crash before they are answered
+        replays them from the inbox at the next start. One that cannot be kept (the database
+        failed) is held back from Telegram instead, as before there was an inbox.
+        """
+        uploads = [u for u in updates if _is_upload(u)]
+        if not uploads:
+            return set()
+        results = await asyncio.gather(
+            *(self._service.keep_inbound(PLATFORM, str(u.update_id), u.to_dict()) for u in uploads),
+            return_exceptions=True,
+        )
+        kept = {u.update_id for u, r in zip(uploads, results) if not isinstance(r, BaseException)}
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            _log.warning(
+                "could not keep %d upload(s) in the database (%s); Telegram keeps them until answered",
+                len(failures), failures[0],
+            )
+        self._kept |= kept
+        return kept
+
+    async def _replay_kept(self) -> None:
+        """Handle again the uploads a previous run kept but never answered (it stopped first)."""
+        try:
+            pending = await self._service.replay_inbound(PLATFORM)
+        except Exception as exc:  # the adapter still serves; those uploads wait for next time
+            _log.error("could not read the uploads kept by the last run: %s", exc)
+            return
+        bot = self._require_app().bot
+        for _, payload in pending:
+            update = Update.de_json(payload, bot)
+            self._kept.add(update.update_id)
+            self._seen.add(update.update_id)  # Telegram may send it again: handle it once
+            self._tasks.spawn(self._process(update))
+        if pending:
+            _log.warning("answering %d upload(s) received before the last stop", len(pending))
+
+    def _released(self, update_id: int) -> None:
+        """An update is answered: a kept upload leaves the inbox."""
+        if update_id in self._kept:
+            self._kept.discard(update_id)
+            self._tasks.spawn(self._drop_kept(update_id))
+
+    async def _drop_kept(self, update_id: int) -> None:
+        try:
+            await self._service.inbound_done(PLATFORM, str(update_id))
+        except Exception as exc:  # answered already; at worst it is answered again after a restart
+            _log.warning("could not drop an answered upload from the inbox: %s", exc)
 
     async def _process(self, update: Update) -> None:
         await self._require_app().process_update(update)
@@ -1139,11 +1203,14 @@ class _Album:
 
 
 class _Holds:
-    """Update ids of uploads not yet answered; the getUpdates offset never passes the lowest."""
+    """Update ids of uploads not yet answered that are not kept in the inbox either (the database
+    failed): the getUpdates offset never passes the lowest. ``on_release`` hears of every update
+    answered, held or not."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_release: Callable[[int], None] | None = None) -> None:
         self._held: set[int] = set()
         self._claimed: set[int] = set()  # album items: released by the album, not their update
+        self._on_release = on_release
         self._next: int | None = None  # one past the newest update fetched
         self.changed = asyncio.Event()
 
@@ -1164,6 +1231,8 @@ class _Holds:
         self._held.discard(update_id)
         self._claimed.discard(update_id)
         self.changed.set()
+        if self._on_release is not None:
+            self._on_release(update_id)
 
     def confirm_below(self, update_id: int) -> int:
         """Stop holding back the updates below ``update_id``; returns how many were held."""

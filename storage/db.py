@@ -198,6 +198,22 @@ MIGRATIONS: list[Migration] = [
         CREATE INDEX images_by_model ON images (model_id);
         """,
     ),
+    (
+        2,
+        # Events a chat platform delivered that the bot has not finished handling (a Telegram
+        # upload, as the Update's JSON): kept here so the platform can be told "received" at
+        # once, and replayed after a crash. No images, only the platform's ids and metadata.
+        """
+        CREATE TABLE inbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            platform TEXT NOT NULL,
+            event_key TEXT NOT NULL,
+            payload TEXT NOT NULL CHECK (json_valid(payload)),
+            received_at REAL NOT NULL,
+            UNIQUE (platform, event_key)
+        );
+        """,
+    ),
 ]
 
 _SCHEMA_VERSION_TABLE = """
@@ -561,6 +577,31 @@ class Database:
             "SELECT COUNT(*) FROM images WHERE user_id = ? AND created_at >= ?", (user_id, since)
         )
         return int(_present(row)[0])
+
+    # -- inbox: platform events received, not yet handled ---------------------------------------
+
+    async def put_inbound(self, platform: str, event_key: str, payload: dict[str, Any]) -> None:
+        """Keep one received event until `drop_inbound`; the same key twice keeps the first."""
+        _require_text("platform", platform)
+        _require_text("event_key", event_key)
+        await self._write_one(
+            "INSERT INTO inbox (platform, event_key, payload, received_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (platform, event_key) DO NOTHING",
+            (platform, event_key, _encode_json("inbound event", payload), self._clock()),
+        )
+
+    async def pending_inbound(self, platform: str) -> list[tuple[str, dict[str, Any]]]:
+        """The platform's kept events as (key, payload), oldest first."""
+        rows = await self._read_all(
+            "SELECT event_key, payload FROM inbox WHERE platform = ? ORDER BY id", (platform,)
+        )
+        return [(str(row["event_key"]), json.loads(row["payload"])) for row in rows]
+
+    async def drop_inbound(self, platform: str, event_key: str) -> None:
+        """The event was handled; a missing key does nothing."""
+        await self._write_one(
+            "DELETE FROM inbox WHERE platform = ? AND event_key = ?", (platform, event_key)
+        )
 
     # -- erasure -------------------------------------------------------------------------------
 

@@ -274,12 +274,17 @@ async def test_a_restart_in_the_middle_of_enrolment_loses_no_photo(
     await service.agree(UserRef("telegram", str(ann.id)))
     first = [tg.send_photo(ann, face_photo(n), media_group_id="album-7") for n in range(2)]
 
-    # The first process fetches two album items, then dies while it waits for the rest.
+    # The first process fetches two album items and keeps them in the database, which lets it
+    # tell Telegram at once that they arrived; then it dies while it waits for the rest.
     stop = asyncio.Event()
     crashed = asyncio.create_task(
         serve_telegram(service, telegram_settings(tg, album_wait_s=30.0), TOKEN, stop=stop)
     )
     await tg.wait_for(lambda: {u["update_id"] for u in first} <= tg.delivered)
+    await tg.wait_for(lambda: tg.pending_updates() == 0)  # confirmed: Telegram will not resend them
+    assert [key for key, _ in await service.replay_inbound("telegram")] == [
+        str(u["update_id"]) for u in first
+    ]
     crashed.cancel()
     await asyncio.gather(crashed, return_exceptions=True)
     assert await db.list_photos(await user_id(db, ann)) == []
@@ -290,6 +295,7 @@ async def test_a_restart_in_the_middle_of_enrolment_loses_no_photo(
     assert answer["text"].splitlines()[:3] == [f"photo {n}: accepted." for n in (1, 2, 3)]
     assert len(await db.list_photos(await user_id(db, ann), "accepted")) == 3
     assert tg.pending_updates() == 0  # the graceful stop confirmed every handled update
+    assert await service.replay_inbound("telegram") == []  # and the answered uploads left the inbox
 
 
 async def test_a_graceful_stop_answers_an_album_still_gathering(

@@ -20,6 +20,7 @@ from storage.errors import (
 )
 
 SHA = "ab" * 32
+NEXT_VERSION = MIGRATIONS[-1][0] + 1  # a migration the code does not have yet
 
 
 class FakeClock:
@@ -64,11 +65,11 @@ async def test_migrations_are_recorded_and_not_reapplied(db_path: Path, clock: F
     async with Database.open(db_path, clock=clock) as db:
         assert (await db.get_or_create_user("console", "alice")).id == 1
 
-    assert _query(db_path, "SELECT version, applied_at FROM schema_version") == [
-        (MIGRATIONS[-1][0], 1_000.0)
+    assert _query(db_path, "SELECT version, applied_at FROM schema_version ORDER BY version") == [
+        (version, 1_000.0) for version, _ in MIGRATIONS
     ]
     tables = {name for (name,) in _query(db_path, "SELECT name FROM sqlite_master")}
-    assert {"users", "consents", "photos", "jobs", "models", "images"} <= tables
+    assert {"users", "consents", "photos", "jobs", "models", "images", "inbox"} <= tables
 
 
 async def test_wal_mode_is_on(db: Database, db_path: Path) -> None:
@@ -91,15 +92,16 @@ async def test_new_migration_is_applied_on_reopen(db_path: Path, clock: FakeCloc
     async with Database.open(db_path, clock=clock):
         pass
     clock.now = 2_000.0
-    extended = [*MIGRATIONS, (2, "CREATE TABLE extra (x INTEGER);")]
+    new = NEXT_VERSION
+    extended = [*MIGRATIONS, (new, "CREATE TABLE extra (x INTEGER);")]
     async with Database.open(db_path, clock=clock, migrations=extended):
         pass
     async with Database.open(db_path, clock=clock, migrations=extended):
         pass
 
     assert _query(db_path, "SELECT version, applied_at FROM schema_version ORDER BY version") == [
-        (1, 1_000.0),
-        (2, 2_000.0),
+        *((version, 1_000.0) for version, _ in MIGRATIONS),
+        (new, 2_000.0),
     ]
     assert _query(db_path, "SELECT COUNT(*) FROM extra") == [(0,)]
 
@@ -107,21 +109,23 @@ async def test_new_migration_is_applied_on_reopen(db_path: Path, clock: FakeCloc
 async def test_failed_migration_is_rolled_back(db_path: Path, clock: FakeClock) -> None:
     async with Database.open(db_path, clock=clock) as db:
         await db.get_or_create_user("console", "alice")
-    broken = [*MIGRATIONS, (2, "CREATE TABLE extra (x INTEGER);\nCREATE TABLE users (x);")]
+    broken = [*MIGRATIONS, (NEXT_VERSION, "CREATE TABLE extra (x INTEGER);\nCREATE TABLE users (x);")]
 
-    with pytest.raises(MigrationError, match="migration 2 failed"):
+    with pytest.raises(MigrationError, match=f"migration {NEXT_VERSION} failed"):
         async with Database.open(db_path, clock=clock, migrations=broken):
             pass
 
     names = {row[0] for row in _query(db_path, "SELECT name FROM sqlite_master")}
     assert "extra" not in names
-    assert _query(db_path, "SELECT version FROM schema_version") == [(1,)]
+    assert _query(db_path, "SELECT version FROM schema_version ORDER BY version") == [
+        (version,) for version, _ in MIGRATIONS
+    ]
     async with Database.open(db_path, clock=clock) as db:
         assert await db.get_user(1) is not None
 
 
 async def test_database_newer_than_the_code_is_refused(db_path: Path) -> None:
-    async with Database.open(db_path, migrations=[*MIGRATIONS, (2, "SELECT 1;")]):
+    async with Database.open(db_path, migrations=[*MIGRATIONS, (NEXT_VERSION, "SELECT 1;")]):
         pass
     with pytest.raises(MigrationError, match="newer"):
         async with Database.open(db_path):
@@ -182,6 +186,21 @@ async def test_writes_racing_an_erasure_are_all_either_before_or_after_it(
     assert kept_photos == photo_ids[len(photo_ids) - len(kept_photos):]
     assert kept_jobs == job_ids[len(job_ids) - len(kept_jobs):]
     assert _query(db_path, f"SELECT COUNT(*) FROM consents WHERE user_id = {user.id}") == [(0,)]
+
+
+async def test_the_inbox_keeps_events_until_dropped_and_across_a_reopen(db_path: Path) -> None:
+    async with Database.open(db_path) as db:
+        await db.put_inbound("telegram", "41", {"update_id": 41, "message": {"photo": [1]}})
+        await db.put_inbound("telegram", "42", {"update_id": 42})
+        await db.put_inbound("telegram", "41", {"update_id": 41, "changed": True})  # kept once
+        await db.put_inbound("discord", "41", {"other": "platform"})
+        await db.drop_inbound("telegram", "42")
+        await db.drop_inbound("telegram", "404")  # nothing to drop: no error
+    async with Database.open(db_path) as db:  # a restart
+        assert await db.pending_inbound("telegram") == [("41", {"update_id": 41, "message": {"photo": [1]}})]
+        assert await db.pending_inbound("discord") == [("41", {"other": "platform"})]
+        with pytest.raises(InvalidValue):
+            await db.put_inbound("telegram", "43", {"bad": float("nan")})
 
 
 # -- users and consent ------------------------------------------------------------------------
