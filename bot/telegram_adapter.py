@@ -3,12 +3,12 @@
 Updates arrive by long polling (default) or through a webhook guarded by a secret token. Each update
 is handled in its own task, so one user's training never delays another user's reply.
 
-Uploads are never lost to a restart: in polling mode the adapter confirms an update to Telegram
-(the getUpdates offset) only once every photo at or below it has been handed to the service and
-answered. An update fetched but not yet handled is therefore fetched again by the next process;
-the price is that, after a crash (not a normal stop), updates that followed such a photo are
-handled a second time. getUpdates returns at most 100 updates from the offset, so when a full page
-comes back the offset moves past it anyway (logged): under such a burst a crash can lose uploads.
+Uploads are never lost to a restart: each is kept in the service's inbox (the Update's JSON) as
+it arrives, which lets the adapter confirm it to Telegram (the getUpdates offset) at once, and it
+leaves the inbox once answered. The next start answers what the inbox still holds, and skips those
+ids if Telegram sends them again. Only if the database cannot keep an upload is it held back from
+Telegram until answered, as a fallback; getUpdates returns at most 100 updates from the offset,
+so under a burst of such held uploads the offset moves past a full page anyway (logged).
 
 Albums come as one update per item with a shared ``media_group_id``; items are gathered until the
 album has been quiet for ``album_wait_s`` and answered with one message. Progress of previews,
@@ -466,7 +466,7 @@ class TelegramAdapter:
 
     async def _process(self, update: Update) -> None:
         await self._require_app().process_update(update)
-        # Not reached when cancelled: an upload cut off by a stop stays unconfirmed.
+        # Not reached when cancelled: an upload cut off by a stop stays in the inbox (or held).
         self._holds.settle(update.update_id)
 
     async def _stop_intake(self) -> None:
