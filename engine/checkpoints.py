@@ -5,21 +5,18 @@ plain containers and tensors only, read back with ``weights_only=True`` so that 
 run code. It holds everything a run needs to continue bit for bit: the trainable tensors, the optimizer
 state, the run's RNG state, the losses so far and the step reached.
 
-Content-addressed keys cannot be found by name, so each job has a small pointer file,
-``{owner}/checkpoints/{job_id}.json``, replaced atomically, naming its newest checkpoint. The pointer
-is not a blob (its name never matches a blob key), it lives in the owner's folder (so erasing a user
-erases it), and only the newest checkpoint is kept: a new one is written before the old one is deleted.
+Content-addressed keys cannot be found by name, so each job has a pointer, a named reference of the
+blob store (`set_ref`) replaced atomically, naming its newest checkpoint. It goes with the owner's
+blobs when a user is erased, and only the newest checkpoint is kept: a new one is written before the
+old one is deleted. Checkpoints are written and read as files, never whole in memory: a DreamBooth
+SDXL checkpoint with its optimizer state is tens of GB.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +64,6 @@ class CheckpointStore:
         self._blobs = blobs
         self._owner = owner
         self._job_id = job_id
-        self._pointer = Path(blobs.root) / owner / CHECKPOINT_KIND / f"{job_id}.json"
 
     def save(
         self,
@@ -87,9 +83,9 @@ class CheckpointStore:
             "rng": rng_state.to("cpu"),
             "losses": list(losses),
         }
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        key = self._blobs.put(self._owner, CHECKPOINT_KIND, buffer.getvalue(), ".pt")
+        key = self._blobs.put_written(
+            self._owner, CHECKPOINT_KIND, ".pt", lambda file: torch.save(payload, file)
+        )
         stale = [k for k in self._pointed_keys() if k != key]
         # Pointer first, with the old keys still listed: a crash before the deletes leaves them findable.
         self._write_pointer({"key": key, "step": step, "stale": stale})
@@ -106,20 +102,21 @@ class CheckpointStore:
         if pointer is None:
             return None
         try:
-            data = self._blobs.get(pointer["key"])
+            path = self._blobs.path(pointer["key"])
         except BlobNotFound:
             _log.warning("checkpoint pointer of job %s names a missing blob; starting over", self._job_id)
             return None
-        return self._decode(data)
+        return self._decode(path)
 
     def clear(self) -> None:
         """Delete every checkpoint of the job and its pointer (after the trained model is stored)."""
         for key in self._pointed_keys():
             self._blobs.delete(key)
-        self._pointer.unlink(missing_ok=True)
+        self._blobs.delete_ref(self._owner, CHECKPOINT_KIND, self._job_id)
 
-    def _decode(self, data: bytes) -> Checkpoint:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    def _decode(self, path: Path) -> Checkpoint:
+        # mmap: tensors are paged in from the file as they are copied into the model.
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if payload.get("format") != _FORMAT or payload.get("job_id") != self._job_id:
             raise CheckpointError(f"the newest checkpoint of job {self._job_id} is not one this version wrote")
         return Checkpoint(
@@ -135,29 +132,10 @@ class CheckpointStore:
         return [] if pointer is None else [pointer["key"], *pointer.get("stale", [])]
 
     def _read_pointer(self) -> dict[str, Any] | None:
-        try:
-            pointer: dict[str, Any] = json.loads(self._pointer.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        return pointer
+        return self._blobs.get_ref(self._owner, CHECKPOINT_KIND, self._job_id)
 
     def _write_pointer(self, pointer: dict[str, Any]) -> None:
-        _replace_file(self._pointer, json.dumps(pointer).encode())
-
-
-def _replace_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".pointer-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+        self._blobs.set_ref(self._owner, CHECKPOINT_KIND, self._job_id, pointer)
 
 
 # --- the bridge to a training loop ------------------------------------------------------------------

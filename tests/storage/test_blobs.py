@@ -192,3 +192,50 @@ def test_delete_owner_rejects_unsafe_owner(store: LocalBlobStore, tmp_path: Path
 
     assert outside.read_text() == "keep me"
 
+
+
+def test_a_streamed_blob_gets_the_key_and_bytes_put_would_give(store: LocalBlobStore) -> None:
+    chunks = [os.urandom(1 << 16) for _ in range(20)]
+
+    def write(file: object) -> None:
+        for chunk in chunks:  # written piece by piece, never joined in the store
+            file.write(chunk)  # type: ignore[attr-defined]
+
+    key = store.put_written("u1", "checkpoints", ".pt", write)
+    whole = b"".join(chunks)
+    assert key == f"u1/checkpoints/{hashlib.sha256(whole).hexdigest()}.pt"
+    assert store.get(key) == whole
+    assert store.put_written("u1", "checkpoints", ".pt", write) == key  # same content, same key
+    assert store.put("u1", "checkpoints", whole, ".pt") == key
+    assert [p.name for p in (store.root / "u1" / "checkpoints").iterdir()] == [key.split("/")[-1]]
+
+
+def test_a_stream_that_fails_midway_leaves_nothing(store: LocalBlobStore) -> None:
+    def write(file: object) -> None:
+        file.write(b"half of it")  # type: ignore[attr-defined]
+        raise RuntimeError("the trainer died")
+
+    with pytest.raises(RuntimeError, match="trainer died"):
+        store.put_written("u1", "checkpoints", ".pt", write)
+    assert list((store.root / "u1" / "checkpoints").iterdir()) == []
+
+
+def test_named_references_are_replaced_whole_and_go_with_their_owner(store: LocalBlobStore) -> None:
+    assert store.get_ref("u1", "checkpoints", "train-1") is None
+    store.set_ref("u1", "checkpoints", "train-1", {"key": "a", "step": 1})
+    store.set_ref("u1", "checkpoints", "train-1", {"key": "b", "step": 2})
+    assert store.get_ref("u1", "checkpoints", "train-1") == {"key": "b", "step": 2}
+    assert store.get_ref("u2", "checkpoints", "train-1") is None
+    blob = store.put("u1", "checkpoints", b"x", ".pt")
+    assert store.delete_owner("u1") == 1  # the reference is not a blob, but goes with the folder
+    assert store.get_ref("u1", "checkpoints", "train-1") is None and not store.exists(blob)
+    store.delete_ref("u1", "checkpoints", "train-1")  # a missing one: no error
+    with pytest.raises(InvalidBlobKey):
+        store.set_ref("u1", "checkpoints", "../escape", {})
+
+
+def test_a_damaged_reference_says_how_to_recover(store: LocalBlobStore) -> None:
+    store.set_ref("u1", "checkpoints", "train-9", {"key": "a"})
+    (store.root / "u1" / "checkpoints" / "train-9.ref.json").write_text("{not json")
+    with pytest.raises(StorageError, match="delete it to start that job over"):
+        store.get_ref("u1", "checkpoints", "train-9")
