@@ -20,6 +20,7 @@ it is taken per stage and per step, so interactive draws interleave with trainin
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import tempfile
 import threading
@@ -466,7 +467,44 @@ def save_lora(unet: UNet2DConditionModel, text_encoders: Mapping[str, torch.nn.M
     writer = StableDiffusionXLLoraLoaderMixin if xl else StableDiffusionLoraLoaderMixin
     with tempfile.TemporaryDirectory(prefix="avatarbooth-lora-") as tmp:
         writer.save_lora_weights(tmp, weight_name=LORA_WEIGHT_NAME, **kwargs)
-        return (Path(tmp) / LORA_WEIGHT_NAME).read_bytes()
+        return canonical_safetensors((Path(tmp) / LORA_WEIGHT_NAME).read_bytes())
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its header written in one fixed way.
+
+    safetensors writes the metadata map in no fixed order, and peft's config holds sets
+    (``target_modules``), so equal adapters came out as different bytes in different processes,
+    and so under different blob keys: a re-run job (arq runs at least once) stored a second copy.
+    Only the JSON header changes (keys sorted, string lists in metadata sorted); the tensor data
+    and its offsets, which are relative to the end of the header, stay as they are.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    metadata = header.get("__metadata__")
+    if isinstance(metadata, dict):
+        header["__metadata__"] = {key: _canonical_json_text(value) for key, value in metadata.items()}
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
+
+
+def _canonical_json_text(value: str) -> str:
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return value  # plain text (e.g. "pt")
+    return json.dumps(_sorted_string_lists(parsed), sort_keys=True)
+
+
+def _sorted_string_lists(value: Any) -> Any:
+    """Lists of strings sorted (in peft's config they are sets), everything else as it was."""
+    if isinstance(value, dict):
+        return {key: _sorted_string_lists(item) for key, item in value.items()}
+    if isinstance(value, list):
+        items = [_sorted_string_lists(item) for item in value]
+        return sorted(items) if all(isinstance(item, str) for item in items) else items
+    return value
 
 
 def _lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:

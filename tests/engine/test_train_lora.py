@@ -172,6 +172,34 @@ def test_lora_file_carries_its_config(run: Run, tmp_path: Path) -> None:
     assert (config["unet.r"], config["unet.lora_alpha"]) == (SETTINGS.rank, SETTINGS.alpha)
 
 
+def test_equal_adapters_are_equal_bytes_in_any_process(tiny_preset_dir: Path) -> None:
+    """Content-addressed storage needs it: a re-run job must find its adapter under the same key.
+    (safetensors writes its metadata map in a per-process order, and peft's targets are a set.)"""
+    script = textwrap.dedent(
+        f"""
+        import hashlib, threading
+        from diffusers import StableDiffusionXLPipeline
+        from engine.train_lora import LoraTrainSettings, build_trainable, save_lora
+        pipe = StableDiffusionXLPipeline.from_pretrained({str(tiny_preset_dir / "sdxl")!r})
+        unet = build_trainable(pipe, threading.Lock(), LoraTrainSettings(rank=4, alpha=4, seed=0))
+        print(hashlib.sha256(save_lora(unet)).hexdigest())
+        """
+    )
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": seed},
+        )
+        for seed in ("1", "2")
+    ]
+    digests = []
+    for process in runs:
+        out, err = process.communicate(timeout=180)
+        assert process.returncode == 0, err[-3000:]
+        digests.append(out.split()[-1])
+    assert digests[0] == digests[1]
+
+
 def test_build_trainable_leaves_out_adapters_loaded_for_drawing(run: Run, tmp_path: Path) -> None:
     pipe = run.pipe
     lora = tmp_path / "other.safetensors"
