@@ -21,6 +21,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -159,22 +160,10 @@ def do_preview(app: WorkerContext, request: PreviewRequest) -> ImagesResult:
     Raises ``PreviewUnavailable`` on an SD1.5 preset (InstantID is SDXL-only), before reading anything.
     """
     app.base.require_instantid()
-    records = _records(app, request.embedding_keys)
     prompt = expand_me(request.prompt, "a", request.class_word)  # no personal token yet
-    images = render_preview(
-        app.base,
-        mean_embedding(records),
-        records[0].kps,
-        _image_size(records[0]),
-        prompt=prompt,
-        negative_prompt=request.negative_prompt,
-        seed=request.seed,
-        num_images=request.num_images,
-        steps=app.settings.preview_steps,
-        callback=lambda done, total: app.report(request.job_id, stage="rendering", step=done, total=total),
-        out_size=_output_size(app, request.aspect),
+    return _instantid_images(
+        app, request, prompt, steps=app.settings.preview_steps, out_size=_output_size(app, request.aspect)
     )
-    return _store_ranked(app, request.owner, images, records, request.seed, prompt)
 
 
 def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
@@ -236,8 +225,26 @@ def _draw_boosted(
     """InstantID on the enrolled faces with the user's LoRA active on the shared UNet: the LoRA
     brings what training learned, the face embedding and keypoints pull the likeness further."""
     assert request.token and request.class_word  # _personalisation checked both
-    records = _records(app, request.embedding_keys)
     prompt = expand_me(request.prompt, request.token, request.class_word)
+    return _instantid_images(
+        app, request, prompt,
+        steps=app.settings.draw_steps or app.preset.inference_steps,
+        out_size=size,
+        while_locked=lambda: app.renderer.lora_active(adapter),
+    )
+
+
+def _instantid_images(
+    app: WorkerContext,
+    request: PreviewRequest | DrawRequest,
+    prompt: str,
+    *,
+    steps: int | None,
+    out_size: tuple[int, int] | None,
+    while_locked: Callable[[], AbstractContextManager[object]] | None = None,
+) -> ImagesResult:
+    """InstantID from the mean embedding of the request's enrolled faces, stored and ranked."""
+    records = _records(app, request.embedding_keys)
     images = render_preview(
         app.base,
         mean_embedding(records),
@@ -247,10 +254,10 @@ def _draw_boosted(
         negative_prompt=request.negative_prompt,
         seed=request.seed,
         num_images=request.num_images,
-        steps=app.settings.draw_steps or app.preset.inference_steps,
+        steps=steps,
         callback=lambda done, total: app.report(request.job_id, stage="rendering", step=done, total=total),
-        out_size=size,
-        while_locked=lambda: app.renderer.lora_active(adapter),
+        out_size=out_size,
+        while_locked=while_locked,
     )
     return _store_ranked(app, request.owner, images, records, request.seed, prompt)
 
