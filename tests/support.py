@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 
@@ -79,3 +80,9 @@ def faceless_photo(size: int = 400) -> bytes:
     out = io.BytesIO()
     rgb.save(out, format="PNG")
     return out.getvalue()
+
+
+def noise_crops(n: int = 3, seed: int = 0, size: int = 64) -> list[Image.Image]:
+    """``n`` seeded random RGB squares: training inputs for the tiny models, whose losses are noise."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]

@@ -10,18 +10,17 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import safetensors.torch
 import torch
 from diffusers import StableDiffusionXLPipeline
-from PIL import Image
 
 from engine.checkpoints import CheckpointStore
 from engine.progress import TrainingProgress
 from engine.train_lora import LoraTrainSettings, train_lora
 from engine.train_ti import TiTrainSettings, train_textual_inversion
 from storage.blobs import LocalBlobStore
+from tests.support import noise_crops
 
 pytestmark = pytest.mark.slow
 SIZE = 64
@@ -39,19 +38,14 @@ def pipe(tiny_preset_dir: Path) -> StableDiffusionXLPipeline:
     return pipe
 
 
-def crops() -> list[Image.Image]:
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(3)]
-
-
 def lora(pipe: StableDiffusionXLPipeline, store: CheckpointStore | None, sink: Callable[[TrainingProgress], None]) -> bytes:
     settings = LoraTrainSettings(steps=STEPS, rank=2, alpha=2, learning_rate=1e-2, resolution=SIZE, checkpoint_every=2)
-    return train_lora(pipe, threading.Lock(), crops(), "sks", "person", settings, sink, checkpoints=store).weights
+    return train_lora(pipe, threading.Lock(), noise_crops(), "sks", "person", settings, sink, checkpoints=store).weights
 
 
 def ti(pipe: StableDiffusionXLPipeline, store: CheckpointStore | None, sink: Callable[[TrainingProgress], None]) -> bytes:
     settings = TiTrainSettings(steps=STEPS, resolution=SIZE, vectors_per_token=1, checkpoint_every=2)
-    return train_textual_inversion(pipe, threading.Lock(), crops(), "<u1>", "person", settings, sink, checkpoints=store).weights
+    return train_textual_inversion(pipe, threading.Lock(), noise_crops(), "<u1>", "person", settings, sink, checkpoints=store).weights
 
 
 @pytest.mark.parametrize("train", [lora, ti], ids=["lora", "ti"])

@@ -27,6 +27,7 @@ from engine.settings import EngineSettings
 from engine.tiny import COMPLETE_MARKER, build_tiny_sd15_preset
 from engine.train_lora import LoraTrainOutcome, LoraTrainSettings, train_lora
 from engine.worker import WorkerContext, _run_job, do_draw, do_preview, do_train
+from tests.support import noise_crops
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +37,6 @@ PROMPT = "a photo of sks person"
 DRAW = {"seed": 3, "size": (SIZE, SIZE), "steps": 2, "guidance": 7.5}
 SETTINGS = LoraTrainSettings(steps=4, rank=4, alpha=4, learning_rate=5e-2, resolution=SIZE, seed=0)
 RESIDENT_MODULES = ("unet", "vae", "text_encoder")
-
-
-def crops(n: int = 3, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -99,7 +95,7 @@ def run(app: WorkerContext) -> Run:
     resident_before = {name: snapshot(getattr(pipe, name)) for name in RESIDENT_MODULES}
     state = start_training(build_trainable(pipe, lock, SETTINGS), SETTINGS)
     lora_before = {k: v for k, v in snapshot(state.unet).items() if "lora_" in k}
-    outcome = train_lora(pipe, lock, crops(), "sks", "person", SETTINGS, state=state)
+    outcome = train_lora(pipe, lock, noise_crops(), "sks", "person", SETTINGS, state=state)
     lora_after = {k: v for k, v in snapshot(state.unet).items() if "lora_" in k}
     resident_after = {name: snapshot(getattr(pipe, name)) for name in RESIDENT_MODULES}
     return Run(lora_before, lora_after, resident_before, resident_after, outcome)
@@ -248,7 +244,7 @@ def test_each_user_gets_their_own_adapter(app: WorkerContext, renderer: Renderer
     refs = {}
     for user, seed in (("user_a", 1), ("user_b", 2)):
         settings = LoraTrainSettings(steps=3, rank=4, alpha=4, learning_rate=5e-2, resolution=SIZE, seed=seed)
-        weights = train_lora(app.base.text2img, app.base.gpu_lock, crops(2, seed), "sks", "person", settings).weights
+        weights = train_lora(app.base.text2img, app.base.gpu_lock, noise_crops(2, seed), "sks", "person", settings).weights
         (tmp_path / f"{user}.safetensors").write_bytes(weights)
         refs[user] = AdapterRef(user, tmp_path / f"{user}.safetensors")
 
@@ -268,7 +264,7 @@ def test_variations_use_the_sd15_img2img_pipeline(app: WorkerContext, renderer: 
     assert type(img2img) is StableDiffusionImg2ImgPipeline
     assert img2img.unet is app.base.unet and img2img.vae is app.base.text2img.vae
 
-    start = crops(1, seed=9)[0]
+    start = noise_crops(1, seed=9)[0]
     (image,) = renderer.draw(PROMPT, variation_of=start, strength=0.5, **DRAW)  # type: ignore[arg-type]
     assert image.size == (SIZE, SIZE)
 
@@ -294,7 +290,7 @@ async def test_preview_job_on_sd15_returns_a_failure_that_says_why(app: WorkerCo
 
 
 def test_worker_trains_and_draws_on_sd15(app: WorkerContext, renderer: Renderer) -> None:
-    keys = [app.blobs.put("u1", "crops", png(crop), ".png") for crop in crops(2, seed=4)]
+    keys = [app.blobs.put("u1", "crops", png(crop), ".png") for crop in noise_crops(2, seed=4)]
     trained = do_train(app, TrainRequest("t1", "u1", TrainingMethod.LORA, keys, "sks", "person", steps=2))
 
     personal = do_draw(app, DrawRequest("d1", "u1", "me on the moon", [], trained.adapter_key,
@@ -319,6 +315,6 @@ def test_training_after_the_renderer_forgot_every_adapter_still_trains(
     renderer.forget("u_gone")
     settings = LoraTrainSettings(steps=1, rank=2, alpha=2, learning_rate=5e-2, resolution=SIZE)
 
-    outcome = train_lora(app.base.text2img, app.base.gpu_lock, crops(1), "sks", "person", settings)
+    outcome = train_lora(app.base.text2img, app.base.gpu_lock, noise_crops(1), "sks", "person", settings)
 
     assert outcome.steps == 1 and np.isfinite(outcome.final_loss)

@@ -35,6 +35,7 @@ from engine.train_dreambooth import (
 )
 from engine.train_lora import LoraTrainSettings, TrainingInputError, encode_instance_prompt, train_lora
 from storage.blobs import LocalBlobStore
+from tests.support import noise_crops
 
 pytestmark = pytest.mark.slow
 
@@ -47,11 +48,6 @@ SETTINGS = DreamBoothSettings(
     steps=4, learning_rate=1e-3, resolution=SIZE, num_class_images=2, gradient_checkpointing=False, checkpoint_every=2
 )
 RESIDENT = ("unet", "vae", "text_encoder", "text_encoder_2")
-
-
-def crops(n: int = 3, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -95,7 +91,7 @@ def run(tiny_preset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
         pipe, lock, "tiny", "person", SETTINGS.num_class_images, folder / "classes", resolution=SIZE, steps=1
     )
     progress: list[TrainingProgress] = []
-    outcome = train_dreambooth(pipe, lock, crops(), "sks", "person", classes, SETTINGS, progress.append)
+    outcome = train_dreambooth(pipe, lock, noise_crops(), "sks", "person", classes, SETTINGS, progress.append)
     path = folder / "user.safetensors"
     path.write_bytes(outcome.weights)
     return Run(pipe, lock, resident, classes, outcome.weights, progress, path)
@@ -130,10 +126,10 @@ def test_progress_is_reported_every_step(run: Run) -> None:
 
 def test_the_prior_loss_uses_the_class_images(run: Run) -> None:
     without_prior = train_dreambooth(
-        run.pipe, run.lock, crops(), "sks", "person", run.classes, replace(SETTINGS, prior_loss_weight=0.0)
+        run.pipe, run.lock, noise_crops(), "sks", "person", run.classes, replace(SETTINGS, prior_loss_weight=0.0)
     )
-    other_classes = train_dreambooth(run.pipe, run.lock, crops(), "sks", "person", crops(2, seed=9), SETTINGS)
-    again = train_dreambooth(run.pipe, run.lock, crops(), "sks", "person", run.classes, SETTINGS)
+    other_classes = train_dreambooth(run.pipe, run.lock, noise_crops(), "sks", "person", noise_crops(2, seed=9), SETTINGS)
+    again = train_dreambooth(run.pipe, run.lock, noise_crops(), "sks", "person", run.classes, SETTINGS)
 
     assert again.weights == run.weights  # the same inputs train the same weights
     assert not same(unet_weights(without_prior.weights), unet_weights(run.weights))
@@ -151,11 +147,11 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(run: Run, tmp_path: Path)
 
     with pytest.raises(KeyboardInterrupt):
         train_dreambooth(
-            run.pipe, run.lock, crops(), "sks", "person", run.classes, SETTINGS, die_at_step_3, checkpoints=store
+            run.pipe, run.lock, noise_crops(), "sks", "person", run.classes, SETTINGS, die_at_step_3, checkpoints=store
         )
     resumed_steps: list[int] = []
     outcome = train_dreambooth(
-        run.pipe, run.lock, crops(), "sks", "person", run.classes, SETTINGS,
+        run.pipe, run.lock, noise_crops(), "sks", "person", run.classes, SETTINGS,
         lambda p: resumed_steps.append(p.step), checkpoints=store,
     )
 
@@ -167,7 +163,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(run: Run, tmp_path: Path)
 
 def test_gradient_checkpointing_trains_the_same_weights(run: Run) -> None:
     outcome = train_dreambooth(
-        run.pipe, run.lock, crops(), "sks", "person", run.classes, replace(SETTINGS, gradient_checkpointing=True)
+        run.pipe, run.lock, noise_crops(), "sks", "person", run.classes, replace(SETTINGS, gradient_checkpointing=True)
     )
     saved, expected = unet_weights(outcome.weights), unet_weights(run.weights)
     assert same(saved, expected)  # recomputing activations changes nothing on the CPU
@@ -175,7 +171,7 @@ def test_gradient_checkpointing_trains_the_same_weights(run: Run) -> None:
 
 def test_text_encoders_train_when_asked(run: Run) -> None:
     settings = replace(SETTINGS, steps=2, train_text_encoder=True)
-    outcome = train_dreambooth(run.pipe, run.lock, crops(), "sks", "person", run.classes, settings)
+    outcome = train_dreambooth(run.pipe, run.lock, noise_crops(), "sks", "person", run.classes, settings)
 
     saved = load(outcome.weights)
     for name in ("text_encoder", "text_encoder_2"):
@@ -201,7 +197,7 @@ def test_trainable_prompts_encode_as_the_pipeline_does(run: Run) -> None:
 
 def test_prior_preservation_without_class_images_is_refused(run: Run) -> None:
     with pytest.raises(TrainingInputError, match="class images"):
-        train_dreambooth(run.pipe, run.lock, crops(), "sks", "person", [], SETTINGS)
+        train_dreambooth(run.pipe, run.lock, noise_crops(), "sks", "person", [], SETTINGS)
 
 
 @pytest.mark.parametrize(
@@ -264,7 +260,7 @@ def test_swap_works_next_to_loaded_lora_adapters(run: Run, tmp_path: Path) -> No
         plain = draw(pipe)
     lora = tmp_path / "lora.safetensors"
     lora_settings = LoraTrainSettings(steps=1, rank=2, alpha=2, resolution=SIZE)
-    lora.write_bytes(train_lora(run.pipe, run.lock, crops(1), "sks", "person", lora_settings).weights)
+    lora.write_bytes(train_lora(run.pipe, run.lock, noise_crops(1), "sks", "person", lora_settings).weights)
     renderer = Renderer(run.pipe, run.lock)
     renderer.draw(PROMPT, adapter=AdapterRef("u2", lora), size=(SIZE, SIZE), steps=1)  # loaded, then disabled
     try:
@@ -334,7 +330,7 @@ def test_sd15_trains_and_swaps_with_its_one_text_encoder(tiny_sd15_preset_dir: P
     assert torch.equal(ours.prompt_embeds, encode_instance_prompt(pipe, lock, PROMPT, SIZE).prompt_embeds)
 
     path = tmp_path / "user.safetensors"
-    path.write_bytes(train_dreambooth(pipe, lock, crops(), "sks", "person", classes, settings).weights)
+    path.write_bytes(train_dreambooth(pipe, lock, noise_crops(), "sks", "person", classes, settings).weights)
     assert {k.split(".", 1)[0] for k in load(path.read_bytes())} == {"unet", "text_encoder"}
     base = draw(pipe)
     with swap_unet_weights(pipe, lock, path) as swapped:

@@ -32,6 +32,7 @@ from engine.train_lora import (
     start_training,
     train_lora,
 )
+from tests.support import noise_crops
 
 pytestmark = pytest.mark.slow
 
@@ -41,11 +42,6 @@ PROMPT = "a photo of sks person"
 DRAW = {"seed": 3, "size": (SIZE, SIZE), "steps": 2, "guidance": 5.0}
 # A high learning rate so that a few steps visibly change the images (losses on random weights are noise).
 SETTINGS = LoraTrainSettings(steps=4, rank=4, alpha=4, learning_rate=5e-2, resolution=SIZE, seed=0)
-
-
-def crops(n: int = 3, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def load_pipe(preset_dir: Path) -> StableDiffusionXLPipeline:
@@ -83,7 +79,7 @@ def run(tiny_preset_dir: Path) -> Run:
     state = start_training(build_trainable(pipe, lock, SETTINGS), SETTINGS)
     lora_before = {k: v for k, v in snapshot(state.unet).items() if "lora_" in k}
     progress: list[TrainingProgress] = []
-    outcome = train_lora(pipe, lock, crops(), "sks", "person", SETTINGS, progress.append, state=state)
+    outcome = train_lora(pipe, lock, noise_crops(), "sks", "person", SETTINGS, progress.append, state=state)
     return Run(pipe, lock, resident, lora_before, state, outcome, progress)
 
 
@@ -219,19 +215,19 @@ def test_v_prediction_base_trains(tiny_preset_dir: Path) -> None:
     pipe, lock = load_pipe(tiny_preset_dir), threading.Lock()
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
     settings = LoraTrainSettings(steps=1, rank=2, alpha=2, resolution=SIZE)
-    outcome = train_lora(pipe, lock, crops(1), "sks", "person", settings)
+    outcome = train_lora(pipe, lock, noise_crops(1), "sks", "person", settings)
     assert outcome.steps == 1 and np.isfinite(outcome.final_loss)
 
 
 def test_prepare_data_scales_to_unit_range_and_resizes() -> None:
-    pixels = prepare_data([Image.new("RGB", (80, 80), (0, 255, 0)), *crops(1)], SIZE)
+    pixels = prepare_data([Image.new("RGB", (80, 80), (0, 255, 0)), *noise_crops(1)], SIZE)
     assert pixels.shape == (2, 3, SIZE, SIZE)
     assert pixels.min() >= -1 and pixels.max() <= 1
     assert torch.equal(pixels[0, :, 0, 0], torch.tensor([-1.0, 1.0, -1.0]))
 
 
 def test_latents_include_mirrored_crops(run: Run) -> None:
-    latents = encode_latents(run.pipe, run.lock, prepare_data(crops(2), SIZE))
+    latents = encode_latents(run.pipe, run.lock, prepare_data(noise_crops(2), SIZE))
     assert latents.mean.shape == (4, 4, SIZE // 8, SIZE // 8)
     assert not torch.equal(latents.mean[0], latents.mean[2])  # a crop and its mirror differ
 
@@ -288,7 +284,7 @@ def test_prior_preservation_changes_the_lora_and_class_images_are_drawn_once(
     plain_lock = threading.Lock()
     results = {
         weight: train_lora(
-            pipe, plain_lock, crops(), "sks", "person",
+            pipe, plain_lock, noise_crops(), "sks", "person",
             LoraTrainSettings(steps=2, rank=2, alpha=2, learning_rate=5e-2, resolution=SIZE, prior_loss_weight=weight),
             class_images=classes,
         )
@@ -299,7 +295,7 @@ def test_prior_preservation_changes_the_lora_and_class_images_are_drawn_once(
     assert any(not torch.equal(without[k], with_prior[k]) for k in without)
     # No class images: prior preservation is off, whatever the weight (same run as weight 0).
     no_classes = train_lora(
-        pipe, plain_lock, crops(), "sks", "person",
+        pipe, plain_lock, noise_crops(), "sks", "person",
         LoraTrainSettings(steps=2, rank=2, alpha=2, learning_rate=5e-2, resolution=SIZE),
     )
     plain = lora_tensors(no_classes.weights)
@@ -323,7 +319,7 @@ def te_run(tiny_preset_dir: Path) -> TextEncoderRun:
     settings = LoraTrainSettings(
         steps=2, rank=4, alpha=4, learning_rate=5e-2, resolution=SIZE, train_text_encoder=True
     )
-    return TextEncoderRun(pipe, lock, settings, before, train_lora(pipe, lock, crops(), "sks", "person", settings))
+    return TextEncoderRun(pipe, lock, settings, before, train_lora(pipe, lock, noise_crops(), "sks", "person", settings))
 
 
 def test_text_encoder_lora_is_saved_and_the_resident_encoders_are_untouched(te_run: TextEncoderRun) -> None:
@@ -359,7 +355,7 @@ def test_text_encoder_lora_draws_the_same_in_a_fresh_process(
 def test_gradient_checkpointing_trains_the_same_lora(te_run: TextEncoderRun, tiny_preset_dir: Path) -> None:
     pipe, lock = load_pipe(tiny_preset_dir), threading.Lock()
     settings = replace(te_run.settings, gradient_checkpointing=True)
-    checkpointed = lora_tensors(train_lora(pipe, lock, crops(), "sks", "person", settings).weights)
+    checkpointed = lora_tensors(train_lora(pipe, lock, noise_crops(), "sks", "person", settings).weights)
     plain = lora_tensors(te_run.outcome.weights)
     assert plain.keys() == checkpointed.keys()
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-5) for k in plain)

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from PIL import Image
 from safetensors.torch import load, save
 
 from engine.progress import TrainingProgress
@@ -38,6 +37,7 @@ from engine.train_ti import (
     train_textual_inversion,
     unload_ti,
 )
+from tests.support import noise_crops
 
 pytestmark = pytest.mark.slow
 
@@ -51,11 +51,6 @@ SEED = 3
 # A high learning rate so that a few steps visibly change the images (losses on random weights are noise).
 SETTINGS = TiTrainSettings(steps=4, learning_rate=5e-2, vectors_per_token=2, resolution=SIZE, seed=0)
 RESIDENT = ("unet", "vae", "text_encoder", "text_encoder_2")
-
-
-def crops(n: int = 3, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def load_pipe(model_dir: Path) -> DiffusionPipeline:
@@ -120,7 +115,7 @@ def run(model_dir: Path) -> Run:
     state = start_training(build_trainable(pipe, lock, TOKEN, "person", SETTINGS.vectors_per_token), SETTINGS)
     initial = [p.detach().clone() for p in state.trainable.parameters()]
     progress: list[TrainingProgress] = []
-    outcome = train_textual_inversion(pipe, lock, crops(), TOKEN, "person", SETTINGS, progress.append, state=state)
+    outcome = train_textual_inversion(pipe, lock, noise_crops(), TOKEN, "person", SETTINGS, progress.append, state=state)
     return Run(model_dir, pipe, lock, resident, vocab_sizes, initial, state, outcome, progress)
 
 
@@ -243,11 +238,11 @@ def test_resuming_from_a_state_continues_the_same_run(run: Run) -> None:
         return start_training(build_trainable(run.pipe, run.lock, TOKEN, "person", 1), settings)
 
     settings = dataclasses.replace(SETTINGS, steps=3, vectors_per_token=1)
-    straight = train_textual_inversion(run.pipe, run.lock, crops(), TOKEN, "person", settings)
+    straight = train_textual_inversion(run.pipe, run.lock, noise_crops(), TOKEN, "person", settings)
     state = fresh_state()
     first_step = dataclasses.replace(settings, steps=1)
-    train_textual_inversion(run.pipe, run.lock, crops(), TOKEN, "person", first_step, state=state)
-    resumed = train_textual_inversion(run.pipe, run.lock, crops(), TOKEN, "person", settings, state=state)
+    train_textual_inversion(run.pipe, run.lock, noise_crops(), TOKEN, "person", first_step, state=state)
+    resumed = train_textual_inversion(run.pipe, run.lock, noise_crops(), TOKEN, "person", settings, state=state)
     assert resumed.steps == 3 and resumed.weights == straight.weights
     assert all(t.shape[0] == 1 for t in load(straight.weights).values())
 
