@@ -3,7 +3,12 @@
 ``FaceAnalyzer`` loads an antelopev2-style folder (an SCRFD detector and an ArcFace recognizer) with
 ``insightface.model_zoo.get_model``, so detection, NMS, keypoints and alignment are insightface's
 code. ``check`` turns one uploaded photo into an accept/refuse decision, a ``FaceRecord`` (embedding,
-keypoints, box) and a face-centred training crop. The refusal order is: no face, several prominent
+keypoints, box) and a face-centred training crop.
+
+Two scales of one embedding are kept apart: cosines (same person, duplicates, ranking) use the unit
+vector; InstantID takes the recognizer's raw vector (``identity_embedding``), because its Resampler
+was trained on insightface's unnormalised ``embedding`` (norm ≈ 22 for antelopev2), and its first
+layer's bias would drown a 22× smaller input with what every user shares. The refusal order is: no face, several prominent
 faces, face too small, too blurry, duplicate (the same photo again, e.g. re-encoded), different person.
 """
 
@@ -31,7 +36,8 @@ _log = logging.getLogger(__name__)
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
 RECOGNIZER_FILE = "glintr100.onnx"
 EMBEDDING_DIM = 512
-_RECORD_VERSION = 1
+_RECORD_VERSION = 2  # 2 added "norm"; version 1 records still load, without it
+_READABLE_VERSIONS = (1, 2)
 _BLUR_PROBE_PX = 128  # the face region is resized to this square before measuring sharpness
 
 
@@ -76,12 +82,14 @@ class FaceCheckSettings:
 
 @dataclass(frozen=True)
 class DetectedFace:
-    """One face in an image: box (x1, y1, x2, y2), five keypoints (5, 2), score, unit embedding."""
+    """One face in an image: box (x1, y1, x2, y2), five keypoints (5, 2), score, unit embedding and
+    the raw embedding's norm (``embedding * norm`` is what the recognizer returned)."""
 
     bbox: np.ndarray
     kps: np.ndarray
     score: float
     embedding: np.ndarray
+    norm: float
 
     @property
     def area(self) -> float:
@@ -95,12 +103,19 @@ class DetectedFace:
 
 @dataclass(frozen=True)
 class FaceRecord:
-    """What the engine keeps of an accepted face: unit embedding, keypoints, box, photo size (w, h)."""
+    """What the engine keeps of an accepted face: unit embedding, keypoints, box, photo size (w, h),
+    and the recognizer's raw norm (None for records written before it was kept)."""
 
-    embedding: np.ndarray  # float32 (512,)
+    embedding: np.ndarray  # float32 (512,), unit length
     kps: np.ndarray  # float32 (5, 2)
     bbox: np.ndarray  # float32 (4,)
     image_size: tuple[int, int]
+    norm: float | None = None  # ‖raw embedding‖; embedding * norm is the recognizer's output
+
+    @property
+    def raw_embedding(self) -> np.ndarray | None:
+        """The recognizer's own vector, the scale InstantID was trained on; None when unknown."""
+        return None if self.norm is None else (self.embedding * np.float32(self.norm)).astype(np.float32)
 
     def to_bytes(self) -> bytes:
         """Engine-private JSON; float32 values survive the round trip exactly."""
@@ -110,6 +125,7 @@ class FaceRecord:
             "kps": self.kps.astype(np.float32).tolist(),
             "bbox": self.bbox.astype(np.float32).tolist(),
             "image_size": list(self.image_size),
+            "norm": self.norm,
         }
         return json.dumps(data, separators=(",", ":")).encode()
 
@@ -118,13 +134,17 @@ class FaceRecord:
         """Parse ``to_bytes`` output; raises ``InvalidFaceRecord`` on anything else."""
         try:
             raw = json.loads(data)
-            if raw.get("version") != _RECORD_VERSION:
+            if raw.get("version") not in _READABLE_VERSIONS:
                 raise ValueError(f"unknown version {raw.get('version')!r}")
+            norm = raw.get("norm")
+            if norm is not None and not (isinstance(norm, (int, float)) and np.isfinite(norm) and norm > 0):
+                raise ValueError(f"norm must be a positive number, got {norm!r}")
             record = cls(
                 embedding=_float32(raw["embedding"], (EMBEDDING_DIM,)),
                 kps=_float32(raw["kps"], (5, 2)),
                 bbox=_float32(raw["bbox"], (4,)),
                 image_size=(int(raw["image_size"][0]), int(raw["image_size"][1])),
+                norm=None if norm is None else float(norm),
             )
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
             raise InvalidFaceRecord(
@@ -166,6 +186,24 @@ def mean_embedding(records: Sequence[FaceRecord]) -> np.ndarray:
     return _unit(np.mean([_unit(r.embedding) for r in records], axis=0))
 
 
+def identity_embedding(records: Sequence[FaceRecord]) -> np.ndarray:
+    """Mean of the records' raw recognizer vectors: InstantID's face input (see the module docstring).
+
+    A record from before the norm was kept takes the mean norm of those that have one; when none has,
+    the unit mean is returned and a log line says the likeness suffers until the photos are re-added.
+    """
+    if not records:
+        raise ValueError("identity_embedding needs at least one face record")
+    known = [r.norm for r in records if r.norm is not None]
+    if not known:
+        _log.warning("face records lack the recognizer's scale (written before version 2); InstantID "
+                     "gets unit embeddings until the photos are uploaded again")
+        return mean_embedding(records)
+    fallback = float(np.mean(known))
+    raws = [_unit(r.embedding) * np.float32(r.norm if r.norm is not None else fallback) for r in records]
+    return np.mean(raws, axis=0).astype(np.float32)
+
+
 def _unit(vector: np.ndarray) -> np.ndarray:
     norm = float(np.linalg.norm(vector))
     return (vector / norm if norm > 0 else vector).astype(np.float32)
@@ -193,9 +231,10 @@ class FaceAnalyzer:
 
     def _embed(self, bgr: np.ndarray, box: np.ndarray, kps: np.ndarray) -> DetectedFace:
         face = Face(bbox=box[:4], kps=kps, det_score=float(box[4]))
-        embedding = self._recognizer.get(bgr, face)  # insightface aligns with norm_crop on the kps
+        embedding = np.asarray(self._recognizer.get(bgr, face))  # aligned with norm_crop on the kps
         return DetectedFace(bbox=box[:4].astype(np.float32), kps=kps.astype(np.float32),
-                            score=float(box[4]), embedding=_unit(np.asarray(embedding)))
+                            score=float(box[4]), embedding=_unit(embedding),
+                            norm=float(np.linalg.norm(embedding.astype(np.float64))))
 
     def check(self, image_bytes: bytes, references: Sequence[FaceRecord]) -> FaceCheck:
         """Decide whether a photo can join the user's training set (see the module docstring)."""
@@ -212,7 +251,7 @@ class FaceAnalyzer:
         if similarity is not None and similarity < self.settings.same_person_threshold:
             return FaceCheck(False, Refusal.DIFFERENT_PERSON, None, None, len(faces), similarity)
         height, width = image.shape[:2]
-        record = FaceRecord(main.embedding, main.kps, main.bbox, (width, height))
+        record = FaceRecord(main.embedding, main.kps, main.bbox, (width, height), norm=main.norm)
         crop = training_crop(image, main.bbox, self.settings.crop_size, self.settings.crop_context)
         return FaceCheck(True, None, record, crop, len(faces), similarity)
 

@@ -376,25 +376,35 @@ def _resampler_state(output_dim: int) -> dict[str, torch.Tensor]:
     def linear(out_f: int, in_f: int) -> torch.Tensor:
         return torch.randn(out_f, in_f) / in_f**0.5
 
+    def bias(size: int, scale: float) -> torch.Tensor:
+        return scale * torch.randn(size)
+
+    def norm_weight(size: int) -> torch.Tensor:
+        return 1.0 + 0.1 * torch.randn(size)
+
+    # Trained weights have biases, and their size matters: proj_in's bias is larger than what a unit
+    # face vector contributes through proj_in (≈ 0.04 per channel) and smaller than what the raw
+    # recognizer vector (norm ≈ 22) contributes (≈ 1), so the identity tokens depend on the input's
+    # scale as in InstantID. A zero bias would make the LayerNorm after it scale-invariant.
     state = {
         "latents": torch.randn(1, NUM_ID_TOKENS, dim) / dim**0.5,
         "proj_in.weight": linear(dim, FACE_EMBEDDING_DIM),
-        "proj_in.bias": torch.zeros(dim),
+        "proj_in.bias": bias(dim, 0.5),
         "proj_out.weight": linear(output_dim, dim),
-        "proj_out.bias": torch.zeros(output_dim),
-        "norm_out.weight": torch.ones(output_dim),
-        "norm_out.bias": torch.zeros(output_dim),
+        "proj_out.bias": bias(output_dim, 0.02),
+        "norm_out.weight": norm_weight(output_dim),
+        "norm_out.bias": bias(output_dim, 0.02),
     }
     for i in range(_RESAMPLER_DEPTH):
         attn, mlp = f"layers.{i}.0", f"layers.{i}.1"
         for norm in ("norm1", "norm2"):
-            state[f"{attn}.{norm}.weight"] = torch.ones(dim)
-            state[f"{attn}.{norm}.bias"] = torch.zeros(dim)
+            state[f"{attn}.{norm}.weight"] = norm_weight(dim)
+            state[f"{attn}.{norm}.bias"] = bias(dim, 0.02)
         state[f"{attn}.to_q.weight"] = linear(inner, dim)
         state[f"{attn}.to_kv.weight"] = linear(2 * inner, dim)
         state[f"{attn}.to_out.weight"] = linear(dim, inner)
-        state[f"{mlp}.0.weight"] = torch.ones(dim)
-        state[f"{mlp}.0.bias"] = torch.zeros(dim)
+        state[f"{mlp}.0.weight"] = norm_weight(dim)
+        state[f"{mlp}.0.bias"] = bias(dim, 0.02)
         state[f"{mlp}.1.weight"] = linear(ff, dim)
         state[f"{mlp}.3.weight"] = linear(dim, ff)
     return state

@@ -285,6 +285,9 @@ def _to_rows(g: _GraphBuilder, maps: str, width: int, *, first_anchor_only: bool
 # --- recognizer -----------------------------------------------------------------------------------
 
 
+_RAW_NORM_SCALE = 4.25  # brings the raw norm on real photos from ≈ 5 to ≈ 22
+
+
 def _recognizer_model(seed: int) -> onnx.ModelProto:
     g = _GraphBuilder("rec")
     rng = np.random.default_rng(seed)
@@ -294,7 +297,9 @@ def _recognizer_model(seed: int) -> onnx.ModelProto:
         x = g.op("Tanh", g.op("Conv", x, g.const(_mirror_symmetric(weights)),
                               kernel_shape=[kernel, kernel], strides=[kernel, kernel]))
     projection = rng.normal(0.0, 1.0 / np.sqrt(32 * 7 * 7), (EMBEDDING_DIM, 32, 7, 7))
-    flat_projection = _mirror_symmetric(projection).reshape(EMBEDDING_DIM, -1).T
+    # Scaled so that raw embeddings have antelopev2's norm (≈ 22, not 1): InstantID takes the raw vector,
+    # and a recognizer whose outputs were unit-length would hide a normalised vector reaching it.
+    flat_projection = _RAW_NORM_SCALE * _mirror_symmetric(projection).reshape(EMBEDDING_DIM, -1).T
     g.op("MatMul", g.op("Flatten", x, axis=1), g.const(flat_projection), out="embedding")
     image = helper.make_tensor_value_info(
         "input.1", TensorProto.FLOAT, ["batch", 3, RECOGNIZER_SIZE, RECOGNIZER_SIZE])

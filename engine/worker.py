@@ -53,7 +53,7 @@ from engine.api import (
 )
 from engine.base import ResidentBase
 from engine.errors import EngineError, PreviewUnavailable
-from engine.faces import FaceAnalyzer, FaceRecord, cosine, mean_embedding
+from engine.faces import FaceAnalyzer, FaceRecord, cosine, identity_embedding, mean_embedding
 from engine.instantid import render_preview
 from engine.nsfw import NsfwChecker
 from engine.presets import Preset, load_preset
@@ -243,11 +243,11 @@ def _instantid_images(
     out_size: tuple[int, int] | None,
     while_locked: Callable[[], AbstractContextManager[object]] | None = None,
 ) -> ImagesResult:
-    """InstantID from the mean embedding of the request's enrolled faces, stored and ranked."""
+    """InstantID from the mean raw embedding of the request's enrolled faces, stored and ranked."""
     records = _records(app, request.embedding_keys)
     images = render_preview(
         app.base,
-        mean_embedding(records),
+        identity_embedding(records),
         records[0].kps,
         _image_size(records[0]),
         prompt=prompt,
