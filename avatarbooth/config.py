@@ -168,6 +168,9 @@ def _engine_settings(
         train_steps=_optional_positive_int(training, "steps"),
         preview_steps=_optional_positive_int(engine, "preview_steps"),
         draw_steps=_optional_positive_int(engine, "draw_steps"),
+        random_flip=_bool(training, "random_flip", False),
+        train_text_encoder=_bool(training, "train_text_encoder", False),
+        gradient_checkpointing=_bool(training, "gradient_checkpointing", None),
     )
 
 
@@ -192,7 +195,7 @@ _BOT_KEYS: dict[str, dict[str, str]] = {
 }
 _ENGINE_ONLY = {
     "queue": {"redis_url", "max_jobs"},
-    "training": {"steps"},
+    "training": {"steps", "random_flip", "train_text_encoder", "gradient_checkpointing"},
 }
 
 
@@ -282,6 +285,13 @@ def _positive_int(section: Mapping[str, Any], key: str, default: int) -> int:
     value = section.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{key} must be a positive whole number, got {value!r}")
+    return value
+
+
+def _bool(section: Mapping[str, Any], key: str, default: bool | None) -> bool | None:
+    value = section.get(key, default)
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}; fix config.toml")
     return value
 
 

@@ -22,3 +22,7 @@ class EngineSettings:
     train_steps: int | None = None  # None: the preset's default
     preview_steps: int | None = None
     draw_steps: int | None = None
+    # [training] switches, for every method that has them (engine.training applies them):
+    random_flip: bool = False  # mirrored crops as augmentation; off: they erase facial asymmetries
+    train_text_encoder: bool = False  # LoRA/DreamBooth also train the text encoders (EasyPhoto does)
+    gradient_checkpointing: bool | None = None  # None: on for full-size SDXL training, off otherwise

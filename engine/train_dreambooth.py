@@ -89,6 +89,8 @@ class DreamBoothSettings:
     max_grad_norm: float = 1.0  # diffusers' training scripts' gradient clipping
     # Opt-in: diffusers' blog finds it helps faces, but it needs more memory and swaps more weights per draw.
     train_text_encoder: bool = False
+    # Off by default, as diffusers' --random_flip: a mirrored face loses the asymmetries that make it yours.
+    random_flip: bool = False
     gradient_checkpointing: bool = True  # the SDXL UNet's activations at 1024² otherwise crowd out AdamW's state
     mixed_precision: bool = True  # bf16 autocast on a GPU (float32 master weights); ignored on the CPU
     save_dtype: torch.dtype = torch.float16  # halves the file (SDXL UNet: ~5 GB); the base draws in 16 bits
@@ -128,6 +130,8 @@ class PriorTrainingSettings(Protocol):
     def with_prior(self) -> bool: ...
     @property
     def train_text_encoder(self) -> bool: ...
+    @property
+    def random_flip(self) -> bool: ...
     @property
     def mixed_precision(self) -> bool: ...
     @property
@@ -173,20 +177,23 @@ def prepare_latents(
     settings: PriorTrainingSettings,
 ) -> TrainingLatents:
     """Encode the crops and (with prior preservation) the class images with the resident VAE."""
-    instance = encode_latents(pipe, lock, prepare_data(crops, settings.resolution))
+    instance = encode_latents(pipe, lock, prepare_data(crops, settings.resolution), flip=settings.random_flip)
     if not settings.with_prior:
         return TrainingLatents(instance, None)
     if not class_images:
         raise TrainingInputError("prior preservation needs class images (engine.prior.class_images)")
-    return TrainingLatents(instance, encode_in_chunks(pipe, lock, class_images, settings.resolution))
+    return TrainingLatents(
+        instance, encode_in_chunks(pipe, lock, class_images, settings.resolution, flip=settings.random_flip)
+    )
 
 
 def encode_in_chunks(
-    pipe: TextToImagePipeline, lock: threading.Lock, images: list[Image.Image], resolution: int
+    pipe: TextToImagePipeline, lock: threading.Lock, images: list[Image.Image], resolution: int,
+    *, flip: bool = False,
 ) -> InstanceLatents:
     """``encode_latents`` over chunks, concatenated (the rows' order does not matter: they are sampled)."""
     parts = [
-        encode_latents(pipe, lock, prepare_data(images[i : i + _CLASS_CHUNK], resolution))
+        encode_latents(pipe, lock, prepare_data(images[i : i + _CLASS_CHUNK], resolution), flip=flip)
         for i in range(0, len(images), _CLASS_CHUNK)
     ]
     return InstanceLatents(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]))

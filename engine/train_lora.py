@@ -82,7 +82,11 @@ class LoraTrainSettings:
     train_text_encoder: bool = False
     # CLIP's attention projections: what diffusers' DreamBooth-LoRA scripts target in the text encoders.
     text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
-    gradient_checkpointing: bool = False  # a LoRA's optimizer state is small: memory is rarely short
+    # Off by default, as diffusers' --random_flip: a mirrored face loses the asymmetries that make it yours.
+    random_flip: bool = False
+    # Off for the small presets; the SDXL preset turns it on (engine.training): at 1024² the UNet's
+    # activations, not the LoRA's optimizer state, are what fills the card.
+    gradient_checkpointing: bool = False
     mixed_precision: bool = True  # bf16 autocast on a GPU (float32 LoRA weights); ignored on the CPU
 
     def check(self) -> None:
@@ -123,7 +127,7 @@ class InstanceLatents:
 
     Sampling from the cached posterior each step is what encoding each step would give (the encoder
     is frozen), without running the VAE per step. Rows ``0..n-1`` are the crops, ``n..2n-1`` their
-    horizontal flips, so picking a row at random is the flip augmentation.
+    horizontal flips when the run flips, so picking a row at random is the flip augmentation.
     """
 
     mean: torch.Tensor
@@ -183,7 +187,7 @@ def prepare_data(crops: list[Image.Image], resolution: int) -> torch.Tensor:
     """Crops as a float tensor ``[n, 3, resolution, resolution]`` in [-1, 1].
 
     Crops that are not square at ``resolution`` are resized (the photo checks normally write them at
-    that size already). The flip augmentation happens later, in ``encode_latents``.
+    that size already). The (opt-in) flip augmentation happens later, in ``encode_latents``.
     """
     if not crops:
         raise TrainingInputError("training needs at least one face crop")
@@ -204,10 +208,10 @@ def _to_array(crop: Image.Image, resolution: int) -> np.ndarray:
 
 @torch.no_grad()
 def encode_latents(
-    pipe: TextToImagePipeline, lock: threading.Lock, pixels: torch.Tensor
+    pipe: TextToImagePipeline, lock: threading.Lock, pixels: torch.Tensor, *, flip: bool = False
 ) -> InstanceLatents:
-    """Encode the crops and their mirror images with the resident VAE, once, under ``lock``."""
-    both = torch.cat([pixels, torch.flip(pixels, dims=[3])])
+    """Encode the crops (and, with ``flip``, their mirror images) with the resident VAE, once, under ``lock``."""
+    both = torch.cat([pixels, torch.flip(pixels, dims=[3])]) if flip else pixels
     vae = pipe.vae
     with lock:
         upcast = vae.dtype == torch.float16 and vae.config.force_upcast  # SDXL's VAE overflows in fp16

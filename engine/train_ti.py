@@ -87,6 +87,8 @@ class TiTrainSettings:
     # diffusers' advanced SDXL (pivotal tuning) script defaults to 2 new tokens per concept.
     vectors_per_token: int = 2
     resolution: int | None = None  # None: the base's native size (SD1.5 512, SDXL 1024)
+    # Off by default, as diffusers' --random_flip: a mirrored face loses the asymmetries that make it yours.
+    random_flip: bool = False
     batch_size: int = 1  # diffusers' TI examples' train_batch_size
     seed: int = 0
     init_word: str | None = None  # None: the class word; the TI paper starts from a coarse descriptor
@@ -382,7 +384,7 @@ def train_textual_inversion(
     """
     settings.check()
     resolution = settings.resolution or native_resolution(pipe)
-    latents = encode_latents(pipe, lock, prepare_data(crops, resolution))
+    latents = encode_latents(pipe, lock, prepare_data(crops, resolution), flip=settings.random_flip)
     if state is None:
         trainable = build_trainable(pipe, lock, token, settings.init_word or class_word, settings.vectors_per_token)
         state = start_training(trainable, settings)

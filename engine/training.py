@@ -17,7 +17,7 @@ from PIL import Image
 from engine.api import TrainingMethod
 from engine.checkpoints import CheckpointStore
 from engine.errors import EngineError
-from engine.presets import Preset
+from engine.presets import FAMILY_SDXL, Preset
 from engine.prior import class_images
 from engine.progress import ProgressSink
 from engine.train_dreambooth import DreamBoothSettings, train_dreambooth
@@ -51,6 +51,9 @@ class TrainingRun:
     class_image_cache: Path
     seed: int
     steps: int | None = None  # None: the preset's default for the method
+    random_flip: bool = False  # config.toml [training]; see engine.settings.EngineSettings
+    train_text_encoder: bool = False
+    gradient_checkpointing: bool | None = None  # None: on for full-size SDXL, off otherwise
 
 
 def ti_token_for(owner: str) -> str:
@@ -110,6 +113,13 @@ def prior_images_for(
     )
 
 
+def _checkpointing(run: TrainingRun) -> bool:
+    """config.toml's choice, else on for full-size SDXL: at 1024² its UNet's activations fill the card."""
+    if run.gradient_checkpointing is not None:
+        return run.gradient_checkpointing
+    return run.preset.family == FAMILY_SDXL and not run.preset.is_tiny
+
+
 def lora_settings_for(run: TrainingRun) -> LoraTrainSettings:
     """The preset's LoRA defaults; the crops are written at the preset's resolution."""
     preset = run.preset
@@ -120,6 +130,9 @@ def lora_settings_for(run: TrainingRun) -> LoraTrainSettings:
         learning_rate=preset.train_lr,
         resolution=preset.resolution,
         seed=run.seed,
+        random_flip=run.random_flip,
+        train_text_encoder=run.train_text_encoder,
+        gradient_checkpointing=_checkpointing(run),
     )
     if preset.is_tiny:  # two quickly drawn class images: the prior loss runs, tests stay fast
         return replace(settings, num_class_images=2, class_image_steps=preset.inference_steps)
@@ -130,12 +143,14 @@ def ti_settings_for(run: TrainingRun) -> TiTrainSettings:
     """TI's own defaults (engine.train_ti cites them); the tiny presets train as few steps as LoRA."""
     defaults = TiTrainSettings()
     steps = run.steps or (run.preset.train_steps if run.preset.is_tiny else defaults.steps)
-    return TiTrainSettings(steps=steps, resolution=run.preset.resolution, seed=run.seed)
+    return TiTrainSettings(steps=steps, resolution=run.preset.resolution, seed=run.seed,
+                           random_flip=run.random_flip)
 
 
 def dreambooth_settings_for(run: TrainingRun) -> DreamBoothSettings:
     """DreamBooth's own defaults (engine.train_dreambooth cites them), scaled down for tiny presets."""
     preset = run.preset
+    switches = {"random_flip": run.random_flip, "train_text_encoder": run.train_text_encoder}
     if preset.is_tiny:
         return DreamBoothSettings(
             steps=run.steps or preset.train_steps,
@@ -144,9 +159,12 @@ def dreambooth_settings_for(run: TrainingRun) -> DreamBoothSettings:
             class_image_steps=preset.inference_steps,
             resolution=preset.resolution,
             seed=run.seed,
-            gradient_checkpointing=False,
+            gradient_checkpointing=bool(run.gradient_checkpointing),
+            **switches,
         )
     defaults = DreamBoothSettings()
     return DreamBoothSettings(
-        steps=run.steps or defaults.steps, resolution=preset.resolution, seed=run.seed
+        steps=run.steps or defaults.steps, resolution=preset.resolution, seed=run.seed,
+        gradient_checkpointing=True if run.gradient_checkpointing is None else run.gradient_checkpointing,
+        **switches,
     )

@@ -321,6 +321,9 @@ def do_train(app: WorkerContext, request: TrainRequest) -> TrainResult:
         class_image_cache=app.settings.models_dir / "cache" / "class-images",
         seed=request.seed,
         steps=request.steps or app.settings.train_steps,
+        random_flip=app.settings.random_flip,
+        train_text_encoder=app.settings.train_text_encoder,
+        gradient_checkpointing=app.settings.gradient_checkpointing,
     )
 
     def on_progress(progress: TrainingProgress) -> None:

@@ -19,6 +19,15 @@ def test_the_shipped_config_toml_loads_with_its_documented_defaults() -> None:
     assert config.bot.min_photos == 3 and config.bot.max_photos == 5
     assert config.bot.enabled_methods == ("lora", "ti")
     assert config.bot.draw_num_images == 2
+    assert not config.engine.random_flip and not config.engine.train_text_encoder
+    assert config.engine.gradient_checkpointing is None  # the method and preset decide
+
+
+def test_training_switches_reach_the_engine_settings(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[training]\nrandom_flip = true\ntrain_text_encoder = true\ngradient_checkpointing = false\n")
+    engine = load_config(path, env={}).engine
+    assert engine.random_flip and engine.train_text_encoder and engine.gradient_checkpointing is False
 
 
 def test_images_per_draw_sets_how_many_candidates_a_draw_ranks(tmp_path: Path) -> None:
@@ -57,6 +66,7 @@ def test_the_preset_flag_wins_over_the_file(tmp_path: Path) -> None:
         ("[limits]\nimages_per_draw = 9\n", "images per draw must be between 1 and 8, not 9"),
         ("[limits]\nmin_photos = 6\n", r"min_photos \(6\) must not exceed max_photos \(5\)"),
         ("[engine\n", "not valid TOML"),
+        ('[training]\nrandom_flip = "yes"\n', "random_flip must be true or false"),
     ],
 )
 def test_bad_settings_are_named_with_what_to_fix(tmp_path: Path, text: str, message: str) -> None:

@@ -226,10 +226,14 @@ def test_prepare_data_scales_to_unit_range_and_resizes() -> None:
     assert torch.equal(pixels[0, :, 0, 0], torch.tensor([-1.0, 1.0, -1.0]))
 
 
-def test_latents_include_mirrored_crops(run: Run) -> None:
-    latents = encode_latents(run.pipe, run.lock, prepare_data(noise_crops(2), SIZE))
+def test_latents_include_mirrored_crops_only_when_flipping(run: Run) -> None:
+    pixels = prepare_data(noise_crops(2), SIZE)
+    latents = encode_latents(run.pipe, run.lock, pixels, flip=True)
     assert latents.mean.shape == (4, 4, SIZE // 8, SIZE // 8)
     assert not torch.equal(latents.mean[0], latents.mean[2])  # a crop and its mirror differ
+    # Flips are opt-in (they erase facial asymmetries): by default only the crops themselves.
+    assert encode_latents(run.pipe, run.lock, pixels).mean.shape == (2, 4, SIZE // 8, SIZE // 8)
+    assert not LoraTrainSettings().random_flip
 
 
 @pytest.mark.parametrize(
