@@ -106,6 +106,7 @@ def _load_sd15(preset: Preset, device: torch.device, dtype: torch.dtype) -> Stab
         safety_checker=None,
         requires_safety_checker=False,
     )
+    pool_at_end_of_text(pipe)
     return pipe.to(device)
 
 
@@ -118,8 +119,33 @@ def _load_modules(
     text2img = StableDiffusionXLPipeline.from_pretrained(
         preset.sdxl_dir, dtype=dtype, local_files_only=True, add_watermarker=False
     ).to(device)
+    pool_at_end_of_text(text2img)
     controlnet = ControlNetModel.from_pretrained(preset.identitynet_dir, dtype=dtype, local_files_only=True)
     return text2img, controlnet.to(device)
+
+
+def pool_at_end_of_text(pipe: TextToImagePipeline) -> None:
+    """Make each CLIP text encoder of ``pipe`` pool at its tokenizer's first end-of-text token.
+
+    The published SD1.5 and SDXL text encoder configs carry the legacy ``eos_token_id: 2``, and with
+    that value transformers' CLIP text model pools at ``input_ids.argmax(-1)``: end-of-text is the
+    highest id of the base vocabulary, but an added Textual Inversion word (id > 49407) is higher, and
+    CLIP's causal mask then drops every token after the word from the pooled embedding (for SDXL,
+    text_encoder_2's ``text_embeds``, the UNet's pooled conditioning). With the tokenizer's real
+    ``eos_token_id`` it pools at the first end-of-text instead, which is right whether the tokenizer
+    pads with end-of-text (``tokenizer``) or with "!" (SDXL's ``tokenizer_2``). Prompts without added
+    words pool where they did. Every loader of the base pipeline calls this; the trainable copies of
+    Textual Inversion (``engine.train_ti``) are deep copies of these encoders and inherit it.
+    """
+    for tokenizer_attr, encoder_attr in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        tokenizer, encoder = getattr(pipe, tokenizer_attr, None), getattr(pipe, encoder_attr, None)
+        if tokenizer is None or encoder is None:
+            continue
+        for module in encoder.modules():  # the encoder itself, or its ``text_model`` (with projection)
+            if getattr(module, "eos_token_id", None) is not None:  # what CLIP's forward reads
+                module.eos_token_id = tokenizer.eos_token_id
+                module.config.eos_token_id = tokenizer.eos_token_id
+        encoder.config.eos_token_id = tokenizer.eos_token_id
 
 
 def _load_identity_adapter(text2img: StableDiffusionXLPipeline, preset: Preset) -> IdentityAdapter:

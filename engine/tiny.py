@@ -302,6 +302,12 @@ def _tiny_unet(seed: int, *, conditioning: dict[str, Any] = _SDXL_UNET_CONDITION
 
 
 def _tiny_clip_text_config(tokenizer: Any) -> Any:
+    """The CLIP text config in miniature, with the published SD1.5/SDXL configs' legacy ``eos_token_id=2``.
+
+    With 2, transformers pools at ``input_ids.argmax(-1)`` (the highest id, end-of-text in the base
+    vocabulary but an added Textual Inversion word when there is one); the tiny models keep that value
+    so that the tests meet the real bases' configs (``engine.base.pool_at_end_of_text`` fixes it on load).
+    """
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -314,7 +320,7 @@ def _tiny_clip_text_config(tokenizer: Any) -> Any:
         projection_dim=_POOLED_DIM,
         hidden_act="gelu",
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=2,  # the legacy value of the published SD1.5/SDXL text encoder configs
         pad_token_id=tokenizer.pad_token_id,
     )
 

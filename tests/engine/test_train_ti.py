@@ -4,6 +4,7 @@ it was, and the saved file draws the same image in a fresh diffusers pipeline as
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -287,3 +288,32 @@ def test_tokens_the_tokenizer_cannot_learn_are_refused(run: Run, token: str) -> 
 def test_bad_settings_are_refused(bad: dict[str, float]) -> None:
     with pytest.raises(TrainingInputError):
         TiTrainSettings(**bad).check()  # type: ignore[arg-type]
+
+
+def test_tiny_text_encoder_configs_carry_the_legacy_eos_token_id(tiny_preset_dir: Path) -> None:
+    """As the published SD1.5/SDXL configs do: with 2, transformers pools at the highest token id."""
+    for encoder in ("text_encoder", "text_encoder_2"):
+        config = json.loads((tiny_preset_dir / "sdxl" / encoder / "config.json").read_text())
+        assert config["eos_token_id"] == 2, encoder
+
+
+def test_pooled_embedding_of_a_prompt_with_a_word_sees_past_the_word(tiny_preset_dir: Path) -> None:
+    """SDXL's pooled conditioning pools at end-of-text, not at the added word (the highest token id)."""
+    from engine.base import ResidentBase
+    from engine.presets import load_preset
+
+    base = ResidentBase.load(load_preset("tiny", tiny_preset_dir.parent))
+    pipe = base.text2img
+    generator = torch.Generator().manual_seed(0)
+    widths = [e.get_input_embeddings().embedding_dim for e in (pipe.text_encoder, pipe.text_encoder_2)]
+    weights = save({key: torch.randn(1, width, generator=generator) for key, width in zip(SDXL_KEYS, widths)})
+
+    def pooled(prompt: str) -> torch.Tensor:
+        with torch.no_grad():
+            out = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return out[2]
+
+    with base.gpu_lock, loaded_ti(pipe, weights, TOKEN):
+        assert all(len(t) > t.eos_token_id + 1 for t in tokenizers(pipe)), "the word is not above end-of-text"
+        short, long = pooled(PROMPT), pooled(f"{PROMPT} in the snow")
+    assert (short - long).abs().max() > 1e-2 * short.abs().max(), "words after the added word are ignored"
