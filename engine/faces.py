@@ -3,13 +3,13 @@
 ``FaceAnalyzer`` loads an antelopev2-style folder (an SCRFD detector and an ArcFace recognizer) with
 ``insightface.model_zoo.get_model``, so detection, NMS, keypoints and alignment are insightface's
 code. ``check`` turns one uploaded photo into an accept/refuse decision, a ``FaceRecord`` (embedding,
-keypoints, box) and a face-centred training crop.
+keypoints, box) and a face-centred training crop. The refusal order is: no face, several prominent
+faces, face too small, too blurry, duplicate (the same photo again, e.g. re-encoded), different person.
 
 Two scales of one embedding are kept apart: cosines (same person, duplicates, ranking) use the unit
 vector; InstantID takes the recognizer's raw vector (``identity_embedding``), because its Resampler
 was trained on insightface's unnormalised ``embedding`` (norm ≈ 22 for antelopev2), and its first
-layer's bias would drown a 22× smaller input with what every user shares. The refusal order is: no face, several prominent
-faces, face too small, too blurry, duplicate (the same photo again, e.g. re-encoded), different person.
+layer's bias would drown a 22× smaller input with what every user shares.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def identity_embedding(records: Sequence[FaceRecord]) -> np.ndarray:
                      "gets unit embeddings until the photos are uploaded again")
         return mean_embedding(records)
     fallback = float(np.mean(known))
-    raws = [_unit(r.embedding) * np.float32(r.norm if r.norm is not None else fallback) for r in records]
+    raws = [r.embedding * np.float32(r.norm or fallback) for r in records]  # as raw_embedding, norm filled in
     return np.mean(raws, axis=0).astype(np.float32)
 
 
