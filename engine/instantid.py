@@ -42,33 +42,50 @@ KEYPOINT_COLOURS: tuple[tuple[int, int, int], ...] = (
     (255, 0, 255),
 )
 _NOSE = 2
-_LIMB_BRIGHTNESS = 0.6  # limbs are dimmer than the points, so the points stand out
+# IdentityNet's training images (InstantID's draw_kps, at about 1024 px): each limb joins a point to the
+# nose as a filled ellipse 4 px in half-width, in that point's colour; the limbs are then dimmed to 60 %
+# and the points drawn over them as full-colour dots of radius 10.
+_LIMB_BRIGHTNESS = 0.6
+_LIMB_HALF_WIDTH_AT_1024 = 4.0
+_DOT_RADIUS_AT_1024 = 10.0
+_ELLIPSE_VERTICES = 72
 
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (steps done, total steps)."""
 
 
 def draw_keypoints(kps: np.ndarray, size: int | tuple[int, int]) -> Image.Image:
-    """Draw five face keypoints as IdentityNet's condition: coloured limbs to the nose and dots on black.
+    """Draw five face keypoints as IdentityNet's condition, on black: each point joined to the nose by
+    a filled ellipse (the limb) in the point's colour at 60 % brightness, then a full-colour dot per point.
 
     ``kps`` is a (5, 2) array of (x, y) pixel coordinates in the output image; ``size`` is its
-    side or (width, height).
+    side or (width, height). Sizes follow the training images' at 1024 px, scaled to the shorter side.
     """
     width, height = (size, size) if isinstance(size, int) else size
     points = _check_keypoints(kps)
     image = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(image)
-    # IdentityNet was trained on dots of radius 10 and limbs 8 wide at about 1024 px.
-    side = min(width, height)
-    radius, limb_width = max(2, round(side * 10 / 1024)), max(2, round(side * 8 / 1024))
-    nose = tuple(points[_NOSE])
+    scale = min(width, height) / 1024
+    half_width = max(1.0, _LIMB_HALF_WIDTH_AT_1024 * scale)
+    radius = max(2.0, _DOT_RADIUS_AT_1024 * scale)
     for index, point in enumerate(points):
         if index != _NOSE:
             limb = tuple(int(c * _LIMB_BRIGHTNESS) for c in KEYPOINT_COLOURS[index])
-            draw.line([tuple(point), nose], fill=limb, width=limb_width)
+            draw.polygon(_limb_outline(point, points[_NOSE], half_width), fill=limb)
     for (x, y), colour in zip(points, KEYPOINT_COLOURS):
         draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
     return image
+
+
+def _limb_outline(start: np.ndarray, end: np.ndarray, half_width: float) -> list[tuple[float, float]]:
+    """Vertices of the ellipse whose long axis runs from ``start`` to ``end``, ``half_width`` across."""
+    centre = (start + end) / 2
+    along = (end - start) / 2  # semi-major axis as a vector
+    length = float(np.hypot(*along))
+    across = np.array([-along[1], along[0]]) / length * half_width if length else np.array([0.0, half_width])
+    angles = np.linspace(0.0, 2 * np.pi, _ELLIPSE_VERTICES, endpoint=False)
+    outline = centre + np.cos(angles)[:, None] * along + np.sin(angles)[:, None] * across
+    return [(float(x), float(y)) for x, y in outline]
 
 
 def fit_keypoints(kps: np.ndarray, image_size: tuple[int, int], out_size: int | tuple[int, int]) -> np.ndarray:

@@ -161,6 +161,27 @@ def test_draw_keypoints_colours_each_point() -> None:
     assert image.shape == (128, 128, 3)
 
 
+def test_draw_keypoints_draws_each_limb_as_a_dimmed_ellipse() -> None:
+    # At 1024 px, as IdentityNet was trained: the right eye's limb runs level from (300, 400) to the nose
+    # at (600, 400); the other points sit far below it.
+    kps = np.array([[300.0, 400.0], [900.0, 100.0], [600.0, 400.0], [300.0, 900.0], [900.0, 900.0]])
+    image = np.asarray(draw_keypoints(kps, 1024))
+    limb = np.all(image == (153, 0, 0), axis=-1)  # the right eye's red at 60 %
+
+    def thickness(x: int) -> int:
+        return int(limb[:, x].sum())
+
+    middle, near_the_eye, near_the_nose = thickness(450), thickness(320), thickness(580)
+    assert 7 <= middle <= 10  # 4 px either side of the axis
+    # An ellipse narrows towards its ends (a line would keep its width): at a tenth of the way in its
+    # half-width is 4 * sqrt(1 - 0.8**2) = 2.4 px.
+    assert near_the_eye <= middle - 3 and near_the_nose <= middle - 3
+    assert thickness(298) == 0  # behind the dot, nothing of the limb
+    rows = np.flatnonzero(limb[:, 450])
+    assert rows.min() >= 395 and rows.max() <= 405  # centred on the axis
+    assert tuple(image[400, 300]) == KEYPOINT_COLOURS[0]  # the dot is drawn over the limb, full colour
+
+
 def test_fit_keypoints_keeps_proportions() -> None:
     kps = np.array([[0, 0], [400, 0], [200, 100], [0, 200], [400, 200]], dtype=float)
 
