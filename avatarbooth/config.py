@@ -57,7 +57,11 @@ class AppConfig:
 
 
 _SECTIONS = {"storage", "queue", "engine", "limits", "identity", "training", "telegram", "discord", "safety"}
-_ENGINE_KEYS = {"preset", "device", "models_dir", "preview_steps", "draw_steps", "base_model"}
+_ENGINE_KEYS = {
+    "preset", "device", "dtype", "models_dir", "preview_steps", "draw_steps", "base_model", "dreambooth_cache_gib",
+}
+_DTYPES = ("auto", "float16", "bfloat16", "float32")  # engine.base.RESIDENT_DTYPES, without importing torch
+_DREAMBOOTH_OPTIMIZERS = ("adamw", "adafactor")
 
 
 def load_config(
@@ -162,6 +166,8 @@ def _engine_settings(
         blobs_dir=data_dir / "blobs",
         redis_url=redis_url,
         device=str(engine.get("device", "auto")),
+        dtype=_choice(engine, "engine", "dtype", _DTYPES),
+        dreambooth_cache_bytes=_cache_bytes(engine),
         max_jobs=_positive_int(queue, "max_jobs", 4),
         interactive_timeout_s=_positive_int(queue, "interactive_timeout_s", 300),
         training_timeout_s=_positive_int(queue, "training_timeout_s", 3600),
@@ -171,7 +177,24 @@ def _engine_settings(
         random_flip=_bool(training, "random_flip", False),
         train_text_encoder=_bool(training, "train_text_encoder", False),
         gradient_checkpointing=_bool(training, "gradient_checkpointing", None),
+        dreambooth_optimizer=_choice(training, "training", "dreambooth_optimizer", _DREAMBOOTH_OPTIMIZERS),
     )
+
+
+def _choice(table: Mapping[str, Any], section: str, key: str, allowed: tuple[str, ...]) -> str:
+    """One of ``allowed`` (the first is the default when ``key`` is unset)."""
+    value = table.get(key, allowed[0])
+    if value not in allowed:
+        raise ConfigError(f"[{section}] {key} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+    return str(value)
+
+
+def _cache_bytes(engine: Mapping[str, Any]) -> int:
+    default = EngineSettings.dreambooth_cache_bytes
+    value = engine.get("dreambooth_cache_gib", default / 2**30)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"[engine] dreambooth_cache_gib must be a number of GiB, 0 or more, got {value!r}")
+    return int(value * 2**30)
 
 
 # config.toml name -> BotSettings field, per section.
@@ -195,7 +218,7 @@ _BOT_KEYS: dict[str, dict[str, str]] = {
 }
 _ENGINE_ONLY = {
     "queue": {"redis_url", "max_jobs"},
-    "training": {"steps", "random_flip", "train_text_encoder", "gradient_checkpointing"},
+    "training": {"steps", "random_flip", "train_text_encoder", "gradient_checkpointing", "dreambooth_optimizer"},
 }
 
 

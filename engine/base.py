@@ -47,12 +47,12 @@ class ResidentBase:
         """Load ``preset``'s weights with diffusers' ``from_pretrained`` onto ``device``.
 
         ``device`` is "cpu", "cuda" (or "cuda:N"), or "auto" for CUDA when present. ``dtype`` defaults
-        to bfloat16 on CUDA and float32 on the CPU.
+        to ``resident_dtype(device)``: float16 on CUDA, float32 on the CPU.
         """
         from engine.presets import FAMILY_SD15
 
         target = _resolve_device(device)
-        dtype = dtype or (torch.bfloat16 if target.type == "cuda" else torch.float32)
+        dtype = dtype or resident_dtype(target.type)
         if preset.family == FAMILY_SD15:
             base = cls(preset, target, dtype, _load_sd15(preset, target, dtype), None, None)
         else:
@@ -76,6 +76,26 @@ class ResidentBase:
                 "preset is SD1.5. Train a model with /train, then draw with /draw."
             )
         return self.instantid
+
+
+RESIDENT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+"""The ``[engine] dtype`` values besides "auto", by name."""
+
+
+def resident_dtype(device_type: str, configured: str = "auto") -> torch.dtype:
+    """The dtype the resident modules are loaded in: ``configured``, or for "auto" float16 on CUDA and
+    float32 elsewhere.
+
+    Float16, not bfloat16, on CUDA: a DreamBooth fine-tune (lr 2e-6) moves a weight by less than
+    bfloat16's step at its size (8 significant bits; float16 has 11), so copying the trained UNet into
+    a bfloat16 resident rounds most of it away. The SD families are published and run in float16, and
+    where their VAE overflows in it (SDXL's ``force_upcast``) the decode and encode paths upcast.
+    """
+    if configured == "auto":
+        return torch.float16 if device_type == "cuda" else torch.float32
+    if configured not in RESIDENT_DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(RESIDENT_DTYPES)}, got {configured!r}")
+    return RESIDENT_DTYPES[configured]
 
 
 def _resolve_device(device: str) -> torch.device:

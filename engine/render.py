@@ -28,7 +28,8 @@ from diffusers import (
 from PIL import Image
 
 from engine.errors import EngineError
-from engine.train_dreambooth import WeightSwapper, load_weights
+from engine.settings import EngineSettings
+from engine.train_dreambooth import WeightsCache, WeightSwapper
 from engine.train_ti import loaded_ti
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ADAPTERS = 8
 """Adapters kept loaded at once; an SDXL rank-16 attention LoRA is ~90 MB of float32."""
+
+DEFAULT_DREAMBOOTH_CACHE_BYTES = EngineSettings.dreambooth_cache_bytes
+"""Host memory for DreamBooth weights kept between draws: two SDXL UNets in float16."""
 
 _ADAPTER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # peft keeps adapters in ModuleDicts: no dots
 _SELF_WORDS = re.compile(r"\b(?:me|myself|i)\b(?!['’]\w)", re.IGNORECASE)
@@ -91,7 +95,12 @@ class Renderer:
     """
 
     def __init__(
-        self, pipe: TextToImagePipeline, lock: threading.Lock, *, max_adapters: int = DEFAULT_MAX_ADAPTERS
+        self,
+        pipe: TextToImagePipeline,
+        lock: threading.Lock,
+        *,
+        max_adapters: int = DEFAULT_MAX_ADAPTERS,
+        dreambooth_cache_bytes: int = DEFAULT_DREAMBOOTH_CACHE_BYTES,
     ) -> None:
         if max_adapters < 1:
             raise ValueError(f"max_adapters must be at least 1, got {max_adapters}")
@@ -101,7 +110,7 @@ class Renderer:
         self._loaded: OrderedDict[str, Path] = OrderedDict()  # adapter id → file, least recent first
         self._img2img: Img2ImgPipeline | None = None
         self._weight_swapper: WeightSwapper | None = None
-        self._cached_weights: tuple[Path, Mapping[str, torch.Tensor]] | None = None
+        self.dreambooth_weights = WeightsCache(dreambooth_cache_bytes)
 
     @property
     def loaded_adapters(self) -> list[str]:
@@ -159,12 +168,10 @@ class Renderer:
         return list(result.images)
 
     def _unet_weights(self, ref: UnetWeightsRef) -> Mapping[str, torch.Tensor]:
-        """The user's UNet weights, read outside the lock; the last user's stay cached in memory."""
-        if self._cached_weights is None or self._cached_weights[0] != ref.path:
-            if not ref.path.is_file():
-                raise RenderInputError(f"model file {ref.path} does not exist")
-            self._cached_weights = (ref.path, load_weights(ref.path))
-        return self._cached_weights[1]
+        """The user's UNet weights, read outside the lock; recent users' stay in host memory."""
+        if not ref.path.is_file():
+            raise RenderInputError(f"model file {ref.path} does not exist")
+        return self.dreambooth_weights.get(ref.path)
 
     def _swapper(self) -> WeightSwapper:
         if self._weight_swapper is None:

@@ -16,6 +16,9 @@ class EngineSettings:
     blobs_dir: Path
     redis_url: str
     device: str = "auto"  # "auto" picks CUDA when present, else CPU
+    dtype: str = "auto"  # the resident modules' dtype; "auto": float16 on CUDA, float32 on the CPU (engine.base)
+    # Host memory for users' DreamBooth weights kept between draws (pinned on a GPU host); 0 keeps none.
+    dreambooth_cache_bytes: int = 12 * 2**30  # two SDXL UNets in float16 (~5.1 GB each)
     max_jobs: int = 4  # concurrent jobs per queue; the GPU itself is shared through a lock
     interactive_timeout_s: int = 300
     training_timeout_s: int = 3600
@@ -26,3 +29,4 @@ class EngineSettings:
     random_flip: bool = False  # mirrored crops as augmentation; off: they erase facial asymmetries
     train_text_encoder: bool = False  # LoRA/DreamBooth also train the text encoders (EasyPhoto does)
     gradient_checkpointing: bool | None = None  # None: on for full-size SDXL training, off otherwise
+    dreambooth_optimizer: str = "adamw"  # or "adafactor": factored second moments, no first (engine.train_dreambooth)

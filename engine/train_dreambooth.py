@@ -6,27 +6,36 @@
    person"): encoded once by the frozen text encoders, or kept as token ids when the encoders train.
 3. ``build_trainable``  float32 deep copies of the UNet (and, opt-in, the text encoders); every weight in
    them trains, and the resident modules keep serving draws.
-4. ``dreambooth_step``  instance loss + ``prior_loss_weight`` × class loss, then AdamW, under the lock.
-5. ``save_weights``     the trained modules' full state dicts as one safetensors file, keys prefixed by
-   module (``"unet.conv_in.weight"``, ``"text_encoder.…"``).
+4. ``dreambooth_step``  instance loss + ``prior_loss_weight`` × class loss, then the optimizer (AdamW, or
+   Adafactor where memory is short), under the lock.
+5. ``write_weights``    the trained modules' full state dicts as one safetensors file, keys prefixed by
+   module (``"unet.conv_in.weight"``, ``"text_encoder.…"``), streamed tensor by tensor (an SDXL UNet is
+   ~5 GB in float16: it is never held whole in memory).
 
 ``train_dreambooth`` runs them in order, reports progress after every step and, given a
 ``CheckpointStore``, checkpoints every ``checkpoint_every`` steps and resumes a killed run from the last one.
 
 Drawing with a trained model never reloads the base: ``WeightSwapper`` copies the user's weights into the
-resident modules' tensors for one draw (under the lock) and copies the base weights back afterwards.
+resident modules' tensors for one draw (under the lock) and copies the base weights back afterwards;
+``WeightsCache`` keeps several users' files in (pinned) host memory between draws. The weights are saved
+in the resident modules' dtype, so a swap puts back exactly what was saved: keep the resident in
+float16 on a GPU (``engine.base.resident_dtype``), as bfloat16 rounds a small-lr fine-tune away.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import io
+import json
 import logging
+import struct
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 import torch
 from PIL import Image
@@ -93,8 +102,14 @@ class DreamBoothSettings:
     random_flip: bool = False
     gradient_checkpointing: bool = True  # the SDXL UNet's activations at 1024² otherwise crowd out AdamW's state
     mixed_precision: bool = True  # bf16 autocast on a GPU (float32 master weights); ignored on the CPU
-    save_dtype: torch.dtype = torch.float16  # halves the file (SDXL UNet: ~5 GB); the base draws in 16 bits
+    # None: the resident UNet's dtype (float16 on a GPU: half of float32, ~5 GB for SDXL's UNet). What is
+    # saved is what a draw swaps in, so a file at another precision than the resident buys nothing.
+    save_dtype: torch.dtype | None = None
     checkpoint_every: int = 200  # an SDXL full-UNet checkpoint with AdamW state is ~30 GB: not too often
+    # "adamw" (the DreamBooth paper's and diffusers' optimizer: 8 bytes of state per weight, ~20 GB for
+    # SDXL's UNet) or "adafactor" (transformers' Adafactor: factored second moments, no first moment, so
+    # its state is a few MB; pure PyTorch, so it runs on every device the engine does). See docs/memory.md.
+    optimizer: str = "adamw"
 
     def check(self) -> None:
         """Raise ``TrainingInputError`` naming the first setting that cannot work."""
@@ -110,11 +125,17 @@ class DreamBoothSettings:
             raise TrainingInputError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.checkpoint_every < 1:
             raise TrainingInputError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainingInputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
 
     @property
     def with_prior(self) -> bool:
         """Whether the class loss is part of training (a weight of 0 skips class images altogether)."""
         return self.prior_loss_weight > 0
+
+
+OPTIMIZERS = ("adamw", "adafactor")
+"""``DreamBoothSettings.optimizer`` values (config.toml ``[training] dreambooth_optimizer``)."""
 
 
 class PriorTrainingSettings(Protocol):
@@ -138,13 +159,26 @@ class PriorTrainingSettings(Protocol):
     def max_grad_norm(self) -> float: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DreamBoothOutcome:
-    """What a finished run produced: the weights file's bytes, the last step's loss, steps run."""
+    """What a finished run produced: the trained modules (written out by ``write``), the last step's
+    loss, steps run."""
 
-    weights: bytes
+    modules: dict[str, torch.nn.Module]  # "unet" and, when they trained, the text encoders
+    dtype: torch.dtype  # what the file stores floating-point tensors in
     final_loss: float
     steps: int
+
+    def write(self, file: IO[bytes]) -> None:
+        """Stream the weights file into ``file`` (e.g. ``BlobStore.put_written``)."""
+        write_weights(self.modules, file, self.dtype)
+
+    @property
+    def weights(self) -> bytes:
+        """The whole weights file in memory: for small (tiny) models and tests; the worker streams."""
+        buffer = io.BytesIO()
+        self.write(buffer)
+        return buffer.getvalue()
 
 
 @dataclass(eq=False)
@@ -335,12 +369,29 @@ def remove_adapters(module: torch.nn.Module) -> None:
 def start_training(
     unet: UNet2DConditionModel, encoders: dict[str, torch.nn.Module], settings: DreamBoothSettings
 ) -> DreamBoothState:
-    """A fresh ``DreamBoothState``: AdamW over every weight of the copies, the seeded RNG, step 0."""
+    """A fresh ``DreamBoothState``: the optimizer over every weight of the copies, the seeded RNG, step 0."""
     modules: list[torch.nn.Module] = [unet, *encoders.values()]
     params = [p for module in modules for p in module.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     generator = torch.Generator("cpu").manual_seed(settings.seed)
-    return DreamBoothState(unet=unet, optimizer=optimizer, generator=generator, text_encoders=encoders)
+    return DreamBoothState(
+        unet=unet, optimizer=make_optimizer(params, settings), generator=generator, text_encoders=encoders
+    )
+
+
+def make_optimizer(params: list[torch.nn.Parameter], settings: DreamBoothSettings) -> torch.optim.Optimizer:
+    """AdamW, or Adafactor at the same fixed learning rate and weight decay.
+
+    Adafactor as transformers' docs give it for a fixed learning rate: no relative step, no parameter
+    scaling, no warm-up; ``beta1=None`` keeps no first moment, which is where most of its saving is.
+    """
+    if settings.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(  # type: ignore[no-any-return]
+            params, lr=settings.learning_rate, weight_decay=settings.weight_decay,
+            scale_parameter=False, relative_step=False, warmup_init=False, beta1=None,
+        )
+    return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
 
 
 # --- stage 4: one step ---------------------------------------------------------------------------------
@@ -384,18 +435,44 @@ def training_autocast(unet: torch.nn.Module, enabled: bool) -> contextlib.Abstra
 # --- stage 5: save -----------------------------------------------------------------------------------
 
 
-def save_weights(state: DreamBoothState, dtype: torch.dtype = torch.float16) -> bytes:
-    """The trained modules' state dicts as safetensors bytes, keys ``"<module>.<name>"``, in ``dtype``."""
-    from safetensors.torch import save
+_SAFETENSORS_DTYPES = {
+    torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
+
+def write_weights(modules: Mapping[str, torch.nn.Module], file: IO[bytes], dtype: torch.dtype) -> None:
+    """The modules' state dicts as a safetensors file, keys ``"<module>.<name>"``, floats in ``dtype``.
+
+    Written as safetensors lays it out (an 8-byte header length, the JSON header, then each tensor's
+    bytes at its offset), one tensor at a time, so only one tensor is ever copied to the CPU at once.
+    The same weights always give the same bytes (sorted keys, one metadata entry), hence one blob key.
+    """
     tensors = {
-        f"{prefix}.{name}": tensor.detach().to("cpu", dtype).contiguous()
-        for prefix, module in state.modules().items()
+        f"{prefix}.{name}": tensor
+        for prefix, module in modules.items()
         for name, tensor in module.state_dict().items()
     }
-    # One metadata entry: safetensors writes a map's entries in no fixed order, and equal weights
-    # should give equal bytes (and so one blob key).
-    return save(tensors, metadata={"format": WEIGHTS_FORMAT})
+    header: dict[str, object] = {"__metadata__": {"format": WEIGHTS_FORMAT}}
+    offset = 0
+    for name in sorted(tensors):
+        out_dtype = _saved_dtype(tensors[name], dtype)
+        size = tensors[name].numel() * torch.empty((), dtype=out_dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[out_dtype], "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data to 8 bytes
+    file.write(struct.pack("<Q", len(encoded)))
+    file.write(encoded)
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu", _saved_dtype(tensors[name], dtype)).contiguous()
+        file.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _saved_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    return dtype if tensor.is_floating_point() else tensor.dtype  # ids and counters stay integers
 
 
 # --- the run -------------------------------------------------------------------------------------------
@@ -430,18 +507,64 @@ def train_dreambooth(
     _log.info("DreamBooth: %d crops, %d steps from step %d", len(crops), settings.steps, state.step)
     # The loop is LoRA's own (train_lora.run_steps): the same stages, with the prior loss in each step.
     loss = run_steps(state, latents, prompts, noise_scheduler_for(pipe), lock, settings, on_progress, checkpointing)  # type: ignore[arg-type]
-    return DreamBoothOutcome(save_weights(state, settings.save_dtype), loss, state.step)
+    return DreamBoothOutcome(state.modules(), settings.save_dtype or pipe.unet.dtype, loss, state.step)
 
 
 
 # --- drawing: swap the weights in, draw, swap the base back ----------------------------------------------
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A DreamBooth weights file's tensors, on the CPU."""
+def load_weights(path: Path, *, pin: bool = False) -> dict[str, torch.Tensor]:
+    """A DreamBooth weights file's tensors, on the CPU (in page-locked memory with ``pin``)."""
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    tensors = load_file(str(path))
+    return {name: t.pin_memory() for name, t in tensors.items()} if pin else tensors
+
+
+class WeightsCache:
+    """Users' DreamBooth weights kept in host memory between draws, least recently used dropped first.
+
+    Bounded by ``max_bytes`` in all (an SDXL UNet in float16 is ~5.1 GB); a file larger than the bound
+    is read for its draw and not kept. On a CUDA host the tensors are pinned, so a swap copies them to
+    the GPU at full speed. Entries whose file has gone (the user's model was deleted or erased) are
+    dropped on the next lookup. Not thread-safe: the renderer calls it from one draw at a time.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must not be negative, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Path, tuple[dict[str, torch.Tensor], int]] = OrderedDict()
+
+    @property
+    def paths(self) -> list[Path]:
+        """The files held now, least recently used first."""
+        return list(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory the held weights take."""
+        return sum(size for _, size in self._entries.values())
+
+    def get(self, path: Path) -> dict[str, torch.Tensor]:
+        """The tensors of ``path``, from memory when held, else read (and kept when they fit)."""
+        for gone in [p for p in self._entries if not p.is_file()]:
+            del self._entries[gone]
+        if path in self._entries:
+            self._entries.move_to_end(path)
+            return self._entries[path][0]
+        tensors = load_weights(path, pin=torch.cuda.is_available())
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if size <= self.max_bytes:
+            while self.nbytes + size > self.max_bytes:
+                self._entries.popitem(last=False)
+            self._entries[path] = (tensors, size)
+        return tensors
+
+    def drop(self, path: Path) -> None:
+        """Forget ``path``'s tensors, if held."""
+        self._entries.pop(path, None)
 
 
 class WeightSwapper:

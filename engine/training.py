@@ -8,9 +8,10 @@ the preset, and gives each run a checkpoint store so a killed job resumes instea
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from PIL import Image
 
@@ -34,10 +35,14 @@ class UnknownTrainingMethod(EngineError):
 
 @dataclass(frozen=True)
 class TrainedModel:
-    weights: bytes
+    write: Callable[[IO[bytes]], object]  # writes the weights file (streamed for DreamBooth's gigabytes)
     token: str  # the word that stands for the user in prompts (TI learns its own, e.g. "<u7>")
     steps: int
     final_loss: float
+
+
+def _bytes_writer(data: bytes) -> Callable[[IO[bytes]], object]:
+    return lambda file: file.write(data)
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class TrainingRun:
     random_flip: bool = False  # config.toml [training]; see engine.settings.EngineSettings
     train_text_encoder: bool = False
     gradient_checkpointing: bool | None = None  # None: on for full-size SDXL, off otherwise
+    dreambooth_optimizer: str = "adamw"  # or "adafactor" (engine.train_dreambooth.make_optimizer)
 
 
 def ti_token_for(owner: str) -> str:
@@ -78,14 +84,14 @@ def train_personal_model(
             class_images=prior_images_for(run, class_word, lora_settings),
             checkpoints=run.checkpoints,
         )
-        return TrainedModel(lora.weights, token, lora.steps, lora.final_loss)
+        return TrainedModel(_bytes_writer(lora.weights), token, lora.steps, lora.final_loss)
     if method == TrainingMethod.TEXTUAL_INVERSION:
         word = ti_token_for(owner)
         ti = train_textual_inversion(
             run.pipe, run.lock, crops, word, class_word, ti_settings_for(run), on_progress,
             checkpoints=run.checkpoints,
         )
-        return TrainedModel(ti.weights, word, ti.steps, ti.final_loss)
+        return TrainedModel(_bytes_writer(ti.weights), word, ti.steps, ti.final_loss)
     if method == TrainingMethod.DREAMBOOTH:
         settings = dreambooth_settings_for(run)
         priors = prior_images_for(run, class_word, settings)
@@ -93,7 +99,7 @@ def train_personal_model(
             run.pipe, run.lock, crops, token, class_word, priors, settings, on_progress,
             checkpoints=run.checkpoints,
         )
-        return TrainedModel(booth.weights, token, booth.steps, booth.final_loss)
+        return TrainedModel(booth.write, token, booth.steps, booth.final_loss)
     raise UnknownTrainingMethod(f"unknown training method {method!r}; use lora, ti or dreambooth")
 
 
@@ -150,7 +156,10 @@ def ti_settings_for(run: TrainingRun) -> TiTrainSettings:
 def dreambooth_settings_for(run: TrainingRun) -> DreamBoothSettings:
     """DreamBooth's own defaults (engine.train_dreambooth cites them), scaled down for tiny presets."""
     preset = run.preset
-    switches = {"random_flip": run.random_flip, "train_text_encoder": run.train_text_encoder}
+    switches = {
+        "random_flip": run.random_flip, "train_text_encoder": run.train_text_encoder,
+        "optimizer": run.dreambooth_optimizer,
+    }
     if preset.is_tiny:
         return DreamBoothSettings(
             steps=run.steps or preset.train_steps,

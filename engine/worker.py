@@ -51,7 +51,7 @@ from engine.api import (
     progress_key,
     serialize_job,
 )
-from engine.base import ResidentBase
+from engine.base import ResidentBase, resident_dtype
 from engine.errors import EngineError, PreviewUnavailable
 from engine.faces import FaceAnalyzer, FaceRecord, cosine, identity_embedding, mean_embedding
 from engine.instantid import render_preview
@@ -103,9 +103,9 @@ class WorkerContext:
         """Load the preset's models (slow: seconds for tiny, a minute for SDXL). Call once."""
         preset = load_preset(settings.preset, settings.models_dir)
         device = _pick_device(settings.device)
-        base = ResidentBase.load(preset, device=device)
+        base = ResidentBase.load(preset, device=device, dtype=resident_dtype(device.split(":", 1)[0], settings.dtype))
         faces = FaceAnalyzer(preset.face_models_dir, preset.face_checks)
-        renderer = Renderer(base.text2img, base.gpu_lock)
+        renderer = Renderer(base.text2img, base.gpu_lock, dreambooth_cache_bytes=settings.dreambooth_cache_bytes)
         nsfw = NsfwChecker.load(preset.safety_checker_dir, device)
         return cls(settings, preset, base, faces, renderer, nsfw, LocalBlobStore(settings.blobs_dir))
 
@@ -324,6 +324,7 @@ def do_train(app: WorkerContext, request: TrainRequest) -> TrainResult:
         random_flip=app.settings.random_flip,
         train_text_encoder=app.settings.train_text_encoder,
         gradient_checkpointing=app.settings.gradient_checkpointing,
+        dreambooth_optimizer=app.settings.dreambooth_optimizer,
     )
 
     def on_progress(progress: TrainingProgress) -> None:
@@ -339,7 +340,7 @@ def do_train(app: WorkerContext, request: TrainRequest) -> TrainResult:
     model = train_personal_model(
         run, request.method, crops, request.token, request.class_word, on_progress, request.owner
     )
-    adapter_key = app.blobs.put(request.owner, "models", model.weights, ".safetensors")
+    adapter_key = app.blobs.put_written(request.owner, "models", ".safetensors", model.write)
     checkpoints.clear()
     return TrainResult(
         adapter_key=adapter_key,

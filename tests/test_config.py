@@ -18,9 +18,12 @@ def test_the_shipped_config_toml_loads_with_its_documented_defaults() -> None:
     assert config.data_dir == ROOT / "data"
     assert config.bot.min_photos == 3 and config.bot.max_photos == 5
     assert config.bot.enabled_methods == ("lora", "ti")
+    assert config.bot.class_word == "auto"  # by the photos' apparent genders
     assert config.bot.draw_num_images == 2
     assert not config.engine.random_flip and not config.engine.train_text_encoder
     assert config.engine.gradient_checkpointing is None  # the method and preset decide
+    assert config.engine.dtype == "auto" and config.engine.dreambooth_optimizer == "adamw"
+    assert config.engine.dreambooth_cache_bytes == 12 * 2**30
 
 
 def test_training_switches_reach_the_engine_settings(tmp_path: Path) -> None:
@@ -28,6 +31,15 @@ def test_training_switches_reach_the_engine_settings(tmp_path: Path) -> None:
     path.write_text("[training]\nrandom_flip = true\ntrain_text_encoder = true\ngradient_checkpointing = false\n")
     engine = load_config(path, env={}).engine
     assert engine.random_flip and engine.train_text_encoder and engine.gradient_checkpointing is False
+
+
+def test_precision_memory_and_optimizer_settings_reach_the_engine(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[engine]\ndtype = "bfloat16"\ndreambooth_cache_gib = 0.5\n'
+                    '[training]\ndreambooth_optimizer = "adafactor"\n')
+    engine = load_config(path, env={}).engine
+    assert engine.dtype == "bfloat16" and engine.dreambooth_cache_bytes == 2**29
+    assert engine.dreambooth_optimizer == "adafactor"
 
 
 def test_images_per_draw_sets_how_many_candidates_a_draw_ranks(tmp_path: Path) -> None:
@@ -67,6 +79,9 @@ def test_the_preset_flag_wins_over_the_file(tmp_path: Path) -> None:
         ("[limits]\nmin_photos = 6\n", r"min_photos \(6\) must not exceed max_photos \(5\)"),
         ("[engine\n", "not valid TOML"),
         ('[training]\nrandom_flip = "yes"\n', "random_flip must be true or false"),
+        ('[engine]\ndtype = "half"\n', "dtype must be one of 'auto', 'float16', 'bfloat16', 'float32'"),
+        ("[engine]\ndreambooth_cache_gib = -1\n", "dreambooth_cache_gib must be a number of GiB"),
+        ('[training]\ndreambooth_optimizer = "sgd"\n', "dreambooth_optimizer must be one of 'adamw', 'adafactor'"),
     ],
 )
 def test_bad_settings_are_named_with_what_to_fix(tmp_path: Path, text: str, message: str) -> None:

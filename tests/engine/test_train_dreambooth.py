@@ -108,8 +108,8 @@ def test_every_unet_weight_is_saved_and_the_weights_moved(run: Run) -> None:
     saved = load(run.weights)
     base = run.resident_before["unet"]
     assert set(saved) == {f"unet.{k}" for k in base}  # the UNet only: text encoders are opt-in
-    assert {t.dtype for t in saved.values()} == {torch.float16}
-    moved = [k for k in base if not torch.equal(saved[f"unet.{k}"].float(), base[k].half().float())]
+    assert {t.dtype for t in saved.values()} == {run.pipe.unet.dtype}  # saved as the resident draws
+    moved = [k for k in base if not torch.equal(saved[f"unet.{k}"], base[k])]
     assert len(moved) > len(base) // 2
 
 
@@ -161,6 +161,38 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(run: Run, tmp_path: Path)
     assert store.load_latest() is None
 
 
+def test_adafactor_trains_and_resumes_with_a_fraction_of_adamws_state(run: Run, tmp_path: Path) -> None:
+    settings = replace(SETTINGS, optimizer="adafactor")
+    straight = train_dreambooth(run.pipe, run.lock, noise_crops(), "sks", "person", run.classes, settings)
+    assert not same(unet_weights(straight.weights), unet_weights(run.weights))  # another optimizer, other steps
+    base = run.resident_before["unet"]
+    assert any(not torch.equal(t, base[k]) for k, t in unet_weights(straight.weights).items())
+
+    store = CheckpointStore(LocalBlobStore(tmp_path / "blobs"), "u1", "train-6")
+
+    def die_at_step_3(progress: TrainingProgress) -> None:
+        if progress.step == 3:
+            raise KeyboardInterrupt("worker killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        train_dreambooth(run.pipe, run.lock, noise_crops(), "sks", "person", run.classes, settings,
+                         die_at_step_3, checkpoints=store)
+    checkpoint = store.load_latest()
+    assert checkpoint is not None
+    state_numel = sum(
+        t.numel() for s in checkpoint.optimizer_state["state"].values() for t in s.values() if torch.is_tensor(t)
+    )
+    assert state_numel < 0.5 * sum(t.numel() for t in base.values())  # AdamW keeps 2 per weight
+    resumed = train_dreambooth(run.pipe, run.lock, noise_crops(), "sks", "person", run.classes, settings,
+                               checkpoints=store)
+    assert resumed.weights == straight.weights  # the same computation repeated: bit for bit
+
+
+def test_an_unknown_optimizer_is_refused_by_name() -> None:
+    with pytest.raises(TrainingInputError, match="optimizer must be one of adamw, adafactor"):
+        replace(SETTINGS, optimizer="sgd").check()
+
+
 def test_gradient_checkpointing_trains_the_same_weights(run: Run) -> None:
     outcome = train_dreambooth(
         run.pipe, run.lock, noise_crops(), "sks", "person", run.classes, replace(SETTINGS, gradient_checkpointing=True)
@@ -177,7 +209,7 @@ def test_text_encoders_train_when_asked(run: Run) -> None:
     for name in ("text_encoder", "text_encoder_2"):
         base = run.resident_before[name]
         assert {k.removeprefix(f"{name}.") for k in saved if k.startswith(f"{name}.")} == set(base)
-        assert any(not torch.equal(saved[f"{name}.{k}"], base[k].half()) for k in base)
+        assert any(not torch.equal(saved[f"{name}.{k}"], base[k]) for k in base)
     for name, before in run.resident_before.items():
         assert same(before, snapshot(getattr(run.pipe, name))), name
 
