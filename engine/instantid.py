@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from diffusers import StableDiffusionXLControlNetPipeline
+from diffusers.image_processor import IPAdapterMaskProcessor
 from PIL import Image, ImageDraw
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
 
     from engine.base import ResidentBase
+    from engine.faces import FaceRecord
 
 # Colours of the five keypoints, in insightface's order: right eye, left eye, nose, mouth corners.
 KEYPOINT_COLOURS: tuple[tuple[int, int, int], ...] = (
@@ -49,6 +51,8 @@ _LIMB_BRIGHTNESS = 0.6
 _LIMB_HALF_WIDTH_AT_1024 = 4.0
 _DOT_RADIUS_AT_1024 = 10.0
 _ELLIPSE_VERTICES = 72
+_FACE_MASK_MARGIN = 0.1  # of the face box's width (height) on each side
+_WATERMARKED_SQUARE, _UNWATERMARKED_SQUARE = (1024, 1024), (1016, 1016)
 
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (steps done, total steps)."""
@@ -94,12 +98,85 @@ def fit_keypoints(kps: np.ndarray, image_size: tuple[int, int], out_size: int | 
 
     The image is scaled to fit the output and centred, so the face keeps its proportions.
     """
-    points = _check_keypoints(kps).astype(np.float64)
+    return _fit_points(_check_keypoints(kps), image_size, out_size)
+
+
+def face_region_mask(
+    bbox: np.ndarray, image_size: tuple[int, int], out_size: int | tuple[int, int]
+) -> Image.Image:
+    """The face's region in the output, white on black: its box (x1, y1, x2, y2) in an image of
+    ``image_size``, fitted into ``out_size`` as ``fit_keypoints`` fits the keypoints, and grown by a
+    tenth of its size on each side.
+
+    The UNet sees the mask downsampled to each attention's grid (down to 1/32 of the image), so a
+    margin keeps the jaw and hairline inside it.
+    """
+    x1, y1, x2, y2 = np.asarray(bbox, dtype=np.float64)
+    grow_x, grow_y = (x2 - x1) * _FACE_MASK_MARGIN, (y2 - y1) * _FACE_MASK_MARGIN
+    corners = np.array([[x1 - grow_x, y1 - grow_y], [x2 + grow_x, y2 + grow_y]])
+    (left, top), (right, bottom) = _fit_points(corners, image_size, out_size)
+    mask = Image.new("L", _width_height(out_size), 0)
+    ImageDraw.Draw(mask).rectangle([left, top, right, bottom], fill=255)
+    return mask
+
+
+def instantid_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The (width, height) to draw InstantID at for a requested ``size``: 1016 × 1016 for exactly
+    1024 × 1024, where InstantID's training watermarks show (ComfyUI_InstantID's advice), else ``size``."""
+    return _UNWATERMARKED_SQUARE if tuple(size) == _WATERMARKED_SQUARE else size
+
+
+def _fit_points(points: np.ndarray, image_size: tuple[int, int], out_size: int | tuple[int, int]) -> np.ndarray:
     width, height = image_size
-    out_width, out_height = (out_size, out_size) if isinstance(out_size, int) else out_size
+    out_width, out_height = _width_height(out_size)
     scale = min(out_width / width, out_height / height)
     offset = np.array([(out_width - width * scale) / 2, (out_height - height * scale) / 2])
-    return points * scale + offset
+    fitted: np.ndarray = np.asarray(points, dtype=np.float64) * scale + offset
+    return fitted
+
+
+def _width_height(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def frontalness(kps: np.ndarray) -> float:
+    """How squarely a face looks at the camera, from its five keypoints: 1 for a frontal, level face,
+    towards 0 for a profile or a face on its side.
+
+    Frontal means the nose halfway between the eyes and halfway between the mouth corners (a turned
+    head moves it towards one side) and the eyes level (cos of their line's angle).
+    """
+    right_eye, left_eye, nose, right_mouth, left_mouth = _check_keypoints(kps)
+    eyes, mouth = left_eye - right_eye, left_mouth - right_mouth
+    if not np.any(eyes) or not np.any(mouth):
+        return 0.0
+    # Where the nose falls along each line, from 0 (the right-hand point) to 1 (the left-hand one).
+    along_eyes = float(np.dot(nose - right_eye, eyes) / np.dot(eyes, eyes))
+    along_mouth = float(np.dot(nose - right_mouth, mouth) / np.dot(mouth, mouth))
+    turn = min(1.0, abs(along_eyes - 0.5) + abs(along_mouth - 0.5))
+    level = max(0.0, float(eyes[0] / np.hypot(*eyes)))
+    return (1.0 - turn) * level
+
+
+def face_fraction(bbox: np.ndarray, image_size: tuple[int, int]) -> float:
+    """The face box's side relative to its photo's (the square root of their areas' ratio), 0 to 1."""
+    x1, y1, x2, y2 = np.asarray(bbox, dtype=np.float64)
+    width, height = image_size
+    area = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    return min(1.0, float(np.sqrt(area / (width * height))))
+
+
+def pose_index(faces: Sequence[FaceRecord]) -> int:
+    """Which of the enrolled faces InstantID takes its pose from: the most frontal and largest in its
+    photo (frontalness × face fraction; the first of equals).
+
+    The keypoints are fitted into the output as the whole photo is, so a small face in its photo becomes
+    a small face in the image, and a turned one a turned face.
+    """
+    if not faces:
+        raise ValueError("no face to take a pose from")
+    scores = [frontalness(face.kps) * face_fraction(face.bbox, face.image_size) for face in faces]
+    return int(np.argmax(scores))
 
 
 def _check_keypoints(kps: np.ndarray) -> np.ndarray:
@@ -197,12 +274,18 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         generator: Sequence[torch.Generator] = (),
         num_images: int = 1,
         callback: StepCallback | None = None,
+        face_mask: Image.Image | None = None,
     ) -> list[Image.Image]:
         """Draw ``num_images`` images of the face ``face_embedding`` (512,) posed by ``keypoint_image``.
 
         The output size is the keypoint image's size. ``generator`` holds one generator per image.
+        ``face_mask`` (white where the face goes, the keypoint image's size; ``face_region_mask``) limits
+        the identity tokens' share of the UNet's cross-attention to that region, through diffusers'
+        ``ip_adapter_masks``; None: they act on the whole image. IdentityNet sees them either way.
         """
         self._check_identity_inputs(face_embedding, keypoint_image, generator, num_images)
+        if face_mask is not None and face_mask.size != keypoint_image.size:
+            raise ValueError(f"face_mask is {face_mask.size}, the keypoint image {keypoint_image.size}")
         width, height = keypoint_image.size
         do_cfg = guidance_scale > 1.0
         text = self._encode_text(prompt, negative_prompt, num_images, do_cfg)
@@ -216,13 +299,21 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             num_images, self.unet.config.in_channels, height, width, text["embeds"].dtype,
             self._execution_device, list(generator),
         )
+        masks = None if face_mask is None else [self._identity_mask(face_mask)]
         self.identity.set_scale(ip_adapter_scale)
         with self.identity.attached(self.unet):
             latents = self._denoise(
                 latents, text, tokens, control, (height, width), guidance_scale, identity_strength,
-                list(generator), callback,
+                list(generator), callback, masks,
             )
         return self._decode(latents)
+
+    def _identity_mask(self, face_mask: Image.Image) -> torch.Tensor:
+        """The mask as IPAdapterAttnProcessor2_0 takes it: (1, images of the adapter = 1, height, width),
+        0 or 1, on the execution device (it is downsampled there to each attention's grid)."""
+        width, height = face_mask.size
+        mask = IPAdapterMaskProcessor().preprocess(face_mask, height=height, width=width)
+        return mask.reshape(1, 1, height, width).to(self._execution_device, torch.float32)
 
     def _check_identity_inputs(
         self,
@@ -274,12 +365,17 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         identity_strength: float,
         generator: list[torch.Generator],
         callback: StepCallback | None,
+        identity_masks: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The denoising loop over the scheduler's timesteps (already set).
 
-        IdentityNet sees the identity tokens; the UNet sees text + identity tokens.
+        IdentityNet sees the identity tokens; the UNet sees text + identity tokens, the latter masked to
+        ``identity_masks`` when given (diffusers' ``ip_adapter_masks``: one per adapter).
         """
         added = {"text_embeds": text["pooled"], "time_ids": self._time_ids(size, text["pooled"])}
+        # A masked IP-Adapter takes its tokens per image of the adapter: (batch, 1 image, tokens, dim).
+        unet_tokens = tokens if identity_masks is None else tokens[:, None]
+        attention = None if identity_masks is None else {"ip_adapter_masks": identity_masks}
         do_cfg = guidance_scale > 1.0  # the conditioning then holds [unconditional, conditional]
         timesteps = self.scheduler.timesteps
         for index, t in enumerate(timesteps):
@@ -290,9 +386,9 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                 conditioning_scale=identity_strength, added_cond_kwargs=added, return_dict=False,
             )
             noise = self.unet(
-                model_input, t, encoder_hidden_states=(text["embeds"], [tokens]),
+                model_input, t, encoder_hidden_states=(text["embeds"], [unet_tokens]),
                 down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                added_cond_kwargs=added, return_dict=False,
+                added_cond_kwargs=added, cross_attention_kwargs=attention, return_dict=False,
             )[0]
             if do_cfg:
                 uncond, cond = noise.chunk(2)
@@ -337,22 +433,28 @@ def render_preview(
     callback: StepCallback | None = None,
     out_size: tuple[int, int] | None = None,
     while_locked: Callable[[], AbstractContextManager[object]] | None = None,
+    bbox: np.ndarray | None = None,
+    mask_identity: bool = True,
 ) -> list[Image.Image]:
     """Zero-shot InstantID images of one face, with the preset's guidance and identity weights.
 
     ``embedding`` is the face's 512-d insightface embedding (InstantID was trained on the raw
     ``embedding``, not the normalised one); ``kps`` are its five keypoints in the coordinates of an
-    image of ``image_size`` (width, height), fitted into the output. ``out_size`` is the output's
-    (width, height), multiples of 8; None: the preset's square. Image ``i`` is seeded with
+    image of ``image_size`` (width, height), fitted into the output, and ``bbox`` its box there.
+    ``out_size`` is the output's (width, height), multiples of 8; None: the preset's square; a square of
+    exactly 1024 is drawn at 1016 (``instantid_size``). With ``mask_identity`` and a ``bbox``, the
+    identity tokens act on the face's region only (``face_region_mask``), as in InstantID's demo by
+    default ("enhance non-face region"): the rest of the image follows the prompt. Image ``i`` is seeded with
     ``seed + i``, so each image is reproducible on its own. Holds ``base.gpu_lock`` while drawing;
     ``while_locked`` (e.g. a user's LoRA made active on the shared UNet) is entered inside the lock.
     Raises ``PreviewUnavailable`` on a base without InstantID (SD1.5).
     """
     instantid = base.require_instantid()
     preset = base.preset
-    size = out_size or (preset.resolution, preset.resolution)
+    size = instantid_size(out_size or (preset.resolution, preset.resolution))
     keypoints = fit_keypoints(kps, image_size, size)
     keypoint_image = draw_keypoints(keypoints, size)
+    face_mask = face_region_mask(bbox, image_size, size) if mask_identity and bbox is not None else None
     face = torch.from_numpy(np.asarray(embedding, dtype=np.float32))
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
     with base.gpu_lock, (while_locked or nullcontext)():
@@ -368,4 +470,5 @@ def render_preview(
             generator=generators,
             num_images=num_images,
             callback=callback,
+            face_mask=face_mask,
         )

@@ -11,7 +11,18 @@ import pytest
 import torch
 
 from engine.base import ResidentBase
-from engine.instantid import KEYPOINT_COLOURS, draw_keypoints, fit_keypoints, render_preview
+from engine.faces import FaceRecord
+from engine.instantid import (
+    KEYPOINT_COLOURS,
+    draw_keypoints,
+    face_fraction,
+    face_region_mask,
+    fit_keypoints,
+    frontalness,
+    instantid_size,
+    pose_index,
+    render_preview,
+)
 from engine.presets import load_preset
 
 pytestmark = pytest.mark.slow
@@ -189,3 +200,128 @@ def test_fit_keypoints_keeps_proportions() -> None:
 
     assert fitted[:, 0].tolist() == [0, 100, 50, 0, 100]
     assert fitted[:, 1].tolist() == [25, 25, 50, 75, 75]
+
+
+# A face turned to one side: the nose beyond the left eye, the mouth corners crowded on that side.
+PROFILE_KPS = np.array([[70.0, 50.0], [92.0, 50.0], [104.0, 72.0], [80.0, 96.0], [98.0, 96.0]])
+
+
+def _record(kps: np.ndarray, bbox: tuple[float, float, float, float], image_size: tuple[int, int]) -> FaceRecord:
+    return FaceRecord(
+        embedding=np.zeros(512, np.float32), kps=np.asarray(kps, np.float32),
+        bbox=np.asarray(bbox, np.float32), image_size=image_size, norm=20.0,
+    )
+
+
+def _rotated(kps: np.ndarray, degrees: float) -> np.ndarray:
+    angle = np.radians(degrees)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    centre = kps.mean(axis=0)
+    return (kps - centre) @ rotation.T + centre
+
+
+def test_frontalness_is_one_for_a_level_frontal_face_and_falls_as_it_turns_or_tilts() -> None:
+    assert frontalness(KPS) == pytest.approx(1.0)
+    assert frontalness(PROFILE_KPS) < 0.1
+    assert frontalness(_rotated(KPS, 30)) == pytest.approx(np.cos(np.radians(30)), abs=1e-6)
+    assert frontalness(_rotated(KPS, 90)) == pytest.approx(0.0, abs=1e-6)
+    half_turned = KPS.copy()
+    half_turned[2, 0] += 10  # nose a fifth of the eye distance off centre
+    assert 0.3 < frontalness(half_turned) < 0.9
+
+
+def test_face_fraction_is_the_box_side_relative_to_the_photo() -> None:
+    assert face_fraction(np.array([0, 0, 50, 50]), (100, 100)) == pytest.approx(0.5)
+    assert face_fraction(np.array([10, 10, 110, 60]), (200, 100)) == pytest.approx(np.sqrt(5000 / 20000))
+
+
+def test_the_pose_comes_from_the_most_frontal_largest_face() -> None:
+    profile = _record(PROFILE_KPS, (40, 20, 120, 120), (128, 128))
+    frontal = _record(KPS, (30, 20, 100, 110), (128, 128))
+    small_frontal = _record(KPS * 0.25, (7, 5, 25, 28), (128, 128))
+
+    assert pose_index([profile, frontal]) == 1
+    assert pose_index([small_frontal, frontal]) == 1
+    assert pose_index([frontal, small_frontal, profile]) == 0
+    assert pose_index([frontal, frontal]) == 0  # the first of equals
+    with pytest.raises(ValueError):
+        pose_index([])
+
+
+BOX = np.array([36.0, 36.0, 92.0, 104.0])  # the face's box around KPS, in the 128-px photo
+
+
+def test_face_region_mask_is_the_box_fitted_and_grown_a_little() -> None:
+    mask = np.asarray(face_region_mask(np.array([100, 50, 300, 150]), (400, 200), (100, 100))) > 0
+
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    # Fitted: x and y halve, y moves down by 25; grown: 10 % of 50 (x) and 25 (y) px on each side.
+    assert (columns.min(), columns.max()) == (20, 80)
+    assert (rows.min(), rows.max()) == (35, 65)
+    assert mask[rows.min():rows.max() + 1, columns.min():columns.max() + 1].all()
+
+
+def test_the_identity_tokens_act_only_inside_the_face_region(
+    base: ResidentBase, recorded_calls: dict[str, Any]
+) -> None:
+    render_preview(base, face(3), KPS, SIZE, PROMPT, "", 7, 1, steps=1, bbox=BOX)
+
+    unet = recorded_calls["unet"]
+    (mask,) = unet["cross_attention_kwargs"]["ip_adapter_masks"]
+    text, (tokens,) = unet["encoder_hidden_states"]
+    expected = torch.from_numpy(np.asarray(face_region_mask(BOX, SIZE, SIZE)) > 0)
+    assert mask.shape == (1, 1, *SIZE) and torch.equal(mask[0, 0] > 0.5, expected)
+
+    # One of the UNet's IP-Adapter attentions, run as the pipeline ran it, on the latents' 16 x 16 grid:
+    # another face's tokens must change its output inside the face's region and nowhere far from it.
+    name, processor = next((n, p) for n, p in base.identity.processors.items() if hasattr(p, "to_k_ip"))
+    attention = base.unet.get_submodule(name.removesuffix(".processor"))
+    hidden = torch.randn(tokens.shape[0], 16 * 16, attention.to_q.in_features, generator=torch.Generator().manual_seed(0))
+    faces = torch.from_numpy(face(4))[None]
+    other = base.identity.project(torch.cat([torch.zeros_like(faces), faces]))[:, None]
+
+    def attend(identity: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = processor(attention, hidden, encoder_hidden_states=(text, [identity]), ip_adapter_masks=[mask])
+        return out.reshape(tokens.shape[0], 16, 16, -1)
+
+    change = (attend(tokens) - attend(other)).abs().amax(dim=(0, 3))  # per grid cell of 8 px
+    region = np.asarray(face_region_mask(BOX, SIZE, SIZE)) > 0
+    rows, columns = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    centres = np.arange(16) * 8 + 3.5
+    inside_rows = (centres >= rows.min() + 4) & (centres <= rows.max() - 4)
+    inside_columns = (centres >= columns.min() + 4) & (centres <= columns.max() - 4)
+    far_rows = (centres < rows.min() - 16) | (centres > rows.max() + 16)
+    far_columns = (centres < columns.min() - 16) | (centres > columns.max() + 16)
+    inside = torch.from_numpy(inside_rows[:, None] & inside_columns[None, :])
+    far = torch.from_numpy(far_rows[:, None] | far_columns[None, :])
+    assert inside.any() and far.any()
+    assert float(change[inside].min()) > 1e-4
+    assert float(change[far].max()) == 0.0  # two cells or more from the region: untouched
+
+
+def test_the_face_mask_can_be_switched_off(base: ResidentBase, recorded_calls: dict[str, Any]) -> None:
+    render_preview(base, face(3), KPS, SIZE, PROMPT, "", 7, 1, steps=1, bbox=BOX, mask_identity=False)
+
+    assert recorded_calls["unet"].get("cross_attention_kwargs") is None
+
+
+def test_instantid_on_sdxl_avoids_the_square_where_its_training_watermarks_show(tmp_path: Path) -> None:
+    from avatarbooth.models import files_for
+    from engine.worker import aspect_size
+
+    for rel in files_for("sdxl"):  # the preset's files, empty: its settings load, no weights
+        (tmp_path / "sdxl" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sdxl" / rel).touch()
+    sdxl = load_preset("sdxl", tmp_path)
+    square = aspect_size("1:1", sdxl.resolution, 64)  # the worker's size for 1:1 on a full-size preset
+
+    assert square == (1024, 1024) and instantid_size(square) == (1016, 1016)
+    assert instantid_size(aspect_size("3:4", sdxl.resolution, 64)) == (896, 1152)
+    assert instantid_size((128, 128)) == (128, 128)
+
+
+def test_render_preview_draws_a_1024_square_at_1016(base: ResidentBase) -> None:
+    (image,) = render_preview(base, face(1), KPS * 8, (1024, 1024), PROMPT, "", 7, 1, steps=1, out_size=(1024, 1024))
+
+    assert image.size == (1016, 1016)
