@@ -1,10 +1,11 @@
 """Miniature stand-ins for insightface's antelopev2 face models, built offline with ``onnx.helper``.
 
-The real antelopev2 (an SCRFD-10G detector and a glintr100 ArcFace recognizer) is to come from
-``avatarbooth models pull`` (not written yet); nothing here downloads anything. These two ONNX files
-have the real models' signatures, so insightface's own ``model_zoo.get_model`` loads them as its
-``SCRFD`` and ``ArcFaceONNX`` classes, and all the post-processing (anchor decoding, thresholding,
-NMS, keypoint decoding, alignment) is insightface's own code. Only the networks are ours:
+The real antelopev2 (an SCRFD-10G detector, a glintr100 ArcFace recognizer and a gender/age model)
+comes from ``avatarbooth models pull``; nothing here downloads anything. These three ONNX files have
+the real models' signatures, so insightface's own ``model_zoo.get_model`` loads them as its ``SCRFD``,
+``ArcFaceONNX`` and ``Attribute`` classes, and all the pre- and post-processing (anchor decoding,
+thresholding, NMS, keypoint decoding, alignment, the attribute crop) is insightface's own code. Only
+the networks are ours:
 
 ``scrfd_10g_bnkps.onnx``
     Input ``1×3×H×W`` (RGB, ``(x - 127.5) / 128``, as insightface feeds SCRFD). Nine outputs, like
@@ -29,6 +30,15 @@ NMS, keypoint decoding, alignment) is insightface's own code. Only the networks 
     relit copies of one photo stay close (cosine above 0.8), a mirrored photo gives the same
     embedding (the weights are mirror-symmetric), and different faces mostly land below 0.4 (up to
     about 0.5). It does not know who anyone is.
+
+``genderage.onnx``
+    insightface's attribute model: input ``N×3×96×96`` (a square around the face box, 1.5 box sizes
+    wide, which insightface's ``Attribute`` class cuts), output ``N×3``: two gender scores (female,
+    male; insightface takes the argmax) and age / 100, named ``data`` and ``fc1`` like the mxnet
+    export (insightface reads the names from the session). Per-crop standardisation, two
+    mirror-symmetric seeded convolutions and a linear head with non-zero biases: the answer is a
+    deterministic function of the crop that differs between faces (the astronaut reads as a woman,
+    t1.jpg's faces both ways), the same for a mirrored selfie. It knows nobody's gender or age.
 """
 
 from __future__ import annotations
@@ -42,8 +52,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
 RECOGNIZER_FILE = "glintr100.onnx"
+GENDERAGE_FILE = "genderage.onnx"
 EMBEDDING_DIM = 512
 RECOGNIZER_SIZE = 112
+GENDERAGE_SIZE = 96  # insightface's model_zoo routes a 96×96 input to its Attribute class
 
 _OPSET = 17
 _IR_VERSION = 8  # accepted by every onnxruntime the project supports
@@ -77,13 +89,14 @@ _BAND_HIGH = 41  # box blur subtracted: the layout every aligned face shares
 
 
 def build_tiny_face_models(dest: Path, *, seed: int = 0) -> Path:
-    """Write the tiny detector and recognizer into ``dest`` (an antelopev2-like folder); return it.
+    """Write the tiny detector, recognizer and gender/age model into ``dest`` (antelopev2's layout).
 
     Deterministic for a given ``seed`` and fast (well under a second). Existing files are replaced.
     """
     dest.mkdir(parents=True, exist_ok=True)
     onnx.save_model(_detector_model(), str(dest / DETECTOR_FILE))
     onnx.save_model(_recognizer_model(seed), str(dest / RECOGNIZER_FILE))
+    onnx.save_model(_genderage_model(seed), str(dest / GENDERAGE_FILE))
     return dest
 
 
@@ -325,3 +338,43 @@ def _standardise(g: _GraphBuilder, image: str) -> str:
 def _box_blur(g: _GraphBuilder, image: str, size: int) -> str:
     return str(g.op("AveragePool", image, kernel_shape=[size, size], strides=[1, 1],
                     pads=[size // 2] * 4, count_include_pad=0))
+
+
+# --- gender and age -------------------------------------------------------------------------------
+
+
+# The random stream of its weights, picked so that scikit-image's astronaut (Eileen Collins) reads as a
+# woman with a clear margin while insightface's t1.jpg faces and LFW's split both ways: a fixed answer
+# for everyone would hide a class word that ignores the photos.
+_GENDERAGE_STREAM = 17
+_GENDER_BIAS = 0.05  # the scores a featureless crop gets: (female, male) = (+b, -b), as a trained head has
+_AGE_BIAS, _AGE_SPREAD = 0.32, 0.08  # age / 100 around 32, like the published model's adult outputs
+
+
+def _genderage_model(seed: int) -> onnx.ModelProto:
+    g = _GraphBuilder("ga")
+    rng = np.random.default_rng([seed, _GENDERAGE_STREAM])  # its own stream: the recognizer is left alone
+    x = _standardise_crop(g, "data")
+    for in_ch, out_ch, kernel in ((3, 8, 4), (8, 16, 3)):  # 96 → 24 → 8
+        weights = rng.normal(0.0, 1.0 / np.sqrt(in_ch * kernel * kernel), (out_ch, in_ch, kernel, kernel))
+        x = g.op("Tanh", g.op("Conv", x, g.const(_mirror_symmetric(weights)),
+                              kernel_shape=[kernel, kernel], strides=[kernel, kernel]))
+    gender, age = (_mirror_symmetric(rng.normal(0.0, 1.0, (16, 8, 8))).reshape(-1) for _ in range(2))
+    gender /= np.linalg.norm(gender)
+    age *= _AGE_SPREAD / np.linalg.norm(age)
+    # One direction decides: (female, male) = (+d, -d), so insightface's argmax is the sign of d.
+    head = np.stack([gender, -gender, age], axis=1)
+    bias = np.asarray([_GENDER_BIAS, -_GENDER_BIAS, _AGE_BIAS])
+    g.op("Add", g.op("MatMul", g.op("Flatten", x, axis=1), g.const(head)), g.const(bias), out="fc1")
+    image = helper.make_tensor_value_info(
+        "data", TensorProto.FLOAT, ["batch", 3, GENDERAGE_SIZE, GENDERAGE_SIZE])
+    scores = helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["batch", 3])
+    return g.model([image], [scores], "tiny_genderage")
+
+
+def _standardise_crop(g: _GraphBuilder, image: str) -> str:
+    """Per-crop zero mean and unit variance: the output does not depend on which input normalisation
+    insightface picks for an attribute model (it guesses from the first node names)."""
+    centred = g.op("Sub", image, g.op("ReduceMean", image, axes=[1, 2, 3], keepdims=1))
+    variance = g.op("ReduceMean", g.op("Mul", centred, centred), axes=[1, 2, 3], keepdims=1)
+    return str(g.op("Div", centred, g.op("Sqrt", g.op("Add", variance, g.const(1e-4)))))

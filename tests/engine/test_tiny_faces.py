@@ -14,10 +14,11 @@ import pytest
 from insightface.app.common import Face
 from insightface.model_zoo import get_model
 from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+from insightface.model_zoo.attribute import Attribute
 from insightface.model_zoo.scrfd import SCRFD
 from skimage import data
 
-from engine.tiny_faces import DETECTOR_FILE, RECOGNIZER_FILE, build_tiny_face_models
+from engine.tiny_faces import DETECTOR_FILE, GENDERAGE_FILE, RECOGNIZER_FILE, build_tiny_face_models
 
 T1_JPG = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 ASTRONAUT_FACE = (175, 70, 270, 180)  # x1, y1, x2, y2 of her face in skimage's astronaut()
@@ -47,6 +48,13 @@ def recognizer(model_dir: Path) -> Any:
     return model
 
 
+@pytest.fixture(scope="module")
+def genderage(model_dir: Path) -> Any:
+    model = get_model(str(model_dir / GENDERAGE_FILE), providers=CPU)
+    model.prepare(-1)
+    return model
+
+
 def bgr(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rgb[:, :, ::-1])
 
@@ -66,9 +74,10 @@ def test_build_is_fast_and_deterministic(tmp_path: Path) -> None:
     other_seed = build_tiny_face_models(tmp_path / "c", seed=1)
 
     assert elapsed < 2.0
-    for name in (DETECTOR_FILE, RECOGNIZER_FILE):
+    for name in (DETECTOR_FILE, RECOGNIZER_FILE, GENDERAGE_FILE):
         assert (first / name).read_bytes() == (second / name).read_bytes()
-    assert (first / RECOGNIZER_FILE).read_bytes() != (other_seed / RECOGNIZER_FILE).read_bytes()
+    for name in (RECOGNIZER_FILE, GENDERAGE_FILE):
+        assert (first / name).read_bytes() != (other_seed / name).read_bytes()
 
 
 def test_insightface_routes_them_to_its_scrfd_and_arcface(detector: Any, recognizer: Any) -> None:
@@ -141,3 +150,28 @@ def test_embeddings_follow_the_aligned_crop(detector: Any, recognizer: Any) -> N
     assert reference @ resized > 0.9
     assert reference @ mirrored > 0.9
     assert all(reference @ other < 0.5 for other in others)
+
+
+def test_insightface_routes_the_gender_model_to_its_attribute_class(genderage: Any, model_dir: Path) -> None:
+    assert type(genderage) is Attribute and genderage.taskname == "genderage"
+    assert genderage.input_size == (96, 96)
+    session = onnxruntime.InferenceSession(str(model_dir / GENDERAGE_FILE), providers=CPU)
+    (image,), (scores,) = session.get_inputs(), session.get_outputs()
+    assert (image.name, image.shape[1:]) == ("data", [3, 96, 96])
+    assert (scores.name, scores.shape[1:]) == ("fc1", [3])
+    # A featureless crop gets the head's biases: non-zero, as a trained head's are.
+    female, male, age = session.run(None, {"data": np.zeros((1, 3, 96, 96), np.float32)})[0][0]
+    assert female > 0 > male and 0.2 < age < 0.5
+
+
+def test_the_apparent_gender_follows_the_face_and_not_its_mirror_image(detector: Any, genderage: Any) -> None:
+    def genders(image_bgr: np.ndarray) -> list[int]:
+        boxes, kps = detector.detect(image_bgr, input_size=(640, 640))
+        return [int(genderage.get(image_bgr, Face(bbox=b[:4], kps=k))[0]) for b, k in zip(boxes, kps)]
+
+    astronaut = bgr(data.astronaut())
+    assert genders(astronaut) == [0]  # insightface: 0 is female, 1 male
+    assert genders(np.ascontiguousarray(astronaut[:, ::-1])) == [0]
+    assert genders(astronaut) == [0]  # and the same again: deterministic
+    group = genders(cv2.imread(str(T1_JPG)))
+    assert set(group) == {0, 1}, group  # different faces can read differently
