@@ -37,6 +37,7 @@ Clock = Callable[[], float]
 Migration = tuple[int, str]
 
 PHOTO_STATUSES = ("pending", "accepted", "refused")
+APPARENT_GENDERS = ("female", "male")  # engine.api.ApparentGender's values
 JOB_STATES = ("queued", "running", "done", "failed")
 ACTIVE_JOB_STATES = ("queued", "running")
 
@@ -68,6 +69,8 @@ class Photo:
     crop_key: str | None
     created_at: float
     updated_at: float
+    # What the face check read of the face (for the class word); erased with the row by /forget.
+    apparent_gender: str | None = None
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,14 @@ MIGRATIONS: list[Migration] = [
             received_at REAL NOT NULL,
             UNIQUE (platform, event_key)
         );
+        """,
+    ),
+    (
+        3,
+        # The apparent gender the face check read from an accepted photo; the class word ("man",
+        # "woman", "person") is the majority of the user's. Older rows stay NULL: unknown.
+        """
+        ALTER TABLE photos ADD COLUMN apparent_gender TEXT CHECK (apparent_gender IN ('female', 'male'));
         """,
     ),
 ]
@@ -373,13 +384,16 @@ class Database:
         refusal: str | None = None,
         embedding_key: str | None = None,
         crop_key: str | None = None,
+        apparent_gender: str | None = None,
     ) -> Photo:
         """Store the outcome of a face check; it replaces any earlier outcome entirely."""
         _require_choice("photo status", status, PHOTO_STATUSES)
+        if apparent_gender is not None:
+            _require_choice("apparent gender", apparent_gender, APPARENT_GENDERS)
         row = await self._write_one(
             "UPDATE photos SET status = ?, refusal = ?, embedding_key = ?, crop_key = ?,"
-            f" updated_at = ? WHERE id = ? RETURNING {_PHOTO}",
-            (status, refusal, embedding_key, crop_key, self._clock(), photo_id),
+            f" apparent_gender = ?, updated_at = ? WHERE id = ? RETURNING {_PHOTO}",
+            (status, refusal, embedding_key, crop_key, apparent_gender, self._clock(), photo_id),
         )
         if row is None:
             raise RecordNotFound(

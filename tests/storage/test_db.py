@@ -295,6 +295,35 @@ async def test_invalid_photo_status_is_rejected(db: Database) -> None:
     assert (await db.list_photos(user.id)) == [photo]
 
 
+async def test_the_apparent_gender_is_kept_with_the_photo_and_across_a_reopen(db_path: Path) -> None:
+    async with Database.open(db_path) as db:
+        user = await db.get_or_create_user("console", "alice")
+        photo = await db.add_photo(user.id, "k1", SHA)
+        assert photo.apparent_gender is None
+        checked = await db.set_photo_result(photo.id, "accepted", embedding_key="e", apparent_gender="female")
+        assert checked.apparent_gender == "female"
+        with pytest.raises(InvalidValue, match="apparent gender must be one of female, male"):
+            await db.set_photo_result(photo.id, "accepted", apparent_gender="woman")
+    async with Database.open(db_path) as db:
+        assert [p.apparent_gender for p in await db.list_photos(user.id)] == ["female"]
+        again = await db.set_photo_result(photo.id, "refused", refusal="no_face")
+        assert again.apparent_gender is None  # a new outcome replaces the old one entirely
+
+
+async def test_photos_from_before_the_apparent_gender_read_as_unknown(db_path: Path) -> None:
+    async with Database.open(db_path, migrations=[m for m in MIGRATIONS if m[0] < 3]) as old:
+        user = await old.get_or_create_user("console", "alice")
+    with sqlite3.connect(db_path) as conn:  # a row as the code before the column wrote it
+        conn.execute(
+            "INSERT INTO photos (user_id, blob_key, sha256, status, created_at, updated_at)"
+            " VALUES (?, 'k1', ?, 'accepted', 0, 0)",
+            (user.id, SHA),
+        )
+    async with Database.open(db_path) as db:
+        (photo,) = await db.list_photos(user.id)
+        assert (photo.status, photo.apparent_gender) == ("accepted", None)
+
+
 # -- jobs -------------------------------------------------------------------------------------
 
 
@@ -428,7 +457,8 @@ async def test_images_and_count_since(db: Database, clock: FakeClock) -> None:
 async def _populate(db: Database, name: str) -> User:
     user = await db.get_or_create_user("console", name)
     await db.record_consent(user.id, "v1")
-    await db.add_photo(user.id, f"{name}/photo", SHA, status="accepted")
+    photo = await db.add_photo(user.id, f"{name}/photo", SHA)
+    await db.set_photo_result(photo.id, "accepted", apparent_gender="male")
     job = await db.create_job(user.id, "train", "training", {"who": name})
     model = await db.add_model(
         user.id, "lora", "tiny", f"{name}/lora", "sks", "person", job.id
@@ -457,6 +487,7 @@ async def test_erase_user_removes_everything_of_that_user_only(
 
     assert _rows_per_user(db_path, alice.id) == dict.fromkeys(bobs_before, 0)
     assert _rows_per_user(db_path, bob.id) == bobs_before
+    assert _query(db_path, "SELECT user_id, apparent_gender FROM photos") == [(bob.id, "male")]
     assert await db.get_user(alice.id) == alice
     assert await db.has_consent(alice.id) is False
     assert await db.latest_model(alice.id) is None
