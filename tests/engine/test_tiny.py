@@ -22,6 +22,7 @@ PARTS = (
     "ip-adapter.bin",
     "antelopev2/scrfd_10g_bnkps.onnx",
     "antelopev2/glintr100.onnx",
+    "antelopev2/genderage.onnx",
 )
 
 
