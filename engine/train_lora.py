@@ -1,9 +1,11 @@
 """DreamBooth-LoRA training on the resident pipeline's UNet (SDXL or SD1.5), as named stages.
 
 1. ``prepare_data``     crops → pixel tensors in [-1, 1] at the training resolution.
-2. ``encode_latents``, ``encode_instance_prompt``, ``sdxl_time_ids``: the frozen resident VAE and text
-   encoders, used once, under the lock. The families differ only here: SDXL has two text encoders
-   and conditions its UNet on the pooled text and image sizes too (``PromptConditioning.unet_kwargs``).
+2. ``encode_crops`` (``encode_latents``), ``encode_instance_prompt``, ``sdxl_time_ids``: the frozen
+   resident VAE and text encoders, used once, under the lock. The families differ only here: SDXL has
+   two text encoders and conditions its UNet on the pooled text and image sizes too
+   (``PromptConditioning.unet_kwargs``); each crop's original size is its source side in the photo
+   (``crop_source_side``), carried by its latent rows.
    With class images (``engine.prior.class_images``) their latents and the class prompt are prepared
    too, by ``engine.train_dreambooth``'s shared stages.
 3. ``build_trainable``  a deep copy of the UNet with a LoRA adapter (and, opt-in,
@@ -27,13 +29,14 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from engine.api import CROP_SOURCE_SIDE_KEY
 from engine.checkpoints import Checkpointing, CheckpointStore
 from engine.errors import EngineError
 from engine.progress import ProgressClock, ProgressSink
@@ -128,15 +131,32 @@ class InstanceLatents:
     Sampling from the cached posterior each step is what encoding each step would give (the encoder
     is frozen), without running the VAE per step. Rows ``0..n-1`` are the crops, ``n..2n-1`` their
     horizontal flips when the run flips, so picking a row at random is the flip augmentation.
+
+    ``original_sizes`` ``[rows, 2]`` (height, width) is each row's SDXL original size, a flip's its
+    crop's; None where every row is at the training resolution (class images, which are drawn at it).
     """
 
     mean: torch.Tensor
     std: torch.Tensor
+    original_sizes: torch.Tensor | None = None
 
     def sample(self, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Latents for ``rows``, drawn from their posteriors with ``generator``."""
         mean, std = self.mean[rows], self.std[rows]
         return mean + std * _randn_like(mean, generator)
+
+    def sizes(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """The original sizes of ``rows`` (None: the training resolution's)."""
+        return None if self.original_sizes is None else self.original_sizes[rows.cpu()]
+
+
+class NoisedBatch(NamedTuple):
+    """One step's sampled rows: clean latents, their noise and timesteps, and their original sizes."""
+
+    clean: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    original_sizes: torch.Tensor | None = None  # [batch, 2]; None: the training resolution's
 
 
 @dataclass(frozen=True)
@@ -147,16 +167,23 @@ class PromptConditioning:
     pooled_embeds: torch.Tensor | None = None  # SDXL: [1, text_encoder_2 projection]; SD1.5: None
     time_ids: torch.Tensor | None = None  # SDXL: [1, 6] original size, crop top-left, target size
 
-    def unet_kwargs(self, batch: int, dtype: torch.dtype) -> dict[str, Any]:
+    def unet_kwargs(
+        self, batch: int, dtype: torch.dtype, original_sizes: torch.Tensor | None = None
+    ) -> dict[str, Any]:
         """The UNet's conditioning keyword arguments for a batch of ``batch`` latents.
 
-        Both families get ``encoder_hidden_states``; SDXL's UNet also takes ``added_cond_kwargs``.
+        Both families get ``encoder_hidden_states``; SDXL's UNet also takes ``added_cond_kwargs``, its
+        time ids one row per latent: ``original_sizes`` ``[batch, 2]`` (each row's own) replace the
+        original size of ``time_ids``; crop top-left and target size are the same for every row.
         """
         kwargs: dict[str, Any] = {"encoder_hidden_states": self.prompt_embeds.expand(batch, -1, -1).to(dtype)}
         if self.pooled_embeds is not None and self.time_ids is not None:
+            time_ids = self.time_ids.expand(batch, -1)
+            if original_sizes is not None:
+                time_ids = torch.cat([original_sizes.to(time_ids), time_ids[:, 2:]], dim=1)
             kwargs["added_cond_kwargs"] = {
                 "text_embeds": self.pooled_embeds.expand(batch, -1).to(dtype),
-                "time_ids": self.time_ids.expand(batch, -1).to(dtype),
+                "time_ids": time_ids.to(dtype),
             }
         return kwargs
 
@@ -203,7 +230,37 @@ def _to_array(crop: Image.Image, resolution: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+def crop_source_side(crop: Image.Image, resolution: int) -> int:
+    """The side, in photo pixels, of the square ``crop`` was cut from (``engine.faces.training_crop``).
+
+    Read from the crop's ``info`` (its PNG's text, ``CROP_SOURCE_SIDE_KEY``); a crop without it (written
+    before it was kept, or made elsewhere) counts as taken at ``resolution``.
+    """
+    value = crop.info.get(CROP_SOURCE_SIDE_KEY)
+    try:
+        side = int(value) if isinstance(value, str) else resolution
+    except ValueError:
+        side = resolution
+    return side if side > 0 else resolution
+
+
 # --- stage 2: frozen encoders ----------------------------------------------------------------------
+
+
+def encode_crops(
+    pipe: TextToImagePipeline, lock: threading.Lock, crops: list[Image.Image], resolution: int,
+    *, flip: bool = False,
+) -> InstanceLatents:
+    """``encode_latents`` of the crops, each row with its crop's original size (``crop_source_side``).
+
+    SDXL was trained told each image's size before it was resized: a face cut from 400 photo pixels and
+    upscaled to 1024 is a 400-pixel original, not a sharp 1024 one (SDXL paper, size conditioning).
+    """
+    latents = encode_latents(pipe, lock, prepare_data(crops, resolution), flip=flip)
+    sides = torch.tensor([float(crop_source_side(crop, resolution)) for crop in crops])
+    if flip:
+        sides = torch.cat([sides, sides])  # a mirror image is as large as its crop
+    return replace(latents, original_sizes=torch.stack([sides, sides], dim=1))
 
 
 @torch.no_grad()
@@ -269,7 +326,8 @@ def sdxl_time_ids(
 ) -> torch.Tensor:
     """SDXL's micro-conditioning vector ``[1, 6]`` (sizes as height, width).
 
-    Training says "uncropped, original size = target size", which is what drawing asks for by default.
+    Training says "uncropped" at the target size; each crop's own original size replaces the first two
+    values per latent row (``PromptConditioning.unet_kwargs``). Drawing asks for original = target size.
     """
     return torch.tensor([[*original_size, *crop_top_left, *target_size]], dtype=torch.float32)
 
@@ -405,15 +463,15 @@ def training_step(
 
 def _sample_batch(
     state: TrainingState, latents: InstanceLatents, scheduler: DDPMScheduler, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clean latents, noise and timesteps for one step, all from the run's generator."""
+) -> NoisedBatch:
+    """Clean latents, noise and timesteps for one step, all from the run's generator, and the rows' sizes."""
     gen = state.generator
     rows = torch.randint(0, latents.mean.shape[0], (batch_size,), generator=gen, device="cpu")
     clean = latents.sample(rows.to(latents.mean.device), gen)
     noise = _randn_like(clean, gen)
     num_timesteps = scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, num_timesteps, (batch_size,), generator=gen, device="cpu")
-    return clean, noise, timesteps.to(clean.device)
+    return NoisedBatch(clean, noise, timesteps.to(clean.device), latents.sizes(rows))
 
 
 def _denoising_loss(
@@ -423,13 +481,16 @@ def _denoising_loss(
     clean: torch.Tensor,
     noise: torch.Tensor,
     timesteps: torch.Tensor,
+    original_sizes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE between the UNet's prediction on noised latents and its target (noise or velocity)."""
+    """MSE between the UNet's prediction on noised latents and its target (noise or velocity).
+
+    Takes a ``NoisedBatch`` unpacked: ``original_sizes`` are its rows' (SDXL; None: the resolution's).
+    """
     noisy = scheduler.add_noise(clean, noise, timesteps)
     dtype = unet.dtype
-    prediction = unet(
-        noisy.to(dtype), timesteps, **cond.unet_kwargs(clean.shape[0], dtype), return_dict=False
-    )[0]
+    kwargs = cond.unet_kwargs(clean.shape[0], dtype, original_sizes)
+    prediction = unet(noisy.to(dtype), timesteps, **kwargs, return_dict=False)[0]
     return F.mse_loss(prediction.float(), _target(scheduler, clean, noise, timesteps).float())
 
 

@@ -4,7 +4,8 @@ Textual Inversion learns new token embeddings ("words") for a user and changes n
 SDXL a word has one embedding per text encoder (CLIP ViT-L and OpenCLIP ViT-bigG); a word may be
 several vectors (``<tok>``, ``<tok>_1``, ...), the way diffusers' loader expands multi-vector tokens.
 
-1. ``prepare_data``, ``encode_latents`` (train_lora's): crops → cached VAE posteriors, with mirrors.
+1. ``encode_crops`` (train_lora's): crops → cached VAE posteriors (with mirrors when flipping), each
+   with its crop's SDXL original size.
 2. ``build_trainable``  copies of the tokenizer(s) and text encoder(s); the copies learn the new tokens,
    whose rows start as the init word's embedding. The resident pipeline is only read, so it keeps
    serving other users' draws while this one trains.
@@ -38,10 +39,10 @@ from engine.train_lora import (
     InstanceLatents,
     PromptConditioning,
     TrainingInputError,
+    NoisedBatch,
     _denoising_loss,  # noise-prediction MSE for either family; shared so both trainers mean the same loss
-    encode_latents,
+    encode_crops,
     noise_scheduler_for,
-    prepare_data,
     sdxl_time_ids,
     uses_size_conditioning,
 )
@@ -319,11 +320,11 @@ def training_step(
 ) -> float:
     """One step: captions → text embeddings → noised latents → predict → MSE → AdamW. Returns the loss."""
     prompts = training_prompts(state, class_word, settings.batch_size)
-    clean, noise, timesteps = _sample_batch(state.generator, latents, scheduler, settings.batch_size)
+    batch = _sample_batch(state.generator, latents, scheduler, settings.batch_size)
     params = state.trainable.parameters()
     with lock:
         conditioning = encode_prompts(state.trainable, prompts, resolution)
-        loss = _denoising_loss(state.trainable.view.unet, scheduler, conditioning, clean, noise, timesteps)
+        loss = _denoising_loss(state.trainable.view.unet, scheduler, conditioning, *batch)
         loss.backward(inputs=params)  # only the new rows: no gradient lands on the resident UNet
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
@@ -335,14 +336,14 @@ def training_step(
 
 def _sample_batch(
     generator: torch.Generator, latents: InstanceLatents, scheduler: DDPMScheduler, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clean latents, noise and timesteps for one step, all from the run's (CPU) generator."""
+) -> NoisedBatch:
+    """Clean latents, noise and timesteps for one step, all from the run's (CPU) generator, and the rows' sizes."""
     device = latents.mean.device
     rows = torch.randint(0, latents.mean.shape[0], (batch_size,), generator=generator)
     clean = latents.sample(rows.to(device), generator)
     noise = torch.randn(clean.shape, generator=generator).to(device, clean.dtype)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-    return clean, noise, timesteps.to(device)
+    return NoisedBatch(clean, noise, timesteps.to(device), latents.sizes(rows))
 
 
 # --- stage 4: save --------------------------------------------------------------------------------------
@@ -384,7 +385,7 @@ def train_textual_inversion(
     """
     settings.check()
     resolution = settings.resolution or native_resolution(pipe)
-    latents = encode_latents(pipe, lock, prepare_data(crops, resolution), flip=settings.random_flip)
+    latents = encode_crops(pipe, lock, crops, resolution, flip=settings.random_flip)
     if state is None:
         trainable = build_trainable(pipe, lock, token, settings.init_word or class_word, settings.vectors_per_token)
         state = start_training(trainable, settings)
