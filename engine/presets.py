@@ -142,7 +142,8 @@ def _sdxl(root: Path) -> Preset:
         train_rank=16,
         train_lr=1e-4,
         # ArcFace (antelopev2's glintr100) cosines of one person's photos sit well above 0.4;
-        # training crops at the model's native size; a face under 112 px carries too little detail.
+        # training crops at the model's native size; a face under 112 px carries too little detail for
+        # the recognizer, and a 1024 crop needs 205 (crop upscaled at most 2×: FaceCheckSettings.min_face_side).
         face_checks=FaceCheckSettings(crop_size=1024, min_face_px=112, same_person_threshold=0.4),
     )
 
