@@ -127,6 +127,10 @@ _ERROR_CODES: dict[ErrorCode, str] = {
         "this bot runs an SD1.5 model, and instant previews (InstantID) exist for SDXL only. "
         "Train your personal model with /train, then /draw."
     ),
+    ErrorCode.NOT_ENOUGH_GPU_MEMORY: (
+        "the image server's GPU has too little memory for this kind of model. Try /train lora; "
+        "the bot's operator can find the setting to change in the worker's log."
+    ),
     ErrorCode.INTERNAL: (
         "something broke on the image server. Try again; if it keeps happening, "
         "tell the bot's operator."

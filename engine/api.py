@@ -97,6 +97,7 @@ class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request"
     MODEL_UNAVAILABLE = "model_unavailable"
     PREVIEW_UNAVAILABLE = "preview_unavailable"  # the base (SD1.5) has no zero-shot InstantID
+    NOT_ENOUGH_GPU_MEMORY = "not_enough_gpu_memory"  # the method's estimated peak exceeds the worker's GPU
     INTERNAL = "internal"
 
 

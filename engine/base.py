@@ -68,6 +68,16 @@ class ResidentBase:
         """The one UNet every pipeline uses."""
         return self.text2img.unet
 
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Every module this base holds on its device, by name (what engine.memory counts)."""
+        held = {name: m for name, m in self.text2img.components.items() if isinstance(m, torch.nn.Module)}
+        if self.instantid is not None:
+            held["controlnet"] = self.instantid.controlnet
+        if self.identity is not None:
+            processors = [p for p in self.identity.processors.values() if isinstance(p, torch.nn.Module)]
+            held["identity"] = torch.nn.ModuleList([self.identity.projection, *processors])
+        return held
+
     def require_instantid(self) -> InstantIDPipeline:
         """The InstantID pipeline, or ``PreviewUnavailable`` when the preset has none (SD1.5)."""
         if self.instantid is None:

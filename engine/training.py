@@ -18,6 +18,7 @@ from PIL import Image
 from engine.api import TrainingMethod
 from engine.checkpoints import CheckpointStore
 from engine.errors import EngineError
+from engine.memory import TrainingShape
 from engine.presets import FAMILY_SDXL, Preset
 from engine.prior import class_images
 from engine.progress import ProgressSink
@@ -100,6 +101,26 @@ def train_personal_model(
             checkpoints=run.checkpoints,
         )
         return TrainedModel(booth.write, token, booth.steps, booth.final_loss)
+    raise UnknownTrainingMethod(f"unknown training method {method!r}; use lora, ti or dreambooth")
+
+
+def memory_shape(run: TrainingRun, method: str) -> TrainingShape:
+    """What ``engine.memory`` needs to estimate a ``method`` run with ``run``'s settings."""
+    if method == TrainingMethod.LORA:
+        lora = lora_settings_for(run)
+        return TrainingShape(
+            method, lora.resolution, lora.batch_size, lora.with_prior, lora.gradient_checkpointing,
+            lora.train_text_encoder, lora.rank, tuple(lora.target_modules),
+        )
+    if method == TrainingMethod.TEXTUAL_INVERSION:
+        ti = ti_settings_for(run)
+        return TrainingShape(method, ti.resolution or run.preset.resolution, ti.batch_size)
+    if method == TrainingMethod.DREAMBOOTH:
+        booth = dreambooth_settings_for(run)
+        return TrainingShape(
+            method, booth.resolution, booth.batch_size, booth.with_prior, booth.gradient_checkpointing,
+            booth.train_text_encoder, optimizer=booth.optimizer,
+        )
     raise UnknownTrainingMethod(f"unknown training method {method!r}; use lora, ti or dreambooth")
 
 

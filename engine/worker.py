@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -70,7 +70,8 @@ from engine.render import (
 )
 from engine.settings import EngineSettings
 from engine.train_lora import TrainingInputError
-from engine.training import TrainingRun, UnknownTrainingMethod, train_personal_model
+from engine.memory import GIB, MemoryPlan, NotEnoughGpuMemory, TrainingShape, check_fits, plan_training
+from engine.training import TrainingRun, UnknownTrainingMethod, memory_shape, train_personal_model
 from storage.blobs import LocalBlobStore
 from storage.errors import BlobNotFound
 
@@ -97,6 +98,8 @@ class WorkerContext:
     blobs: LocalBlobStore
     redis: ArqRedis | None = None
     loop: asyncio.AbstractEventLoop | None = None
+    gpu_bytes: int | None = None  # the GPU's memory, which training plans must fit; None on the CPU
+    memory_plans: dict[TrainingShape, MemoryPlan] = field(default_factory=dict)  # estimated once per shape
 
     @classmethod
     def load(cls, settings: EngineSettings) -> WorkerContext:
@@ -107,7 +110,13 @@ class WorkerContext:
         faces = FaceAnalyzer(preset.face_models_dir, preset.face_checks)
         renderer = Renderer(base.text2img, base.gpu_lock, dreambooth_cache_bytes=settings.dreambooth_cache_bytes)
         nsfw = NsfwChecker.load(preset.safety_checker_dir, device)
-        return cls(settings, preset, base, faces, renderer, nsfw, LocalBlobStore(settings.blobs_dir))
+        gpu_bytes = None
+        if base.device.type == "cuda":
+            import torch
+
+            gpu_bytes = torch.cuda.get_device_properties(base.device).total_memory
+        blobs = LocalBlobStore(settings.blobs_dir)
+        return cls(settings, preset, base, faces, renderer, nsfw, blobs, gpu_bytes=gpu_bytes)
 
     def report(self, job_id: str, **fields: Any) -> None:
         """Publish progress from any thread; the chat side polls the hash. Never blocks the job."""
@@ -327,6 +336,8 @@ def do_train(app: WorkerContext, request: TrainRequest) -> TrainResult:
         dreambooth_optimizer=app.settings.dreambooth_optimizer,
     )
 
+    check_memory(app, run, request.method)
+
     def on_progress(progress: TrainingProgress) -> None:
         app.report(
             request.job_id,
@@ -351,6 +362,22 @@ def do_train(app: WorkerContext, request: TrainRequest) -> TrainResult:
         class_word=request.class_word,
         final_loss=model.final_loss,
     )
+
+
+def check_memory(app: WorkerContext, run: TrainingRun, method: str) -> None:
+    """Refuse, before any work, a method whose estimated peak does not fit this worker's GPU.
+
+    Raises ``NotEnoughGpuMemory`` naming the config.toml setting to change; nothing is checked on the
+    CPU (tiny models, and the host's memory is not what the estimate counts).
+    """
+    if app.gpu_bytes is None:
+        return
+    shape = memory_shape(run, method)
+    plan = app.memory_plans.get(shape)
+    if plan is None:
+        plan = app.memory_plans[shape] = plan_training(app.base.modules(), shape, app.base.dtype)
+        _log.info("%s training needs about %s of %.1f GiB", method, plan.describe(), app.gpu_bytes / GIB)
+    check_fits(plan, app.gpu_bytes)
 
 
 def _records(app: WorkerContext, keys: list[str]) -> list[FaceRecord]:
@@ -441,6 +468,9 @@ async def _run_job(
         return _failure(ErrorCode.PREVIEW_UNAVAILABLE, str(e))
     except (InvalidRequest, TrainingInputError, RenderInputError, UnknownTrainingMethod) as e:
         return _failure(ErrorCode.INVALID_REQUEST, str(e))
+    except NotEnoughGpuMemory as e:
+        _log.warning("job %s refused: %s", request.job_id, e)  # the operator's to act on: it names the setting
+        return _failure(ErrorCode.NOT_ENOUGH_GPU_MEMORY, str(e))
     except EngineError as e:
         return _failure(ErrorCode.MODEL_UNAVAILABLE, str(e))
     except Exception as e:  # a bug or a broken model: log it whole, tell the chat side briefly
