@@ -4,7 +4,7 @@ InstantID conditions SDXL on a face in two ways, both driven by the same identit
 embedding passed through the adapter's Resampler):
 
 * the UNet's cross-attention attends to them next to the text, through IP-Adapter attention
-  processors (``to_k_ip``/``to_v_ip``);
+  processors (``to_k_ip``/``to_v_ip``), within the face's region when a mask is given;
 * IdentityNet, a ControlNet, receives them as its ``encoder_hidden_states`` (instead of the text
   embeddings) together with an image of the face's five keypoints.
 
@@ -443,9 +443,9 @@ def render_preview(
     image of ``image_size`` (width, height), fitted into the output, and ``bbox`` its box there.
     ``out_size`` is the output's (width, height), multiples of 8; None: the preset's square; a square of
     exactly 1024 is drawn at 1016 (``instantid_size``). With ``mask_identity`` and a ``bbox``, the
-    identity tokens act on the face's region only (``face_region_mask``), as in InstantID's demo by
-    default ("enhance non-face region"): the rest of the image follows the prompt. Image ``i`` is seeded with
-    ``seed + i``, so each image is reproducible on its own. Holds ``base.gpu_lock`` while drawing;
+    UNet's attention to the identity tokens is limited to the face's region (``face_region_mask``), as
+    InstantID's demo does by default ("enhance non-face region"); IdentityNet sees them either way.
+    Image ``i`` is seeded with ``seed + i``, so each image is reproducible on its own. Holds ``base.gpu_lock`` while drawing;
     ``while_locked`` (e.g. a user's LoRA made active on the shared UNet) is entered inside the lock.
     Raises ``PreviewUnavailable`` on a base without InstantID (SD1.5).
     """

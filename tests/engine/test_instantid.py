@@ -276,7 +276,8 @@ def test_the_identity_tokens_act_only_inside_the_face_region(
     # another face's tokens must change its output inside the face's region and nowhere far from it.
     name, processor = next((n, p) for n, p in base.identity.processors.items() if hasattr(p, "to_k_ip"))
     attention = base.unet.get_submodule(name.removesuffix(".processor"))
-    hidden = torch.randn(tokens.shape[0], 16 * 16, attention.to_q.in_features, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens.shape[0], 16 * 16, attention.to_q.in_features, generator=generator)
     faces = torch.from_numpy(face(4))[None]
     other = base.identity.project(torch.cat([torch.zeros_like(faces), faces]))[:, None]
 
