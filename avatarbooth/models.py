@@ -90,11 +90,16 @@ class Component:
 
 
 def _hub(
-    repo_id: str, *paths: str, into: str = "", rename: Callable[[str], str] = lambda p: p
+    repo_id: str,
+    *paths: str,
+    into: str = "",
+    rename: Callable[[str], str] = lambda p: p,
+    revision: str | None = None,
 ) -> tuple[HubFile, ...]:
-    """Files of ``repo_id`` placed under ``into`` (``rename`` maps a repo path to its local path)."""
+    """Files of ``repo_id`` at ``revision`` placed under ``into`` (``rename`` maps a repo path to its
+    local path)."""
     prefix = f"{into}/" if into else ""
-    return tuple(HubFile(repo_id, ((p, prefix + rename(p)),)) for p in paths)
+    return tuple(HubFile(repo_id, ((p, prefix + rename(p)),), revision=revision) for p in paths)
 
 
 def _without_variant(path: str) -> str:
@@ -112,6 +117,16 @@ SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the maintained mirror of runwayml's repo
 INSTANTID_REPO = "InstantX/InstantID"
 SAFETY_CHECKER_REPO = "CompVis/stable-diffusion-safety-checker"
+
+# The commit of each repository that is pulled, so that what is verified is what was reviewed (a
+# branch can move). Each SHA was seen as that repository's commit in public sources: download URLs
+# huggingface.co/<repo>/resolve/<sha>/<file> or /tree/<sha>, and Hugging Face cache folders
+# models--<org>--<name>/snapshots/<sha>/ holding the files pulled here.
+SDXL_REVISION = "462165984030d82259a11f4367a4eed129e94a7b"  # resolve/<sha>/unet/config.json, blob/<sha>/LICENSE.md
+SD15_REVISION = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"  # resolve/<sha>/scheduler/scheduler_config.json;
+# a cache snapshot of this repository at it holds unet/diffusion_pytorch_model.fp16.safetensors
+INSTANTID_REVISION = "57b32dfee076092ad2930c71fd6d439c2c3b1820"  # resolve/<sha>/ip-adapter.bin
+SAFETY_CHECKER_REVISION = "cb41f3a270d63d454d385fc2e4f571c487c253c5"  # resolve/<sha>/pytorch_model.bin
 
 ANTELOPEV2_URL = "https://github.com/deepinsight/insightface/releases/download/model-zoo/antelopev2.zip"
 """Where insightface's own downloader (``FaceAnalysis(name="antelopev2")``, insightface 2.x) fetches the
@@ -137,6 +152,7 @@ _SDXL = Component(
         "vae/diffusion_pytorch_model.fp16.safetensors",
         into="sdxl",
         rename=_without_variant,
+        revision=SDXL_REVISION,
     ),
 )
 
@@ -157,6 +173,7 @@ _SD15 = Component(
         "vae/diffusion_pytorch_model.fp16.safetensors",
         into="sd15",
         rename=_without_variant,
+        revision=SD15_REVISION,
     ),
 )
 
@@ -165,7 +182,9 @@ _INSTANTID = Component(
     f"Apache-2.0 per the model card at https://huggingface.co/{INSTANTID_REPO}; it works on insightface "
     "face embeddings, whose models carry their own non-commercial licence (below).",
     files=(
-        HubFile(INSTANTID_REPO, (("ControlNetModel/config.json", "identitynet/config.json"),)),
+        HubFile(
+            INSTANTID_REPO, (("ControlNetModel/config.json", "identitynet/config.json"),), revision=INSTANTID_REVISION
+        ),
         HubFile(
             INSTANTID_REPO,
             (
@@ -174,8 +193,9 @@ _INSTANTID = Component(
                     "identitynet/diffusion_pytorch_model.safetensors",
                 ),
             ),
+            revision=INSTANTID_REVISION,
         ),
-        HubFile(INSTANTID_REPO, (("ip-adapter.bin", "ip-adapter.bin"),)),
+        HubFile(INSTANTID_REPO, (("ip-adapter.bin", "ip-adapter.bin"),), revision=INSTANTID_REVISION),
     ),
 )
 
@@ -205,14 +225,21 @@ _SAFETY_CHECKER = Component(
     "Stable Diffusion safety checker (CLIP-based NSFW image filter)",
     f"See the model card at https://huggingface.co/{SAFETY_CHECKER_REPO} for its terms and limitations.",
     files=(
-        HubFile(SAFETY_CHECKER_REPO, (("config.json", "safety_checker/config.json"),)),
-        HubFile(SAFETY_CHECKER_REPO, (("preprocessor_config.json", "safety_checker/preprocessor_config.json"),)),
+        HubFile(
+            SAFETY_CHECKER_REPO, (("config.json", "safety_checker/config.json"),), revision=SAFETY_CHECKER_REVISION
+        ),
+        HubFile(
+            SAFETY_CHECKER_REPO,
+            (("preprocessor_config.json", "safety_checker/preprocessor_config.json"),),
+            revision=SAFETY_CHECKER_REVISION,
+        ),
         HubFile(
             SAFETY_CHECKER_REPO,
             (
                 ("model.safetensors", "safety_checker/model.safetensors"),
                 ("pytorch_model.bin", "safety_checker/pytorch_model.bin"),
             ),
+            revision=SAFETY_CHECKER_REVISION,
         ),
     ),
 )

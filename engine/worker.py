@@ -54,7 +54,7 @@ from engine.api import (
 from engine.base import ResidentBase, resident_dtype
 from engine.errors import EngineError, PreviewUnavailable
 from engine.faces import FaceAnalyzer, FaceRecord, cosine, identity_embedding, mean_embedding
-from engine.instantid import render_preview
+from engine.instantid import pose_index, render_preview
 from engine.nsfw import NsfwChecker
 from engine.presets import Preset, load_preset
 from engine.progress import TrainingProgress
@@ -252,13 +252,16 @@ def _instantid_images(
     out_size: tuple[int, int] | None,
     while_locked: Callable[[], AbstractContextManager[object]] | None = None,
 ) -> ImagesResult:
-    """InstantID from the mean raw embedding of the request's enrolled faces, stored and ranked."""
+    """InstantID from the mean raw embedding of the request's enrolled faces, posed like the most
+    frontal and largest of them (``pose_index``), the identity tokens masked to that face's region
+    (``render_preview``), stored and ranked."""
     records = _records(app, request.embedding_keys)
+    pose = records[pose_index(records)]
     images = render_preview(
         app.base,
         identity_embedding(records),
-        records[0].kps,
-        _image_size(records[0]),
+        pose.kps,
+        _image_size(pose),
         prompt=prompt,
         negative_prompt=request.negative_prompt,
         seed=request.seed,
@@ -267,6 +270,7 @@ def _instantid_images(
         callback=lambda done, total: app.report(request.job_id, stage="rendering", step=done, total=total),
         out_size=out_size,
         while_locked=while_locked,
+        bbox=pose.bbox,
     )
     return _store_ranked(app, request.owner, images, records, request.seed, prompt)
 

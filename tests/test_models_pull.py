@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,7 +70,8 @@ class FakeHub:
     """A stand-in for the Hugging Face Hub and GitHub releases, serving in-memory files.
 
     ``corrupt`` maps (repo, path) to bytes served instead of the real ones, while the metadata still
-    describes the real ones: what a download damaged on the way looks like.
+    describes the real ones: what a download damaged on the way looks like. ``revisions`` records the
+    (repo, revision) of every listing and download.
     """
 
     def __init__(self, repos: dict[str, dict[str, bytes]], urls: dict[str, bytes]) -> None:
@@ -77,12 +79,14 @@ class FakeHub:
         self.urls = urls
         self.corrupt: dict[tuple[str, str], bytes] = {}
         self.downloads: list[tuple[str, str]] = []
+        self.revisions: list[tuple[str, str | None]] = []
         self.fetches: list[str] = []
         self.reachable = True
 
     def files_info(self, repo_id: str, paths: Sequence[str], revision: str | None) -> dict[str, RemoteFile]:
         if not self.reachable:
             raise ConnectionError("no route to host")
+        self.revisions.append((repo_id, revision))
         files = self.repos[repo_id]
         found = {}
         for path in paths:
@@ -97,6 +101,7 @@ class FakeHub:
 
     def download(self, repo_id: str, path: str, revision: str | None, local_dir: Path) -> Path:
         self.downloads.append((repo_id, path))
+        self.revisions.append((repo_id, revision))
         out = local_dir / path
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(self.corrupt.get((repo_id, path), self.repos[repo_id][path]))
@@ -309,6 +314,27 @@ def test_every_member_of_the_real_manifest_is_pinned() -> None:
     assert "sd15/model_index.json" in files_for("sd15")
 
 
+def test_every_hub_file_is_pinned_to_a_commit() -> None:
+    hub_files = [f for components in MANIFESTS.values() for c in components for f in c.files]
+
+    commit = re.compile(r"[0-9a-f]{40}")
+    unpinned = [(f.repo_id, f.candidates[0][0]) for f in hub_files if not commit.fullmatch(f.revision or "")]
+    assert hub_files and unpinned == []
+
+
+@pytest.mark.parametrize("preset", ["sdxl", "sd15"])
+def test_every_listing_and_download_asks_for_the_pinned_commit(tmp_path: Path, preset: str) -> None:
+    repos, urls = _served(MANIFESTS[preset])
+    hub = FakeHub(repos, urls)
+    manifest = _with_archive_hashes(MANIFESTS[preset], urls)
+    assert pull(preset, tmp_path, hub=hub, report=lambda _: None, components=manifest) == 0
+
+    pinned = {(f.repo_id, f.revision) for c in MANIFESTS[preset] for f in c.files}
+    assert hub.downloads and set(hub.revisions) == pinned
+    assert all(re.fullmatch(r"[0-9a-f]{40}", revision or "") for _, revision in hub.revisions)
+    assert len({revision for _, revision in pinned}) == len({repo for repo, _ in pinned})  # one commit a repo
+
+
 def test_a_custom_base_model_without_fp16_files_is_pulled_in_place_of_sdxl_base(tmp_path: Path) -> None:
     from avatarbooth.models import with_base_model
     from engine.presets import load_preset
@@ -324,5 +350,7 @@ def test_a_custom_base_model_without_fp16_files_is_pulled_in_place_of_sdxl_base(
     fetched = {path for repo, path in hub.downloads if repo == "someone/sdxl-finetune"}
     assert "unet/diffusion_pytorch_model.safetensors" in fetched
     assert not any(repo == "stabilityai/stable-diffusion-xl-base-1.0" for repo, _ in hub.downloads)
+    # SDXL base's pinned commit means nothing in another repository: the fine-tune's default branch.
+    assert {revision for repo, revision in hub.revisions if repo == "someone/sdxl-finetune"} == {None}
     unet = tmp_path / "sdxl/sdxl/unet/diffusion_pytorch_model.safetensors"
     assert unet.read_bytes() == custom["unet/diffusion_pytorch_model.safetensors"]
