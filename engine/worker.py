@@ -538,9 +538,26 @@ def build_workers(app: WorkerContext, redis: ArqRedis, *, burst: bool = False) -
                 max_tries=3,
                 job_serializer=serialize_job,
                 job_deserializer=deserialize_job,
+                log_results=False,  # results carry prompts and photo checks' findings: personal data
             )
         )
+    arq_log = logging.getLogger("arq.worker")
+    if not any(isinstance(f, _WithoutJobArguments) for f in arq_log.filters):
+        arq_log.addFilter(_WithoutJobArguments())
     return workers
+
+
+class _WithoutJobArguments(logging.Filter):
+    """Drops the payload from arq's "job started" line: it holds the user's prompt (personal data,
+    which never reaches logs). The job id, function and timing stay; arq is pinned, and so is its format."""
+
+    _STARTED = "%6.2fs → %s(%s)%s"  # arq 0.28 worker.run_job: delay, "job_id:function", arguments, extra
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == self._STARTED and isinstance(record.args, tuple) and len(record.args) == 4:
+            delay, ref, _arguments, extra = record.args
+            record.args = (delay, ref, "…", extra)
+        return True
 
 
 async def connect_redis(url: str) -> ArqRedis:

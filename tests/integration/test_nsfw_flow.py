@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,9 @@ ALICE = UserRef(platform="test", platform_user_id="alice")
 
 
 async def test_flagged_images_are_withheld_and_not_kept(
-    tmp_path: Path, valkey_url: str, tiny_preset_dir: Path
+    tmp_path: Path, valkey_url: str, tiny_preset_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     blobs = LocalBlobStore(tmp_path / "blobs")
     settings = EngineSettings(
         preset="tiny", models_dir=tiny_preset_dir.parent, blobs_dir=blobs.root, redis_url=valkey_url
@@ -51,6 +53,9 @@ async def test_flagged_images_are_withheld_and_not_kept(
             images_on_disk = sorted((blobs.root / "u1" / "images").iterdir())
             assert images_on_disk == sorted(i.path for i in shown.images)
             assert len(await db.list_jobs(1)) == 5  # 3 checks, 2 draws: the second recorded as done
+            started = [r.getMessage() for r in caplog.records if r.name == "arq.worker" and ":draw(" in r.getMessage()]
+            assert len(started) == 2 and all("draw(…)" in line for line in started)
+            assert "garden" not in caplog.text  # the prompt is personal data: never in a log
     finally:
         for task in serving:
             task.cancel()
