@@ -200,7 +200,7 @@ _INSTANTID = Component(
 )
 
 _ANTELOPEV2 = Component(
-    "insightface antelopev2 (face detector + recognizer)",
+    "insightface antelopev2 (face detector + recognizer + gender/age model)",
     "insightface's pretrained models are for NON-COMMERCIAL RESEARCH USE ONLY; commercial use needs a "
     "licence from insightface (https://github.com/deepinsight/insightface/tree/master/python-package).",
     archive=UrlArchive(
@@ -216,6 +216,11 @@ _ANTELOPEV2 = Component(
                 "glintr100.onnx",
                 "antelopev2/glintr100.onnx",
                 sha256="4ab1d6435d639628a6f3e5008dd4f929edf4c4124b1a7169e1048f9fef534cdf",
+            ),
+            ArchiveMember(  # the class word's apparent gender; the same file as buffalo_l's
+                "genderage.onnx",
+                "antelopev2/genderage.onnx",
+                sha256="4fde69b1c810857b88c64a335084f1c3fe8f01246c9a191b48c7bb756d6652fb",
             ),
         ),
     ),

@@ -16,7 +16,7 @@ from typing import TextIO
 
 from bot import texts
 from bot.errors import BotError
-from bot.options import parse_options
+from bot.options import parse_options, parse_train_words
 from bot.service import BotService, Reply, Upload, UserRef
 
 _log = logging.getLogger(__name__)
@@ -189,7 +189,8 @@ class ConsoleAdapter:
         )
 
     async def _train(self, rest: str) -> Reply:
-        return await self._service.train(self._user, rest or None, on_progress=self._progress)
+        method, class_word = parse_train_words(rest)
+        return await self._service.train(self._user, method, on_progress=self._progress, class_word=class_word)
 
     async def _draw(self, rest: str) -> Reply:
         options = parse_options(rest)

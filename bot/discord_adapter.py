@@ -40,6 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from bot import texts
 from bot.errors import BotError
 from bot.service import BotService, ImageOut, Reply, Upload, UserRef
+from bot.settings import CLASS_WORD_CHOICES
 from engine.api import ASPECT_RATIOS, Refusal, TrainingMethod
 from engine.styles import STYLES
 
@@ -771,6 +772,7 @@ def _shows_image(filename: str, image_id: int) -> bool:
 
 
 _TRAIN_CHOICES = [app_commands.Choice(name=m.value, value=m.value) for m in TrainingMethod]
+_SUBJECT_CHOICES = [app_commands.Choice(name=word, value=word) for word in CLASS_WORD_CHOICES]
 # Choices rather than free text: Discord shows them as a menu and refuses anything else itself.
 _STYLE_CHOICES = [app_commands.Choice(name=s.title, value=s.name) for s in STYLES.values()]
 _ASPECT_CHOICES = [app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_RATIOS]
@@ -849,13 +851,13 @@ class _Commands(commands.Cog, name="AvatarBooth"):
         )
 
     @app_commands.command(name="train", description=texts.DISCORD_COMMANDS["train"])
-    @app_commands.describe(method=texts.DISCORD_TRAIN_METHOD_OPTION)
-    @app_commands.choices(method=_TRAIN_CHOICES)
-    async def train(self, interaction: Interaction, method: str | None = None) -> None:
+    @app_commands.describe(method=texts.DISCORD_TRAIN_METHOD_OPTION, subject=texts.DISCORD_TRAIN_SUBJECT_OPTION)
+    @app_commands.choices(method=_TRAIN_CHOICES, subject=_SUBJECT_CHOICES)
+    async def train(self, interaction: Interaction, method: str | None = None, subject: str | None = None) -> None:
         service = self.bot.service
         await self.bot.simple_command(
             interaction,
-            lambda u, p: service.train(u, method, on_progress=p),
+            lambda u, p: service.train(u, method, on_progress=p, class_word=subject),
             private=False,
             announce=True,
         )

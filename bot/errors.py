@@ -51,6 +51,16 @@ class UnknownMethod(BotError):
         self.method = method
 
 
+class UnknownClassWord(BotError):
+    """A word /train was asked to draw the user as that is not one of the allowed class words."""
+
+    def __init__(self, word: str, choices: Sequence[str]) -> None:
+        super().__init__(
+            texts.UNKNOWN_CLASS_WORD.format(word=word, choices=", ".join(choices), example=choices[0])
+        )
+        self.word = word
+
+
 class MethodNotEnabled(BotError):
     """A real training method (ti, dreambooth) that this version does not offer."""
 

@@ -1,5 +1,5 @@
-"""The options of /preview and /draw (``--style S``, ``--ar W:H``, ``--boost``), read the same way
-wherever commands arrive as text (console, Telegram)."""
+"""The options of /preview and /draw (``--style S``, ``--ar W:H``, ``--boost``) and the words of
+/train, read the same way wherever commands arrive as text (console, Telegram)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from bot.errors import MissingOptionValue, UnknownOption
+from bot.settings import CLASS_WORD_CHOICES
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,21 @@ def parse_options(rest: str, allowed: Collection[str] = PROMPT_OPTIONS) -> Promp
             raise MissingOptionValue(name, example)
         values[field_name] = value
     return PromptOptions(remaining, style=values.get("style"), aspect=values.get("aspect"), boost=boost)
+
+
+def parse_train_words(rest: str) -> tuple[str | None, str | None]:
+    """/train's words, ``[method] [class word]``: (method, class word), None for what is left out.
+
+    A lone class word ("/train woman") is the class word; anything after the method is the class word
+    as typed, for the service to accept or refuse.
+
+    >>> parse_train_words("ti woman"), parse_train_words("Woman"), parse_train_words("lora")
+    (('ti', 'woman'), (None, 'Woman'), ('lora', None))
+    """
+    method, _, class_word = rest.strip().partition(" ")
+    if not class_word and method.lower() in CLASS_WORD_CHOICES:
+        return None, method
+    return method or None, class_word.strip() or None
 
 
 def _next_word(text: str) -> tuple[str, str]:

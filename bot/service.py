@@ -52,14 +52,16 @@ from bot.errors import (
     TooManyPhotos,
     TrainingAlreadyRunning,
     UnknownAspect,
+    UnknownClassWord,
     UnknownMethod,
     UnknownStyleName,
 )
 from bot.jobs import JobClient, JobRequest, ProgressFields
-from bot.settings import BotSettings
+from bot.settings import AUTO_CLASS_WORD, CLASS_WORD_CHOICES, BotSettings
 from bot.uploads import RefusedUpload, inspect_upload
 from engine.api import (
     ASPECT_RATIOS,
+    ApparentGender,
     JOB_QUEUES,
     CheckPhotoRequest,
     CheckPhotoResult,
@@ -283,7 +285,11 @@ class BotService:
     ) -> str:
         if result.accepted:
             await self._db.set_photo_result(
-                photo.id, "accepted", embedding_key=result.embedding_key, crop_key=result.crop_key
+                photo.id,
+                "accepted",
+                embedding_key=result.embedding_key,
+                crop_key=result.crop_key,
+                apparent_gender=_known_gender(result.apparent_gender),
             )
             line = texts.photo_accepted(label)
         else:
@@ -291,7 +297,10 @@ class BotService:
             await self._db.set_photo_result(photo.id, "refused", refusal=reason)
             # Nothing of a refused photo is kept but its row and reason.
             await asyncio.to_thread(self._blobs.delete, photo.blob_key)
-            line = texts.photo_refused(label, texts.refusal(reason, self.settings))
+            refused = texts.refusal(
+                reason, self.settings, face_px=result.face_px, needed_face_px=result.needed_face_px
+            )
+            line = texts.photo_refused(label, refused)
         await self._db.update_job(job.id, state="done", progress=1.0, result=result.to_dict())
         return line
 
@@ -332,7 +341,7 @@ class BotService:
             "negative_prompt": negative,
             "seed": _new_seed(),
             "num_images": count,
-            "class_word": self.settings.class_word,
+            "class_word": await self._class_word(account.id),
             **shape,
         }
         job = await self._create_job(account, JobName.PREVIEW, fields, {"prompt": text})
@@ -437,7 +446,7 @@ class BotService:
             "embedding_keys": embeddings,
             "seed": _new_seed(),
             "num_images": count,
-            "class_word": self.settings.class_word,
+            "class_word": await self._class_word(account.id),  # InstantID's; a model has its own
             **extra,
         }
         meta: dict[str, Any] = {"prompt": text}
@@ -546,6 +555,12 @@ class BotService:
     async def _accepted(self, user_id: int) -> list[Photo]:
         return await self._db.list_photos(user_id, "accepted")
 
+    async def _class_word(self, user_id: int) -> str:
+        """What "me" becomes for this user: the configured word, or with "auto" the photos' majority."""
+        if self.settings.class_word != AUTO_CLASS_WORD:
+            return self.settings.class_word
+        return class_word_for([p.apparent_gender for p in await self._accepted(user_id)])
+
     # --- training -------------------------------------------------------------------------------
 
     async def train(
@@ -553,9 +568,16 @@ class BotService:
         user: UserRef,
         method: str | None = None,
         on_progress: ProgressCallback | None = None,
+        *,
+        class_word: str | None = None,
     ) -> Reply:
-        """Train a personal model on the accepted photos; one training per user at a time."""
+        """Train a personal model on the accepted photos; one training per user at a time.
+
+        ``class_word`` (one of ``CLASS_WORD_CHOICES``) is what "me" in the model's prompts becomes;
+        None: the configured word, or with "auto" the one the photos' apparent genders agree on.
+        """
         chosen = self._check_method(method)
+        named_word = _check_class_word(class_word)
         account = await self._consented(user)
         async with self._lock(account.id):
             if await self._db.active_job(account.id, str(JobName.TRAIN)) is not None:
@@ -568,7 +590,7 @@ class BotService:
                 "method": chosen,
                 "crop_keys": [p.crop_key for p in accepted if p.crop_key],
                 "token": self.settings.token,
-                "class_word": self.settings.class_word,
+                "class_word": named_word or await self._class_word(account.id),
             }
             job = await self._create_job(account, JobName.TRAIN, fields, {"method": chosen})
         if on_progress is not None:
@@ -837,6 +859,32 @@ class BotService:
     def _lock(self, user_id: int) -> asyncio.Lock:
         """Serialises a user's enrolment and training starts (limits are checked, then written)."""
         return self._user_locks.setdefault(user_id, asyncio.Lock())
+
+
+_CLASS_WORDS = {ApparentGender.FEMALE: "woman", ApparentGender.MALE: "man"}
+
+
+def class_word_for(apparent_genders: Sequence[str | None]) -> str:
+    """"woman" or "man" when more than half of the photos read so; "person" when unknown or mixed."""
+    for gender, word in _CLASS_WORDS.items():
+        if sum(g == gender for g in apparent_genders) * 2 > len(apparent_genders):
+            return word
+    return "person"
+
+
+def _known_gender(value: str | None) -> str | None:
+    """A worker's apparent gender when it is one the database keeps; anything else counts as unknown."""
+    return value if value in tuple(ApparentGender) else None
+
+
+def _check_class_word(word: str | None) -> str | None:
+    """The class word a user named, in lower case; None when none was named."""
+    named = (word or "").strip().lower()
+    if not named:
+        return None
+    if named not in CLASS_WORD_CHOICES:
+        raise UnknownClassWord((word or "").strip(), CLASS_WORD_CHOICES)
+    return named
 
 
 def _request_for(job: Job, queue_id: str) -> JobRequest:

@@ -9,6 +9,12 @@ MIB = 1024 * 1024
 
 MAX_IMAGES_PER_REQUEST = 8  # best-of-N beyond this costs more GPU time than it buys likeness
 
+AUTO_CLASS_WORD = "auto"
+"""``class_word`` that means: the majority of the user's photos' apparent genders ("woman", "man"),
+"person" when unknown or mixed."""
+CLASS_WORD_CHOICES = ("woman", "man", "person")
+"""The class words a user may name with /train (plain nouns the base models know well)."""
+
 
 @dataclass(frozen=True)
 class BotSettings:
@@ -27,7 +33,7 @@ class BotSettings:
     max_prompt_chars: int = 300
     default_preview_prompt: str = "a portrait photo of me, soft light, detailed face"
     token: str = "sks"  # the rare word that stands for the user in prompts
-    class_word: str = "person"
+    class_word: str = AUTO_CLASS_WORD  # or a fixed word for everyone, e.g. "person"
     enabled_methods: tuple[str, ...] = ("lora", "ti")  # dreambooth is opt-in: gigabytes per user
     preview_num_images: int = 1
     draw_num_images: int = 2
@@ -45,6 +51,10 @@ class BotSettings:
                 raise ValueError(
                     f"images per {name} must be between 1 and {MAX_IMAGES_PER_REQUEST}, not {count}"
                 )
+        if not self.class_word.strip() or len(self.class_word.split()) != 1:
+            raise ValueError(
+                f"class_word must be {AUTO_CLASS_WORD!r} or one word such as 'person', not {self.class_word!r}"
+            )
         if not self.enabled_methods:
             raise ValueError("enabled_methods must name at least one training method, e.g. 'lora'")
 

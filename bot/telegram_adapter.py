@@ -71,7 +71,7 @@ from telegram.ext import (
 
 from bot import texts
 from bot.errors import BotError
-from bot.options import parse_options
+from bot.options import parse_options, parse_train_words
 from bot.service import BotService, ProgressCallback, Reply, Upload, UserRef
 from bot.settings import BotSettings
 from bot.uploads import RefusedUpload, inspect_upload
@@ -607,11 +607,7 @@ class TelegramAdapter:
             "photo": self._photo_hint,
             "photos": self._plain(lambda u, _: self._service.photos(u)),
             "preview": self._long("preview", self._preview),
-            "train": self._long(
-                "training",
-                lambda u, rest, p: self._service.train(u, rest or None, on_progress=p),
-                notify=True,
-            ),
+            "train": self._long("training", self._train, notify=True),
             "draw": self._long("drawing", self._draw),
             "styles": self._plain(lambda u, _: self._service.styles()),
             "status": self._plain(lambda u, _: self._service.status(u)),
@@ -623,6 +619,10 @@ class TelegramAdapter:
         return await self._service.preview(
             user, options.prompt or None, on_progress=on_progress, style=options.style, aspect=options.aspect
         )
+
+    async def _train(self, user: UserRef, rest: str, on_progress: ProgressCallback) -> Reply:
+        method, class_word = parse_train_words(rest)
+        return await self._service.train(user, method, on_progress=on_progress, class_word=class_word)
 
     async def _draw(self, user: UserRef, rest: str, on_progress: ProgressCallback) -> Reply:
         options = parse_options(rest)

@@ -41,7 +41,9 @@ Commands:
   /photos                        your photos and whether each was accepted
   /preview [--style S] [--ar W:H] [PROMPT]
                                  an instant picture of you, before any training
-  /train [lora|ti|dreambooth]    train your personal model (lora is the default)
+  /train [lora|ti|dreambooth] [woman|man|person]
+                                 train your personal model (lora is the default; "me" in
+                                 your prompts becomes that word, by your photos unless named)
   /draw [--style S] [--ar W:H] [--boost] PROMPT
                                  draw a picture, e.g. /draw --ar 3:4 me as an astronaut
   /styles                        the style presets for --style
@@ -69,6 +71,10 @@ TRAINING_ALREADY_RUNNING = (
 )
 NO_MODEL_YET = "You have no personal model yet. Use /train to make one."
 UNKNOWN_METHOD = "I don't know the training method {method!r}. Choose one of: {choices}."
+UNKNOWN_CLASS_WORD = (
+    "I can't train you as {word!r}. Choose one of: {choices}, e.g. /train lora {example}; "
+    "or leave it out and your photos decide."
+)
 METHOD_NOT_ENABLED = (
     "{method!r} is a valid method, but this bot's operator has not enabled it (enabled: {enabled}). "
     "Send /train {default} instead."
@@ -193,7 +199,8 @@ _REFUSALS: dict[Refusal, str] = {
         "I found more than one face: send a photo with only you in it, or crop the others out."
     ),
     Refusal.FACE_TOO_SMALL: (
-        "your face is too small in the picture: send a closer photo where it fills more of the frame."
+        "your face is too small in the picture: send a closer photo where it fills more of the frame, "
+        "or one taken at a higher resolution."
     ),
     Refusal.TOO_BLURRY: "too blurry: send a sharper photo, in good light, face in focus.",
     Refusal.DIFFERENT_PERSON: (
@@ -202,8 +209,21 @@ _REFUSALS: dict[Refusal, str] = {
 }
 
 
-def refusal(code: str, settings: BotSettings) -> str:
-    """One sentence for a `Refusal` code: what is wrong and what to send instead."""
+_FACE_TOO_SMALL_MEASURED = (
+    "your face is {face_px} pixels across in the picture, and training needs at least {needed_px}: "
+    "send a closer photo where it fills more of the frame, or one taken at a higher resolution."
+)
+
+
+def refusal(
+    code: str, settings: BotSettings, *, face_px: int | None = None, needed_face_px: int | None = None
+) -> str:
+    """One sentence for a `Refusal` code: what is wrong and what to send instead.
+
+    A face too small says its size and the size needed when the photo check measured them.
+    """
+    if code == Refusal.FACE_TOO_SMALL and face_px is not None and needed_face_px is not None:
+        return _FACE_TOO_SMALL_MEASURED.format(face_px=face_px, needed_px=needed_face_px)
     try:
         template = _REFUSALS[Refusal(code)]
     except ValueError:
@@ -378,7 +398,9 @@ Commands:
   /start                         what is stored and why; a button to agree
   /photos                        your photos and whether each was accepted
   /preview [--style S] [PROMPT]  an instant picture of you, before any training
-  /train [lora|ti|dreambooth]    train your personal model (lora is the default)
+  /train [lora|ti|dreambooth] [woman|man|person]
+                                 train your personal model (lora is the default; "me" in
+                                 your prompts becomes that word, by your photos unless named)
   /draw [--style S] PROMPT       draw a picture, e.g. /draw me as an astronaut
   /styles                        the style presets for --style
   /status                        your photos, models and running jobs
@@ -445,7 +467,8 @@ Commands:
   /photos                        your photos and whether each was accepted
   /preview [prompt] [style] [aspect]
                                  an instant picture of you, before any training
-  /train [method]                train your personal model (lora is the default)
+  /train [method] [subject]      train your personal model (lora is the default; subject:
+                                 woman, man or person, by your photos unless named)
   /draw prompt [style] [aspect] [boost]
                                  draw a picture, e.g. /draw me as an astronaut
   /status                        your photos, models and running jobs
@@ -470,6 +493,7 @@ DISCORD_COMMANDS = {
 DISCORD_PHOTO_OPTION = "Selfie {n}: one face, well lit and in focus"
 DISCORD_PREVIEW_PROMPT_OPTION = "What to picture (optional), e.g. me as an astronaut"
 DISCORD_TRAIN_METHOD_OPTION = "Training method (lora is the default)"
+DISCORD_TRAIN_SUBJECT_OPTION = "What \"me\" in your prompts is: woman, man or person (default: by your photos)"
 DISCORD_DRAW_PROMPT_OPTION = "What to draw, e.g. me as an astronaut"
 DISCORD_STYLE_OPTION = "A style preset (see /help); none keeps your prompt as it is"
 DISCORD_ASPECT_OPTION = "The picture's shape, width:height (square by default)"

@@ -90,6 +90,14 @@ class Refusal(StrEnum):
     DIFFERENT_PERSON = "different_person"
 
 
+class ApparentGender(StrEnum):
+    """What insightface's gender model reads from a face (``CheckPhotoResult.apparent_gender``): a
+    guess from appearance, used only to pick the class word a user's prompts are drawn with."""
+
+    FEMALE = "female"
+    MALE = "male"
+
+
 class ErrorCode(StrEnum):
     """Why a job failed, as the worker reports it. Mapped to user-facing text by the chat side."""
 
@@ -150,14 +158,25 @@ class CheckPhotoRequest(_Message):
     reference_embedding_keys: list[str] = field(default_factory=list)
 
 
+CROP_SOURCE_SIDE_KEY = "avatarbooth:source-side"
+"""The PNG text key of a training crop (``CheckPhotoResult.crop_key``), and of the crop image's ``info``:
+the side, in photo pixels, of the square the crop was cut from before it was resized. Training tells
+SDXL this as the image's ``original_size``; crops written before it was kept train as if at full size."""
+
+
 @dataclass(frozen=True)
 class CheckPhotoResult(_Message):
     accepted: bool
     refusal: str | None = None  # a Refusal value when not accepted
     embedding_key: str | None = None  # face record: embedding, keypoints, box (engine-private format)
-    crop_key: str | None = None  # face-centred square PNG at the training resolution
+    crop_key: str | None = None  # face-centred square PNG at the training resolution (CROP_SOURCE_SIDE_KEY)
     faces_found: int = 0
     similarity: float | None = None  # cosine to the mean of the references, when there were any
+    # an ApparentGender value for the accepted photo's face; None when the preset has no gender model
+    apparent_gender: str | None = None
+    # face_too_small: the face's size (its box's shorter side) and the size the checks need, in pixels
+    face_px: int | None = None
+    needed_face_px: int | None = None
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """Face checks for enrolment photos, on insightface's own model classes.
 
-``FaceAnalyzer`` loads an antelopev2-style folder (an SCRFD detector and an ArcFace recognizer) with
-``insightface.model_zoo.get_model``, so detection, NMS, keypoints and alignment are insightface's
-code. ``check`` turns one uploaded photo into an accept/refuse decision, a ``FaceRecord`` (embedding,
-keypoints, box) and a face-centred training crop. The refusal order is: no face, several prominent
-faces, face too small, too blurry, duplicate (the same photo again, e.g. re-encoded), different person.
+``FaceAnalyzer`` loads an antelopev2-style folder (an SCRFD detector, an ArcFace recognizer and, where
+there is one, the gender/age model) with ``insightface.model_zoo.get_model``, so detection, NMS,
+keypoints, alignment and the attribute crop are insightface's code. ``check`` turns one uploaded
+photo into an accept/refuse decision, a ``FaceRecord`` (embedding, keypoints, box), a face-centred
+training crop and the face's apparent gender (for the class word; never logged). The refusal order
+is: no face, several prominent faces, face too small, too blurry, duplicate (the same photo again,
+e.g. re-encoded), different person.
 
 Two scales of one embedding are kept apart: cosines (same person, duplicates, ranking) use the unit
 vector; InstantID takes the recognizer's raw vector (``identity_embedding``), because its Resampler
@@ -17,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +31,14 @@ from insightface.app.common import Face
 from insightface.model_zoo import get_model
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engine.api import Refusal
+from engine.api import CROP_SOURCE_SIDE_KEY, ApparentGender, Refusal
 from engine.errors import InvalidFaceRecord, UnreadableImage, WeightsMissing
 
 _log = logging.getLogger(__name__)
 
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
 RECOGNIZER_FILE = "glintr100.onnx"
+GENDERAGE_FILE = "genderage.onnx"  # optional: without it the apparent gender is unknown
 EMBEDDING_DIM = 512
 _RECORD_VERSION = 2  # 2 added "norm"; version 1 records still load, without it
 _READABLE_VERSIONS = (1, 2)
@@ -59,6 +63,17 @@ class FaceCheckSettings:
     duplicate_threshold: float = 0.995
     crop_size: int = 128  # training crop side, in pixels (the preset's resolution)
     crop_context: float = 0.75  # margin around the face box on each side, in face-box sizes
+    # The most the training crop may be enlarged: the crop's square is the face's side × (1 + 2 ×
+    # crop_context) in photo pixels, resized to crop_size, so a face needs crop_size / (max_crop_upscale
+    # × (1 + 2 × crop_context)) pixels (``min_face_side``): 205 for SDXL's 1024 crops. Beyond ~2× the
+    # resampling only invents blur, and a model trained on it draws the person soft.
+    max_crop_upscale: float = 2.0
+
+    def min_face_side(self, photo_short_side: int) -> float:
+        """The face box's shorter side, in photo pixels, a photo with that shorter side needs: the
+        largest of ``min_face_px``, ``min_face_fraction`` of the photo and the ``max_crop_upscale`` bound."""
+        upscale_bound = self.crop_size / (self.max_crop_upscale * (1 + 2 * self.crop_context))
+        return max(float(self.min_face_px), self.min_face_fraction * photo_short_side, upscale_bound)
 
     def __post_init__(self) -> None:
         if len(self.det_size) != 2 or any(side <= 0 or side % 32 for side in self.det_size):
@@ -75,6 +90,8 @@ class FaceCheckSettings:
             )
         if self.crop_size < 16:
             raise ValueError(f"crop_size must be at least 16 pixels, got {self.crop_size}")
+        if not self.max_crop_upscale > 0:
+            raise ValueError(f"max_crop_upscale must be positive, got {self.max_crop_upscale}")
         for name in ("min_face_px", "blur_threshold", "crop_context"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -170,6 +187,9 @@ class FaceCheck:
     crop: Image.Image | None
     faces_found: int
     similarity: float | None  # cosine to the mean of the references, when there were any
+    apparent_gender: ApparentGender | None = None  # of the accepted face, when the preset has the model
+    face_px: int | None = None  # face_too_small: the face box's shorter side, in photo pixels
+    needed_face_px: int | None = None  # ... and what the checks need (FaceCheckSettings.min_face_side)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -215,12 +235,32 @@ class FaceAnalyzer:
     def __init__(self, model_dir: Path, settings: FaceCheckSettings | None = None, *,
                  providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
         self.settings = settings or FaceCheckSettings()
-        self._detector, self._recognizer = _load_models(Path(model_dir), list(providers))
+        self._detector, self._recognizer, self._genderage = _load_models(Path(model_dir), list(providers))
         # insightface's prepare(ctx_id < 0) forces the CPU provider: only do that on CPU.
         ctx_id = 0 if any(p != "CPUExecutionProvider" for p in providers) else -1
         self._detector.prepare(ctx_id, input_size=self.settings.det_size,
                                det_thresh=self.settings.det_threshold)
         self._recognizer.prepare(ctx_id)
+        if self._genderage is not None:
+            self._genderage.prepare(ctx_id)
+
+    @property
+    def reads_gender(self) -> bool:
+        """Whether the folder had a gender/age model (antelopev2's ``genderage.onnx``)."""
+        return self._genderage is not None
+
+    def apparent_gender(self, image_rgb: np.ndarray, face: DetectedFace) -> ApparentGender | None:
+        """The gender ``face`` appears to have, by insightface's attribute model; None without one.
+
+        insightface's ``Attribute`` cuts its 96×96 input around the face box (not the aligned
+        keypoints) and answers the argmax of the (female, male) scores; the age it also reads is
+        dropped here, as nothing needs it.
+        """
+        if self._genderage is None:
+            return None
+        bgr = np.ascontiguousarray(image_rgb[:, :, ::-1])
+        male, _age = self._genderage.get(bgr, Face(bbox=face.bbox, kps=face.kps, det_score=face.score))
+        return ApparentGender.MALE if int(male) == 1 else ApparentGender.FEMALE
 
     def detect(self, image_rgb: np.ndarray) -> list[DetectedFace]:
         """All faces in an RGB (H, W, 3) uint8 image, largest first, each with its unit embedding."""
@@ -241,6 +281,10 @@ class FaceAnalyzer:
         image = decode_photo(image_bytes)
         faces = self.detect(image)
         refusal = self._refusal(image, faces)
+        if refusal is Refusal.FACE_TOO_SMALL:  # say by how much: the user can aim for a size
+            needed = math.ceil(self.settings.min_face_side(min(image.shape[:2])))
+            return FaceCheck(False, refusal, None, None, len(faces), None,
+                             face_px=int(faces[0].short_side), needed_face_px=needed)
         if refusal is not None:
             return FaceCheck(False, refusal, None, None, len(faces), None)
         main = faces[0]
@@ -253,7 +297,8 @@ class FaceAnalyzer:
         height, width = image.shape[:2]
         record = FaceRecord(main.embedding, main.kps, main.bbox, (width, height), norm=main.norm)
         crop = training_crop(image, main.bbox, self.settings.crop_size, self.settings.crop_context)
-        return FaceCheck(True, None, record, crop, len(faces), similarity)
+        gender = self.apparent_gender(image, main)
+        return FaceCheck(True, None, record, crop, len(faces), similarity, apparent_gender=gender)
 
     def _refusal(self, image: np.ndarray, faces: list[DetectedFace]) -> Refusal | None:
         """The first image-only check that fails, in the documented order; None when all pass."""
@@ -263,23 +308,23 @@ class FaceAnalyzer:
         main = faces[0]
         if any(other.area >= settings.prominent_face_ratio * main.area for other in faces[1:]):
             return Refusal.SEVERAL_FACES
-        min_side = max(settings.min_face_px, settings.min_face_fraction * min(image.shape[:2]))
-        if main.short_side < min_side:
+        if main.short_side < settings.min_face_side(min(image.shape[:2])):
             return Refusal.FACE_TOO_SMALL
         if face_sharpness(image, main.bbox) < settings.blur_threshold:
             return Refusal.TOO_BLURRY
         return None
 
 
-def _load_models(model_dir: Path, providers: list[str]) -> tuple[Any, Any]:
-    """insightface's detector and recognizer from the folder: antelopev2's names, else the first found."""
-    preferred = [model_dir / DETECTOR_FILE, model_dir / RECOGNIZER_FILE]
+def _load_models(model_dir: Path, providers: list[str]) -> tuple[Any, Any, Any | None]:
+    """insightface's detector, recognizer and (when there is one) gender/age model from the folder:
+    antelopev2's names, else the first found."""
+    preferred = [model_dir / DETECTOR_FILE, model_dir / RECOGNIZER_FILE, model_dir / GENDERAGE_FILE]
     others = sorted(p for p in model_dir.glob("*.onnx") if p not in preferred)
     found: dict[str, Any] = {}
     for path in [p for p in preferred if p.is_file()] + others:
         model = get_model(str(path), providers=providers)
         task = getattr(model, "taskname", None)
-        if task in ("detection", "recognition") and task not in found:
+        if task in ("detection", "recognition", "genderage") and task not in found:
             found[task] = model
             _log.debug("face %s model: %s", task, path)
     missing = [task for task in ("detection", "recognition") if task not in found]
@@ -288,7 +333,7 @@ def _load_models(model_dir: Path, providers: list[str]) -> tuple[Any, Any]:
             f"No face {' or '.join(missing)} model in {model_dir}. Run `avatarbooth models pull` "
             "for a real preset, or delete the tiny preset's folder so that it is rebuilt."
         )
-    return found["detection"], found["recognition"]
+    return found["detection"], found["recognition"], found.get("genderage")
 
 
 def decode_photo(image_bytes: bytes) -> np.ndarray:
@@ -319,7 +364,9 @@ def training_crop(image_rgb: np.ndarray, bbox: np.ndarray, size: int, context: f
     """A face-centred square with ``context`` face sizes of margin, kept inside the photo, at ``size``.
 
     The square shrinks to fit the photo when it can while still holding the whole face; otherwise
-    the missing border is filled by repeating the edge pixels.
+    the missing border is filled by repeating the edge pixels. The crop's ``info`` (written into its
+    PNG) holds under ``CROP_SOURCE_SIDE_KEY`` the square's side in photo pixels, at most the photo's
+    shorter side: what SDXL training is told the image's original size was.
     """
     height, width = image_rgb.shape[:2]
     face_side = float(max(bbox[2] - bbox[0], bbox[3] - bbox[1]))
@@ -331,7 +378,9 @@ def training_crop(image_rgb: np.ndarray, bbox: np.ndarray, size: int, context: f
         image_rgb = np.pad(image_rgb, pads, mode="edge")
         top, left = top + pads[0][0], left + pads[1][0]
     square = image_rgb[top:top + side, left:left + side]
-    return Image.fromarray(square).resize((size, size), Image.Resampling.LANCZOS)
+    crop = Image.fromarray(square).resize((size, size), Image.Resampling.LANCZOS)
+    crop.info[CROP_SOURCE_SIDE_KEY] = str(min(side, width, height))  # edge padding adds no detail
+    return crop
 
 
 def _clamped_start(start: float, side: int, limit: int) -> int:

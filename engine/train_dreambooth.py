@@ -50,6 +50,7 @@ from engine.train_lora import (
     TrainingState,
     _denoising_loss,
     _sample_batch,
+    encode_crops,
     encode_instance_prompt,
     encode_latents,
     instance_prompt,
@@ -211,7 +212,7 @@ def prepare_latents(
     settings: PriorTrainingSettings,
 ) -> TrainingLatents:
     """Encode the crops and (with prior preservation) the class images with the resident VAE."""
-    instance = encode_latents(pipe, lock, prepare_data(crops, settings.resolution), flip=settings.random_flip)
+    instance = encode_crops(pipe, lock, crops, settings.resolution, flip=settings.random_flip)
     if not settings.with_prior:
         return TrainingLatents(instance, None)
     if not class_images:

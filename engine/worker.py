@@ -28,10 +28,11 @@ from typing import Any, TypeVar
 import numpy as np
 from arq import Worker, func
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from engine.api import (
     ASPECT_RATIOS,
+    CROP_SOURCE_SIDE_KEY,
     JOB_QUEUES,
     QUEUE_INTERACTIVE,
     QUEUE_TRAINING,
@@ -150,16 +151,19 @@ def do_check_photo(app: WorkerContext, request: CheckPhotoRequest) -> CheckPhoto
     if not check.accepted or check.record is None or check.crop is None:
         refusal = str(check.refusal) if check.refusal is not None else None
         return CheckPhotoResult(
-            accepted=False, refusal=refusal, faces_found=check.faces_found, similarity=check.similarity
+            accepted=False, refusal=refusal, faces_found=check.faces_found, similarity=check.similarity,
+            face_px=check.face_px, needed_face_px=check.needed_face_px,
         )
     embedding_key = app.blobs.put(request.owner, "faces", check.record.to_bytes(), ".json")
-    crop_key = app.blobs.put(request.owner, "crops", _png_bytes(check.crop), ".png")
+    crop_png = _png_bytes(check.crop, text={CROP_SOURCE_SIDE_KEY: check.crop.info[CROP_SOURCE_SIDE_KEY]})
+    crop_key = app.blobs.put(request.owner, "crops", crop_png, ".png")
     return CheckPhotoResult(
         accepted=True,
         embedding_key=embedding_key,
         crop_key=crop_key,
         faces_found=check.faces_found,
         similarity=check.similarity,
+        apparent_gender=None if check.apparent_gender is None else str(check.apparent_gender),
     )
 
 
@@ -324,6 +328,7 @@ def do_train(app: WorkerContext, request: TrainRequest) -> TrainResult:
         raise InvalidRequest(f"unknown training method {request.method!r}; use lora, ti or dreambooth")
     if not request.crop_keys:
         raise InvalidRequest("no training photos were given")
+    # Each crop's info keeps its PNG's text, so its source side (CROP_SOURCE_SIDE_KEY) reaches training.
     crops = [Image.open(io.BytesIO(app.blobs.get(k))).convert("RGB") for k in request.crop_keys]
     checkpoints = CheckpointStore(app.blobs, request.owner, request.job_id)
     run = TrainingRun(
@@ -440,9 +445,13 @@ def _face_score(app: WorkerContext, image: Image.Image, target: np.ndarray | Non
     return round(cosine(largest.embedding, target), 4)
 
 
-def _png_bytes(image: Image.Image) -> bytes:
+def _png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    """``image`` as PNG, with ``text`` as its text chunks (nothing else of ``image.info`` is written)."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
     out = io.BytesIO()
-    image.save(out, format="PNG")
+    image.save(out, format="PNG", pnginfo=info)
     return out.getvalue()
 
 

@@ -309,7 +309,9 @@ def test_every_member_of_the_real_manifest_is_pinned() -> None:
     archive_members: list[ArchiveMember] = [
         m for c in MANIFESTS["sdxl"] if c.archive is not None for m in c.archive.members
     ]
-    assert {m.dest for m in archive_members} == {"antelopev2/scrfd_10g_bnkps.onnx", "antelopev2/glintr100.onnx"}
+    assert {m.dest for m in archive_members} == {
+        "antelopev2/scrfd_10g_bnkps.onnx", "antelopev2/glintr100.onnx", "antelopev2/genderage.onnx"
+    }
     assert all(m.sha256 and len(m.sha256) == 64 for m in archive_members)
     assert "sd15/model_index.json" in files_for("sd15")
 

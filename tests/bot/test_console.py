@@ -66,6 +66,16 @@ async def test_a_bot_error_is_printed_as_its_message(service: BotService, tmp_pa
     assert out.splitlines() == [texts.CONSENT_REQUIRED, texts.EMPTY_PROMPT]
 
 
+async def test_train_reads_a_method_and_a_class_word(service: BotService, tmp_path: Path) -> None:
+    _, out, _ = await run_script(service, "/train lora astronaut\n/train Astronaut\n/train woman\n", tmp_path)
+    assert out.splitlines() == [
+        "I can't train you as 'astronaut'. Choose one of: woman, man, person, e.g. /train lora woman; "
+        "or leave it out and your photos decide.",
+        "I don't know the training method 'astronaut'. Choose one of: lora, ti, dreambooth.",
+        texts.CONSENT_REQUIRED,  # "woman" alone is the class word: checked, then consent is asked for
+    ]
+
+
 async def test_missing_and_unreadable_paths_are_not_sent(service: BotService, tmp_path: Path) -> None:
     script = f"/agree\n/photo {tmp_path / 'nope.jpg'} {tmp_path}\n/photo\n/photo \"unclosed\n"
     _, out, _ = await run_script(service, script, tmp_path)

@@ -223,6 +223,10 @@ async def test_commands_sync_to_the_guild_and_the_token_is_never_logged(
     assert [(o["name"], o["type"], o.get("required", False)) for o in draw["options"]] == [
         ("prompt", 3, True), ("style", 3, False), ("aspect", 3, False), ("boost", 5, False)
     ]
+    train = next(c for c in fake.commands[str(place.guild_id)] if c["name"] == "train")
+    assert [(o["name"], [c["value"] for c in o["choices"]]) for o in train["options"]] == [
+        ("method", ["lora", "ti", "dreambooth"]), ("subject", ["woman", "man", "person"])
+    ]
     (aspect,) = [o for o in draw["options"] if o["name"] == "aspect"]
     assert [c["value"] for c in aspect["choices"]] == list(ASPECT_RATIOS)
     (identify,) = fake.identified

@@ -12,7 +12,7 @@ import hashlib
 import io
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -30,10 +30,11 @@ from bot.errors import (
     RateLimited,
     TooManyPhotos,
     TrainingAlreadyRunning,
+    UnknownClassWord,
     UnknownMethod,
 )
 from bot.jobs import JobClient
-from bot.service import BotService, Reply, Upload, UserRef
+from bot.service import BotService, Reply, Upload, UserRef, class_word_for
 from bot.settings import BotSettings
 from engine.api import QUEUE_INTERACTIVE, QUEUE_TRAINING, progress_key
 from storage.blobs import LocalBlobStore, owner_for
@@ -123,11 +124,14 @@ async def enrol(service: BotService, count: int = 3, user: UserRef = ALICE) -> R
     return reply
 
 
-async def seed_accepted(db: Database, blobs: LocalBlobStore, user_id: int, count: int) -> list[bytes]:
+async def seed_accepted(
+    db: Database, blobs: LocalBlobStore, user_id: int, count: int, genders: Sequence[str | None] = ()
+) -> list[bytes]:
     """Accepted photo rows (and their photo blobs) for tests where no worker runs.
 
     The rows carry no face record or training crop: only a worker could make those, and no worker
-    reads them in these tests. Tests that need real ones enrol photos with `enrol`.
+    reads them in these tests. Tests that need real ones enrol photos with `enrol`. ``genders`` are
+    the apparent genders the rows record, in order (unknown past its end).
     """
     owner = owner_for(user_id)
     datas = []
@@ -135,7 +139,8 @@ async def seed_accepted(db: Database, blobs: LocalBlobStore, user_id: int, count
         data = face_photo(n)
         key = blobs.put(owner, "photos", data, ".jpg")
         photo = await db.add_photo(user_id, key, _sha(data))
-        await db.set_photo_result(photo.id, "accepted")
+        gender = genders[n] if n < len(genders) else None
+        await db.set_photo_result(photo.id, "accepted", apparent_gender=gender)
         datas.append(data)
     return datas
 
@@ -287,6 +292,8 @@ async def test_photos_are_checked_by_the_worker_and_refused_ones_keep_only_their
         ("refused", "several_faces"),
         ("refused", "no_face"),
     ]
+    # The worker's reading of each accepted face is kept (the class word); refused ones have none.
+    assert [p.apparent_gender for p in photos] == ["female"] * 3 + [None, None]
     # Refused photos keep their row and reason, not their bytes, face record or crop.
     assert all(not blobs.exists(p.blob_key) for p in photos[3:])
     assert all(p.embedding_key is None and p.crop_key is None for p in photos[3:])
@@ -397,6 +404,59 @@ async def test_unknown_and_disabled_methods_say_what_to_use(service: BotService)
         assert "/train lora" in disabled.value.user_message
 
 
+async def submitted_class_word(service: BotService, db: Database, user: UserRef = ALICE, **train: str | None) -> str:
+    """The class word of the training request ``train`` submits (no worker runs: it is left queued)."""
+    user_id = (await db.get_or_create_user(user.platform, user.platform_user_id)).id
+    training = asyncio.ensure_future(service.train(user, **train))
+    try:
+        await wait_for_state(db, user_id, "running")
+    finally:
+        training.cancel()
+    (job,) = await db.list_jobs(user_id)
+    word: str = job.payload["request"]["class_word"]  # type: ignore[index]
+    return word
+
+
+async def test_the_class_word_is_what_most_photos_read_unless_the_user_names_one(
+    service: BotService, db: Database, blobs: LocalBlobStore
+) -> None:
+    alice = await consented(service, db, ALICE)
+    await seed_accepted(db, blobs, alice, 3, genders=["female", "female", None])
+    bob = await consented(service, db, BOB)
+    await seed_accepted(db, blobs, bob, 3, genders=["female", "female", "female"])
+
+    assert await submitted_class_word(service, db, ALICE) == "woman"
+    assert await submitted_class_word(service, db, BOB, method="ti", class_word=" Man ") == "man"  # named: it wins
+
+
+def test_unknown_or_mixed_apparent_genders_make_a_person() -> None:
+    assert class_word_for(["female", "female", None]) == "woman"
+    assert class_word_for(["male", "male", "female"]) == "man"
+    assert class_word_for(["female", "male"]) == class_word_for(["male", None, None]) == "person"
+    assert class_word_for([None, None, None]) == class_word_for([]) == "person"  # the preset has no model
+
+
+async def test_a_fixed_class_word_is_everyone_s(db: Database, blobs: LocalBlobStore, jobs: JobClient, clock: FakeClock) -> None:
+    settings = BotSettings(interactive_timeout_s=30, training_timeout_s=60, class_word="person")
+    service = BotService(db, blobs, jobs, settings, preset_name="tiny", clock=clock)
+    user_id = await consented(service, db)
+    await seed_accepted(db, blobs, user_id, 3, genders=["female"] * 3)
+    assert await submitted_class_word(service, db) == "person"
+
+
+async def test_a_class_word_outside_the_list_says_what_to_send(service: BotService, db: Database, blobs: LocalBlobStore) -> None:
+    user_id = await consented(service, db)
+    await seed_accepted(db, blobs, user_id, 3)
+    for word in ("astronaut", "tall woman", "<u1>"):
+        with pytest.raises(UnknownClassWord) as caught:
+            await service.train(ALICE, "lora", class_word=word)
+        assert caught.value.user_message == (
+            f"I can't train you as {word!r}. Choose one of: woman, man, person, e.g. /train lora woman; "
+            "or leave it out and your photos decide."
+        )
+    assert await db.list_jobs(user_id) == []
+
+
 async def test_one_training_at_a_time(service: BotService, db: Database, blobs: LocalBlobStore) -> None:
     user_id = await consented(service, db)
     await seed_accepted(db, blobs, user_id, 3)
@@ -443,7 +503,8 @@ async def test_train_then_draw_with_the_new_model_then_forget_it_all(
     assert drawn.job_ids == [f"draw-{draw_job.id}"]
     request = draw_job.payload["request"]  # type: ignore[index]
     assert (request["adapter_key"], request["prompt"]) == (model.blob_key, "me as an astronaut")
-    assert draw_job.result is not None and draw_job.result["prompt_used"] == "sks person as an astronaut"
+    # The tiny gender model reads the astronaut (Eileen Collins) as a woman, as she is.
+    assert draw_job.result is not None and draw_job.result["prompt_used"] == "sks woman as an astronaut"
     assert await db.count_images_since(user_id, 0) == 2
 
     owner_files = files_under(blobs_dir / owner_for(user_id))
@@ -537,7 +598,7 @@ async def test_forget_erases_that_user_only(
     ids, job_ids = {}, {}
     for user in (ALICE, BOB):
         user_id = await consented(service, db, user)
-        await seed_accepted(db, blobs, user_id, 3)
+        await seed_accepted(db, blobs, user_id, 3, genders=["female"] * 3)
         job = await db.create_job(user_id, "draw", QUEUE_INTERACTIVE, {"request": {}, "meta": {}})
         key = blobs.put(owner_for(user_id), "images", f"image of {user_id}".encode(), ".png")
         await db.add_image(user_id, job.id, key, "me", 1, 0.5)
@@ -558,7 +619,7 @@ async def test_forget_erases_that_user_only(
     assert await jobs.read_progress(job_ids["bob"]) == {"step": "1"}
 
     assert await db.has_consent(bob)
-    assert len(await db.list_photos(bob)) == 3
+    assert [p.apparent_gender for p in await db.list_photos(bob)] == ["female"] * 3  # alice's went with her rows
     assert len(await db.list_models(bob)) == 1
     assert await db.count_images_since(bob, 0) == 1
     assert len(files_under(tmp_path / "blobs" / owner_for(bob))) == 4  # 3 photos; 1 blob named by the image and model rows

@@ -15,7 +15,14 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from engine.api import Refusal
+from engine.api import (
+    CROP_SOURCE_SIDE_KEY,
+    ApparentGender,
+    CheckPhotoResult,
+    Refusal,
+    deserialize_job,
+    serialize_job,
+)
 from engine.errors import EngineError, InvalidFaceRecord, UnreadableImage, WeightsMissing
 from engine.faces import (
     FaceAnalyzer,
@@ -26,7 +33,7 @@ from engine.faces import (
     mean_embedding,
     training_crop,
 )
-from engine.tiny_faces import build_tiny_face_models
+from engine.tiny_faces import DETECTOR_FILE, RECOGNIZER_FILE, build_tiny_face_models
 from tests.support import face_photo
 
 T1_JPG = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
@@ -165,7 +172,8 @@ def test_exif_orientation_is_applied_and_metadata_dropped(analyzer: FaceAnalyzer
     assert np.abs(check.record.bbox - reference.record.bbox).max() < 4
     assert cosine(check.record.embedding, reference.record.embedding) > 0.95
     assert all(np.abs(face.bbox - reference.record.bbox).max() > 20 for face in sideways)
-    assert check.crop.info == {} and len(check.crop.getexif()) == 0
+    # The crop keeps none of the photo's metadata, only its own source side (for SDXL's size conditioning).
+    assert set(check.crop.info) == {CROP_SOURCE_SIDE_KEY} and len(check.crop.getexif()) == 0
 
 
 def test_undecodable_bytes_raise_an_engine_error(analyzer: FaceAnalyzer) -> None:
@@ -272,3 +280,33 @@ def test_the_tiny_presets_accept_mirrored_selfies(tiny_preset_dir: Path) -> None
 
     assert (mirrored.accepted, mirrored.refusal) == (True, None)
     assert mirrored.similarity is not None and mirrored.similarity > 0.99
+
+
+def test_the_check_reports_the_apparent_gender_of_the_accepted_face(analyzer: FaceAnalyzer) -> None:
+    check = analyzer.check(encode(data.astronaut()), references=[])
+
+    assert analyzer.reads_gender
+    assert check.accepted and check.apparent_gender is ApparentGender.FEMALE
+    group = decode_photo(T1_JPG.read_bytes())
+    readings = {analyzer.apparent_gender(group, face) for face in analyzer.detect(group)}
+    assert readings == {ApparentGender.FEMALE, ApparentGender.MALE}
+    refused = analyzer.check(T1_JPG.read_bytes(), references=[])
+    assert not refused.accepted and refused.apparent_gender is None  # only an accepted face is read
+
+
+def test_without_a_gender_model_the_apparent_gender_is_unknown(model_dir: Path, tmp_path: Path) -> None:
+    for name in (DETECTOR_FILE, RECOGNIZER_FILE):  # a folder as antelopev2 was pulled before genderage.onnx
+        (tmp_path / name).write_bytes((model_dir / name).read_bytes())
+    analyzer = FaceAnalyzer(tmp_path, FaceCheckSettings())
+
+    check = analyzer.check(encode(data.astronaut()), references=[])
+
+    assert not analyzer.reads_gender
+    assert check.accepted and check.apparent_gender is None
+
+
+def test_check_results_carry_the_apparent_gender_and_older_ones_still_load() -> None:
+    result = CheckPhotoResult(True, embedding_key="k", crop_key="c", faces_found=1, apparent_gender="female")
+    assert CheckPhotoResult.from_dict(deserialize_job(serialize_job(result.to_dict()))) == result
+    older = {"accepted": True, "embedding_key": "k", "crop_key": "c", "faces_found": 1, "similarity": None}
+    assert CheckPhotoResult.from_dict(deserialize_job(serialize_job(older))).apparent_gender is None
