@@ -178,6 +178,7 @@ def _engine_settings(
         train_text_encoder=_bool(training, "train_text_encoder", False),
         gradient_checkpointing=_bool(training, "gradient_checkpointing", None),
         dreambooth_optimizer=_choice(training, "training", "dreambooth_optimizer", _DREAMBOOTH_OPTIMIZERS),
+        keep_best_by_likeness=_bool(training, "keep_best_by_likeness", False),
     )
 
 
@@ -218,7 +219,8 @@ _BOT_KEYS: dict[str, dict[str, str]] = {
 }
 _ENGINE_ONLY = {
     "queue": {"redis_url", "max_jobs"},
-    "training": {"steps", "random_flip", "train_text_encoder", "gradient_checkpointing", "dreambooth_optimizer"},
+    "training": {"steps", "random_flip", "train_text_encoder", "gradient_checkpointing", "dreambooth_optimizer",
+                 "keep_best_by_likeness"},
 }
 
 

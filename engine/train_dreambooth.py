@@ -42,6 +42,7 @@ from PIL import Image
 
 from engine.checkpoints import Checkpointing, CheckpointStore
 from engine.errors import EngineError
+from engine.likeness import Judge
 from engine.progress import ProgressSink
 from engine.train_lora import (
     InstanceLatents,
@@ -50,6 +51,7 @@ from engine.train_lora import (
     TrainingState,
     _denoising_loss,
     _sample_batch,
+    best_by_likeness,
     encode_crops,
     encode_instance_prompt,
     encode_latents,
@@ -111,6 +113,8 @@ class DreamBoothSettings:
     # SDXL's UNet) or "adafactor" (transformers' Adafactor: factored second moments, no first moment, so
     # its state is a few MB; pure PyTorch, so it runs on every device the engine does). See docs/memory.md.
     optimizer: str = "adamw"
+    likeness_every: int | None = None  # as LoraTrainSettings: judged at every checkpoint by default
+    likeness_steps: int = 20
 
     def check(self) -> None:
         """Raise ``TrainingInputError`` naming the first setting that cannot work."""
@@ -490,13 +494,15 @@ def train_dreambooth(
     on_progress: ProgressSink | None = None,
     *,
     checkpoints: CheckpointStore | None = None,
+    likeness: Judge | None = None,
 ) -> DreamBoothOutcome:
     """Fine-tune the UNet for one user on ``crops`` and return the weights file's bytes.
 
     ``class_images`` come from ``engine.prior.class_images`` (unused when ``prior_loss_weight`` is 0).
     ``pipe`` is the resident pipeline: its modules are only read (copied), under ``lock``. With
     ``checkpoints``, the run resumes from the job's newest checkpoint and saves one every
-    ``settings.checkpoint_every`` steps; the caller clears them once the weights are stored.
+    ``settings.checkpoint_every`` steps; the caller clears them once the weights are stored. With
+    ``likeness`` the weights kept are those whose drawings it scored best (``engine.likeness``).
     """
     settings.check()
     latents = prepare_latents(pipe, lock, crops, class_images, settings)
@@ -507,7 +513,8 @@ def train_dreambooth(
         checkpointing.resume(state, state.modules())
     _log.info("DreamBooth: %d crops, %d steps from step %d", len(crops), settings.steps, state.step)
     # The loop is LoRA's own (train_lora.run_steps): the same stages, with the prior loss in each step.
-    loss = run_steps(state, latents, prompts, noise_scheduler_for(pipe), lock, settings, on_progress, checkpointing)  # type: ignore[arg-type]
+    best = best_by_likeness(pipe, lock, likeness, f"{token} {class_word}", settings)  # type: ignore[arg-type]
+    loss = run_steps(state, latents, prompts, noise_scheduler_for(pipe), lock, settings, on_progress, checkpointing, best)  # type: ignore[arg-type]
     return DreamBoothOutcome(state.modules(), settings.save_dtype or pipe.unet.dtype, loss, state.step)
 
 

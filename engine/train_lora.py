@@ -39,6 +39,7 @@ from PIL import Image
 from engine.api import CROP_SOURCE_SIDE_KEY
 from engine.checkpoints import Checkpointing, CheckpointStore
 from engine.errors import EngineError
+from engine.likeness import BestByLikeness, Judge
 from engine.progress import ProgressClock, ProgressSink
 
 if TYPE_CHECKING:
@@ -91,6 +92,10 @@ class LoraTrainSettings:
     # activations, not the LoRA's optimizer state, are what fills the card.
     gradient_checkpointing: bool = False
     mixed_precision: bool = True  # bf16 autocast on a GPU (float32 LoRA weights); ignored on the CPU
+    # With a likeness judge (engine.likeness): how often to judge (None: at every checkpoint) and the
+    # denoising steps of each judged drawing.
+    likeness_every: int | None = None
+    likeness_steps: int = 20
 
     def check(self) -> None:
         """Raise ``TrainingInputError`` naming the first setting that cannot work."""
@@ -596,6 +601,7 @@ def train_lora(
     class_images: list[Image.Image] | tuple[Image.Image, ...] = (),
     state: TrainingState | None = None,
     checkpoints: CheckpointStore | None = None,
+    likeness: Judge | None = None,
 ) -> LoraTrainOutcome:
     """Train a LoRA for one user on ``crops`` and return its safetensors bytes.
 
@@ -605,6 +611,7 @@ def train_lora(
     ``on_progress`` is called after every step. ``state`` is the resume seam: a restored run continues
     from ``state.step``. With ``checkpoints`` the run saves every ``settings.checkpoint_every`` steps and
     first resumes from the job's newest checkpoint, so a killed job does not start again at step 0.
+    With ``likeness`` the saved weights are those whose drawings it scored best (``engine.likeness``).
     """
     from engine.train_dreambooth import prepare_latents, prepare_prompts
 
@@ -624,7 +631,8 @@ def train_lora(
         "LoRA training: %d crops, %d class images, %d steps from step %d",
         len(crops), len(class_images) if settings.with_prior else 0, settings.steps, state.step,
     )
-    loss = run_steps(state, latents, prompts, scheduler, lock, settings, on_progress, checkpointing)
+    best = best_by_likeness(pipe, lock, likeness, f"{token} {class_word}", settings)
+    loss = run_steps(state, latents, prompts, scheduler, lock, settings, on_progress, checkpointing, best)
     return LoraTrainOutcome(weights=save_lora(state.unet, state.text_encoders), final_loss=loss, steps=state.step)
 
 
@@ -637,13 +645,32 @@ def run_steps(
     settings: LoraTrainSettings,
     on_progress: ProgressSink | None,
     checkpointing: Checkpointing | None = None,
+    best: BestByLikeness | None = None,
 ) -> float:
-    """The training loop, from ``state.step`` to ``settings.steps``; returns the last loss."""
+    """The training loop, from ``state.step`` to ``settings.steps``; returns the last loss.
+
+    With ``best``, the weights it judged best are back in ``state`` when the loop ends.
+    """
     clock = ProgressClock(on_progress, settings.steps, state.step)
     loss = state.losses[-1] if state.losses else float("nan")
     while state.step < settings.steps:
         loss = training_step(state, latents, prompts, scheduler, lock, settings)
         if checkpointing is not None:
             checkpointing.after_step(state, settings.steps, state.modules())
+        if best is not None:
+            best.after_step(state, settings.steps)
         clock.report(state.step, loss)
+    if best is not None:
+        best.restore_best(state)
     return loss
+
+
+def best_by_likeness(
+    pipe: TextToImagePipeline, lock: threading.Lock, judge: Judge | None, subject: str, settings: LoraTrainSettings
+) -> BestByLikeness | None:
+    """The run's ``BestByLikeness`` when it has a judge (LoRA's and DreamBooth's settings both have
+    ``likeness_every``/``likeness_steps``)."""
+    if judge is None:
+        return None
+    every = settings.likeness_every or settings.checkpoint_every
+    return BestByLikeness(pipe, lock, judge, subject, every, settings.resolution, settings.likeness_steps, settings.seed)

@@ -18,6 +18,7 @@ from PIL import Image
 from engine.api import TrainingMethod
 from engine.checkpoints import CheckpointStore
 from engine.errors import EngineError
+from engine.likeness import Judge
 from engine.memory import TrainingShape
 from engine.presets import FAMILY_SDXL, Preset
 from engine.prior import class_images
@@ -61,6 +62,7 @@ class TrainingRun:
     train_text_encoder: bool = False
     gradient_checkpointing: bool | None = None  # None: on for full-size SDXL, off otherwise
     dreambooth_optimizer: str = "adamw"  # or "adafactor" (engine.train_dreambooth.make_optimizer)
+    likeness: Judge | None = None  # keep the best-looking checkpoint (LoRA, DreamBooth): engine.likeness
 
 
 def ti_token_for(owner: str) -> str:
@@ -83,7 +85,7 @@ def train_personal_model(
         lora = train_lora(
             run.pipe, run.lock, crops, token, class_word, lora_settings, on_progress,
             class_images=prior_images_for(run, class_word, lora_settings),
-            checkpoints=run.checkpoints,
+            checkpoints=run.checkpoints, likeness=run.likeness,
         )
         return TrainedModel(_bytes_writer(lora.weights), token, lora.steps, lora.final_loss)
     if method == TrainingMethod.TEXTUAL_INVERSION:
@@ -98,7 +100,7 @@ def train_personal_model(
         priors = prior_images_for(run, class_word, settings)
         booth = train_dreambooth(
             run.pipe, run.lock, crops, token, class_word, priors, settings, on_progress,
-            checkpoints=run.checkpoints,
+            checkpoints=run.checkpoints, likeness=run.likeness,
         )
         return TrainedModel(booth.write, token, booth.steps, booth.final_loss)
     raise UnknownTrainingMethod(f"unknown training method {method!r}; use lora, ti or dreambooth")
@@ -162,7 +164,8 @@ def lora_settings_for(run: TrainingRun) -> LoraTrainSettings:
         gradient_checkpointing=_checkpointing(run),
     )
     if preset.is_tiny:  # two quickly drawn class images: the prior loss runs, tests stay fast
-        return replace(settings, num_class_images=2, class_image_steps=preset.inference_steps)
+        return replace(settings, num_class_images=2, class_image_steps=preset.inference_steps,
+                       likeness_steps=preset.inference_steps)
     return settings
 
 
@@ -187,6 +190,7 @@ def dreambooth_settings_for(run: TrainingRun) -> DreamBoothSettings:
             learning_rate=1e-4,  # random tiny weights: a visible change within a few steps
             num_class_images=2,
             class_image_steps=preset.inference_steps,
+            likeness_steps=preset.inference_steps,
             resolution=preset.resolution,
             seed=run.seed,
             gradient_checkpointing=bool(run.gradient_checkpointing),

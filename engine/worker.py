@@ -71,6 +71,7 @@ from engine.render import (
 )
 from engine.settings import EngineSettings
 from engine.train_lora import TrainingInputError
+from engine.likeness import judge_by_faces
 from engine.memory import GIB, MemoryPlan, NotEnoughGpuMemory, TrainingShape, check_fits, plan_training
 from engine.training import TrainingRun, UnknownTrainingMethod, memory_shape, train_personal_model
 from storage.blobs import LocalBlobStore
@@ -343,6 +344,7 @@ def do_train(app: WorkerContext, request: TrainRequest) -> TrainResult:
         train_text_encoder=app.settings.train_text_encoder,
         gradient_checkpointing=app.settings.gradient_checkpointing,
         dreambooth_optimizer=app.settings.dreambooth_optimizer,
+        likeness=judge_by_faces(app.faces, crops) if app.settings.keep_best_by_likeness else None,
     )
 
     check_memory(app, run, request.method)

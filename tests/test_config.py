@@ -28,9 +28,12 @@ def test_the_shipped_config_toml_loads_with_its_documented_defaults() -> None:
 
 def test_training_switches_reach_the_engine_settings(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
-    path.write_text("[training]\nrandom_flip = true\ntrain_text_encoder = true\ngradient_checkpointing = false\n")
+    path.write_text("[training]\nrandom_flip = true\ntrain_text_encoder = true\ngradient_checkpointing = false\n"
+                    "keep_best_by_likeness = true\n")
     engine = load_config(path, env={}).engine
     assert engine.random_flip and engine.train_text_encoder and engine.gradient_checkpointing is False
+    assert engine.keep_best_by_likeness
+    assert not load_config(ROOT / "config.toml", env={}).engine.keep_best_by_likeness  # opt-in
 
 
 def test_precision_memory_and_optimizer_settings_reach_the_engine(tmp_path: Path) -> None:
