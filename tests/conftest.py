@@ -16,6 +16,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HOME"] = str(_SANDBOX / "hf")
 os.environ["XDG_CACHE_HOME"] = str(_SANDBOX / "cache")
 os.environ["INSIGHTFACE_HOME"] = str(_SANDBOX / "insightface")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one CPU thread per test worker (and its subprocesses): no oversubscription
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
