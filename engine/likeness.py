@@ -21,7 +21,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -75,14 +75,14 @@ class BestByLikeness:
 
     def draw(self, state: TrainingState) -> list[Image.Image]:
         """``LIKENESS_PROMPTS`` drawn with the run's own (training) modules, one seeded image each."""
-        view = copy.copy(self.pipe)  # a shallow view: the run's UNet and encoders, the resident rest
+        view: Any = copy.copy(self.pipe)  # a shallow view: the run's UNet and encoders, the resident rest
         for name, module in state.modules().items():
             view.__dict__[name] = module  # bypass DiffusionPipeline.__setattr__: the resident config stays
         from engine.train_dreambooth import training_autocast
 
         images = []
         # Autocast on a GPU: DreamBooth's copy is float32 beside the resident float16 parts.
-        with self.lock, torch.no_grad(), training_autocast(state.unet, True):
+        with self.lock, torch.no_grad(), training_autocast(state.unet, True):  # type: ignore[arg-type]
             for i, prompt in enumerate(LIKENESS_PROMPTS):
                 generator = torch.Generator("cpu").manual_seed(self.seed + i)
                 out = view(prompt=prompt.format(subject=self.subject), num_inference_steps=self.steps,

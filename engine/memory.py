@@ -173,9 +173,9 @@ def unet_saved_bytes(unet: torch.nn.Module, resolution: int, batch: int, checkpo
     """Measure what a training forward of ``unet``'s architecture keeps, on the meta device."""
     from diffusers import UNet2DConditionModel
 
-    config = dict(unet.config)
+    config: Any = dict(getattr(unet, "config"))  # diffusers' FrozenDict
     with torch.device("meta"):
-        model = UNet2DConditionModel.from_config(config)
+        model: Any = UNet2DConditionModel.from_config(config)  # type: ignore[no-untyped-call]
     torch.nn.Module.to(model, torch.bfloat16)  # not diffusers' own .to, which warns about fp32 modules
     model.requires_grad_(True).train()
     params = {id(p) for p in model.parameters()}
@@ -231,7 +231,7 @@ def _unpack(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _unet_inputs(model: torch.nn.Module, resolution: int, batch: int) -> dict[str, Any]:
-    config = model.config  # type: ignore[attr-defined]
+    config: Any = getattr(model, "config")
     side = resolution // 8  # the VAE's downsampling
     meta = functools.partial(torch.empty, device="meta", dtype=torch.bfloat16)
     inputs: dict[str, Any] = {
@@ -276,10 +276,11 @@ def _flash_like_attention() -> Iterator[None]:
         if query.device.type != "meta" or attn_mask is not None or is_causal or kwargs:
             return _PLAIN_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                **kwargs)
-        return _FlashAttention.apply(query, key, value)  # type: ignore[no-any-return]
+        out: torch.Tensor = _FlashAttention.apply(query, key, value)  # type: ignore[no-untyped-call]
+        return out
 
     with _PATCH_LOCK:
-        torch.nn.functional.scaled_dot_product_attention = attention
+        torch.nn.functional.scaled_dot_product_attention = attention  # type: ignore[assignment]
         try:
             yield
         finally:

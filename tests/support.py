@@ -86,3 +86,10 @@ def noise_crops(n: int = 3, seed: int = 0, size: int = 64) -> list[Image.Image]:
     """``n`` seeded random RGB squares: training inputs for the tiny models, whose losses are noise."""
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def png(image: Image.Image) -> bytes:
+    """``image`` as PNG bytes (what the worker stores for crops and drawings)."""
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
-from PIL import Image
 
 from engine.api import ErrorCode, TrainingMethod, TrainRequest
 from engine.memory import (
@@ -27,7 +25,7 @@ from engine.memory import (
 )
 from engine.settings import EngineSettings
 from engine.worker import WorkerContext, _run_job, do_train
-from tests.support import noise_crops
+from tests.support import noise_crops, png
 
 pytestmark = pytest.mark.slow
 
@@ -110,12 +108,6 @@ def test_a_plan_that_does_not_fit_names_the_settings_to_change(sdxl: StableDiffu
 
 
 # --- the worker refuses before any work -------------------------------------------------------------
-
-
-def png(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")

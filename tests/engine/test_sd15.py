@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from engine.settings import EngineSettings
 from engine.tiny import COMPLETE_MARKER, build_tiny_sd15_preset
 from engine.train_lora import LoraTrainOutcome, LoraTrainSettings, train_lora
 from engine.worker import WorkerContext, _run_job, do_draw, do_preview, do_train
-from tests.support import noise_crops
+from tests.support import noise_crops, png
 
 pytestmark = pytest.mark.slow
 
@@ -46,12 +45,6 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[str]:
     assert before.keys() == after.keys()
     return [name for name in before if not torch.equal(before[name], after[name])]
-
-
-def png(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")
