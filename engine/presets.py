@@ -15,7 +15,7 @@ Layout of a preset's folder (``models_dir/<name>/``)::
     identitynet/            SDXL family: ControlNetModel folder (config.json + weights)
     ip-adapter.bin          SDXL family: InstantID's adapter checkpoint
     sd15/                   SD1.5 family: a StableDiffusionPipeline folder (model_index.json, unet/, ...)
-    antelopev2/             both: scrfd_10g_bnkps.onnx, glintr100.onnx
+    antelopev2/             both: scrfd_10g_bnkps.onnx, glintr100.onnx (required), genderage.onnx (optional: the class word)
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Layout of a built ``tiny`` preset (SDXL)::
     ├── sdxl/               StableDiffusionXLPipeline.save_pretrained
     ├── identitynet/        ControlNetModel.save_pretrained (InstantID's IdentityNet)
     ├── ip-adapter.bin      InstantID's adapter: image_proj.* (Resampler), ip_adapter.* (to_k/v_ip)
-    ├── antelopev2/         scrfd_10g_bnkps.onnx + glintr100.onnx (engine.tiny_faces)
+    ├── antelopev2/         scrfd_10g_bnkps.onnx + glintr100.onnx + genderage.onnx (engine.tiny_faces)
     └── .complete           written last
 
 Layout of a built ``tiny-sd15`` preset (no InstantID: it exists for SDXL only)::
