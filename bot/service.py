@@ -58,7 +58,7 @@ from bot.errors import (
 )
 from bot.jobs import JobClient, JobRequest, ProgressFields
 from bot.settings import AUTO_CLASS_WORD, CLASS_WORD_CHOICES, BotSettings
-from bot.uploads import RefusedUpload, inspect_upload
+from bot.uploads import RefusedUpload, accept_upload
 from engine.api import (
     ASPECT_RATIOS,
     ApparentGender,
@@ -240,17 +240,18 @@ class BotService:
         on_progress: ProgressCallback | None,
     ) -> str:
         """Boundary checks, then store and send one photo to the worker; returns its reply line."""
-        checked = await asyncio.to_thread(inspect_upload, upload.data, self.settings)
-        if isinstance(checked, RefusedUpload):
-            _log.info("upload refused at the boundary: %s (%s)", checked.refusal, checked.detail)
-            return texts.photo_refused(label, texts.refusal(checked.refusal, self.settings))
+        accepted = await asyncio.to_thread(accept_upload, upload.data, self.settings)
+        if isinstance(accepted, RefusedUpload):
+            _log.info("upload refused at the boundary: %s (%s)", accepted.refusal, accepted.detail)
+            return texts.photo_refused(label, texts.refusal(accepted.refusal, self.settings))
+        checked, data = accepted  # data: without EXIF, GPS or anything appended, whatever the platform
         kept = await self._kept_photos(account.id)
         if any(photo.sha256 == checked.sha256 for photo in kept):
             return texts.photo_refused(label, texts.refusal(Refusal.DUPLICATE, self.settings))
         if len(kept) >= self.settings.max_photos:
             return texts.photo_over_limit(label, self.settings.max_photos)
         owner = owner_for(account.id)
-        key = await asyncio.to_thread(self._blobs.put, owner, "photos", upload.data, checked.suffix)
+        key = await asyncio.to_thread(self._blobs.put, owner, "photos", data, checked.suffix)
         photo = await self._db.add_photo(account.id, key, checked.sha256)
         references = [p.embedding_key for p in kept if p.status == "accepted" and p.embedding_key]
         job = await self._create_job(

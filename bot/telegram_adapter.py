@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from PIL import Image, ImageOps
 from telegram import (
     Bot,
     BotCommand,
@@ -74,7 +73,6 @@ from bot.errors import BotError
 from bot.options import parse_options, parse_train_words
 from bot.service import BotService, ProgressCallback, Reply, Upload, UserRef
 from bot.settings import BotSettings
-from bot.uploads import RefusedUpload, inspect_upload
 from bot.telegram_http import AiohttpRequest
 from engine.api import Refusal
 
@@ -795,11 +793,7 @@ class TelegramAdapter:
         except TelegramError as exc:
             _log.warning("could not fetch a file from Telegram: %s", exc)
             return _Skip(_SkipReason.NOT_FETCHED)
-        try:
-            return await asyncio.to_thread(strip_metadata, data, self._service.settings)
-        except (OSError, ValueError, SyntaxError) as exc:
-            _log.warning("could not remove the metadata of an upload: %s", exc)
-            return _Skip(_SkipReason.UNREADABLE)
+        return data  # the service strips its metadata at the one upload boundary (bot.uploads)
 
     # --- errors, access, resuming ---------------------------------------------------------------
 
@@ -1134,7 +1128,6 @@ class _SkipReason(enum.Enum):
     TOO_BIG_FOR_TELEGRAM = "too_big_for_telegram"
     TOO_LARGE = "too_large"
     NOT_FETCHED = "not_fetched"
-    UNREADABLE = "unreadable"
 
 
 @dataclass(frozen=True)
@@ -1149,8 +1142,6 @@ class _Skip:
             return texts.TELEGRAM_FILE_TOO_BIG.format(label=label, limit_mb=self.limit // (1024 * 1024))
         if self.reason is _SkipReason.TOO_LARGE:
             return texts.photo_refused(label, texts.refusal(Refusal.FILE_TOO_LARGE, settings))
-        if self.reason is _SkipReason.UNREADABLE:
-            return texts.photo_refused(label, texts.refusal(Refusal.NOT_AN_IMAGE, settings))
         return texts.TELEGRAM_DOWNLOAD_FAILED.format(label=label)
 
 
@@ -1279,117 +1270,6 @@ class _Tasks:
             self._running -= running
 
 
-# --- metadata ------------------------------------------------------------------------------------------
-
-
-def strip_metadata(data: bytes, settings: BotSettings) -> bytes:
-    """The upload without EXIF (GPS included), XMP, IPTC or comments; pixels kept.
-
-    JPEGs lose their metadata segments without being re-encoded (full quality), unless their EXIF
-    orientation says to turn them, which is applied first. PNG and WebP are re-encoded (PNG
-    losslessly). Colour profiles are kept. A file the boundary checks refuse is returned as it
-    is: the service refuses it with the reason, and stores nothing of it.
-    """
-    checked = inspect_upload(data, settings)
-    if isinstance(checked, RefusedUpload):
-        return data
-    if checked.format == "JPEG" and _orientation(data) == 1:
-        stripped = _strip_jpeg(data)
-        if stripped is not None:
-            return stripped
-    return _reencode(data, checked.format)
-
-
-def _orientation(data: bytes) -> int:
-    with Image.open(io.BytesIO(data)) as image:
-        value = image.getexif().get(0x0112, 1)
-    return value if isinstance(value, int) else 1
-
-
-def _reencode(data: bytes, image_format: str) -> bytes:
-    with Image.open(io.BytesIO(data)) as image:
-        icc = image.info.get("icc_profile")
-        upright = ImageOps.exif_transpose(image)
-    upright.info.clear()  # Pillow would carry comments and XMP over from info
-    options: dict[str, Any] = {"icc_profile": icc} if icc else {}
-    if image_format in ("JPEG", "WEBP"):
-        options["quality"] = 95
-    out = io.BytesIO()
-    upright.save(out, format=image_format, **options)
-    return out.getvalue()
-
-
-def _strip_jpeg(data: bytes) -> bytes | None:
-    """Copy a JPEG's segments but metadata; None when its structure is not what we expect.
-
-    Kept: JFIF (APP0), ICC profiles (APP2), Adobe colour info (APP14) and every non-APP segment.
-    Dropped: EXIF/XMP (APP1), other APPn, comments, and anything after the end of the first
-    image (multi-picture files carry further EXIF there).
-    """
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    out = bytearray(b"\xff\xd8")
-    i, end = 2, len(data)
-    while i < end:
-        if data[i] != 0xFF:
-            return None
-        while i < end and data[i] == 0xFF:  # fill bytes
-            i += 1
-        if i >= end:
-            return None
-        marker = data[i]
-        i += 1
-        if marker == 0xD9:
-            out += b"\xff\xd9"
-            return bytes(out)
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
-            out += bytes((0xFF, marker))
-            continue
-        if i + 2 > end:
-            return None
-        length = int.from_bytes(data[i : i + 2], "big")
-        if length < 2 or i + length > end:
-            return None
-        segment = data[i : i + length]
-        i += length
-        if _keep_segment(marker, segment[2:]):
-            out += bytes((0xFF, marker)) + segment
-        if marker == 0xDA:  # entropy-coded data up to the next real marker
-            scan_end = _scan_end(data, i)
-            if scan_end is None:
-                return None
-            out += data[i:scan_end]
-            i = scan_end
-    return None
-
-
-def _scan_end(data: bytes, start: int) -> int | None:
-    i = start
-    while True:
-        i = data.find(b"\xff", i)
-        if i < 0 or i + 1 >= len(data):
-            return None
-        following = data[i + 1]
-        if following == 0x00 or 0xD0 <= following <= 0xD7:  # stuffed byte or restart marker
-            i += 2
-            continue
-        return i
-
-
-def _keep_segment(marker: int, body: bytes) -> bool:
-    if marker == 0xFE:  # comment
-        return False
-    if 0xE0 <= marker <= 0xEF:
-        if marker == 0xE0:
-            return body.startswith((b"JFIF\x00", b"JFXX\x00"))
-        if marker == 0xE2:
-            return body.startswith(b"ICC_PROFILE\x00")
-        if marker == 0xEE:
-            return body.startswith(b"Adobe")
-        return False
-    return True
-
-
 # --- logs ------------------------------------------------------------------------------------------------
 
 
@@ -1443,5 +1323,4 @@ __all__ = [
     "TelegramSettings",
     "TelegramStartError",
     "serve_telegram",
-    "strip_metadata",
 ]

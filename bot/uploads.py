@@ -1,4 +1,5 @@
-"""Boundary checks on uploaded image bytes, before anything is stored or sent to a worker.
+"""The upload boundary of every platform: checks on uploaded image bytes, then their metadata removed,
+before anything is stored or sent to a worker (``accept_upload``).
 
 Order matters: byte size first, then the header (format and pixel count) without decoding, and only
 then a full decode, so a decompression bomb or a huge file is refused without being unpacked.
@@ -7,11 +8,13 @@ Truncated files are refused: Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` must s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 from dataclasses import dataclass
+from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bot.settings import BotSettings
 from engine.api import Refusal
@@ -91,3 +94,124 @@ def _decode_fully(data: bytes) -> RefusedUpload | None:
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         return RefusedUpload(Refusal.TRUNCATED, f"{type(exc).__name__}: {exc}")
     return None
+
+
+# --- metadata ------------------------------------------------------------------------------------------
+
+
+def accept_upload(data: bytes, settings: BotSettings) -> tuple[CheckedImage, bytes] | RefusedUpload:
+    """``inspect_upload``, then the bytes to store: ``strip_metadata``'s, with the checked image's
+    hash taken of them (what duplicates are found by)."""
+    checked = inspect_upload(data, settings)
+    if isinstance(checked, RefusedUpload):
+        return checked
+    try:
+        clean = strip_metadata(data, checked.format)
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # it decoded, but not a second time
+        return RefusedUpload(Refusal.TRUNCATED, f"metadata not removable: {type(exc).__name__}: {exc}")
+    return dataclasses.replace(checked, sha256=hashlib.sha256(clean).hexdigest()), clean
+
+
+def strip_metadata(data: bytes, image_format: str) -> bytes:
+    """An inspected upload of ``image_format`` without EXIF (GPS included), XMP, IPTC, comments or
+    anything appended after the image; pixels kept.
+
+    JPEGs lose their metadata segments without being re-encoded (full quality), unless their EXIF
+    orientation says to turn them, which is applied first. PNG and WebP are re-encoded (PNG
+    losslessly). Colour profiles are kept.
+    """
+    if image_format == "JPEG" and _orientation(data) == 1:
+        stripped = _strip_jpeg(data)
+        if stripped is not None:
+            return stripped
+    return _reencode(data, image_format)
+
+
+def _orientation(data: bytes) -> int:
+    with Image.open(io.BytesIO(data)) as image:
+        value = image.getexif().get(0x0112, 1)
+    return value if isinstance(value, int) else 1
+
+
+def _reencode(data: bytes, image_format: str) -> bytes:
+    with Image.open(io.BytesIO(data)) as image:
+        icc = image.info.get("icc_profile")
+        upright = ImageOps.exif_transpose(image)
+    upright.info.clear()  # Pillow would carry comments and XMP over from info
+    options: dict[str, Any] = {"icc_profile": icc} if icc else {}
+    if image_format in ("JPEG", "WEBP"):
+        options["quality"] = 95
+    out = io.BytesIO()
+    upright.save(out, format=image_format, **options)
+    return out.getvalue()
+
+
+def _strip_jpeg(data: bytes) -> bytes | None:
+    """Copy a JPEG's segments but metadata; None when its structure is not what we expect.
+
+    Kept: JFIF (APP0), ICC profiles (APP2), Adobe colour info (APP14) and every non-APP segment.
+    Dropped: EXIF/XMP (APP1), other APPn, comments, and anything after the end of the first
+    image (multi-picture files carry further EXIF there).
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    out = bytearray(b"\xff\xd8")
+    i, end = 2, len(data)
+    while i < end:
+        if data[i] != 0xFF:
+            return None
+        while i < end and data[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= end:
+            return None
+        marker = data[i]
+        i += 1
+        if marker == 0xD9:
+            out += b"\xff\xd9"
+            return bytes(out)
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            out += bytes((0xFF, marker))
+            continue
+        if i + 2 > end:
+            return None
+        length = int.from_bytes(data[i : i + 2], "big")
+        if length < 2 or i + length > end:
+            return None
+        segment = data[i : i + length]
+        i += length
+        if _keep_segment(marker, segment[2:]):
+            out += bytes((0xFF, marker)) + segment
+        if marker == 0xDA:  # entropy-coded data up to the next real marker
+            scan_end = _scan_end(data, i)
+            if scan_end is None:
+                return None
+            out += data[i:scan_end]
+            i = scan_end
+    return None
+
+
+def _scan_end(data: bytes, start: int) -> int | None:
+    i = start
+    while True:
+        i = data.find(b"\xff", i)
+        if i < 0 or i + 1 >= len(data):
+            return None
+        following = data[i + 1]
+        if following == 0x00 or 0xD0 <= following <= 0xD7:  # stuffed byte or restart marker
+            i += 2
+            continue
+        return i
+
+
+def _keep_segment(marker: int, body: bytes) -> bool:
+    if marker == 0xFE:  # comment
+        return False
+    if 0xE0 <= marker <= 0xEF:
+        if marker == 0xE0:
+            return body.startswith((b"JFIF\x00", b"JFXX\x00"))
+        if marker == 0xE2:
+            return body.startswith(b"ICC_PROFILE\x00")
+        if marker == 0xEE:
+            return body.startswith(b"Adobe")
+        return False
+    return True

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import ExifTags, Image, ImageEnhance, ImageOps
 
 
 @asynccontextmanager
@@ -93,3 +93,26 @@ def png(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
+
+
+def gps_jpeg(variant: int) -> bytes:
+    """A face photo as a JPEG carrying a camera make and GPS coordinates in its EXIF."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make] = "PhoneCo"
+    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    gps[ExifTags.GPS.GPSLatitudeRef] = "N"
+    gps[ExifTags.GPS.GPSLatitude] = (52.0, 31.0, 12.0)
+    gps[ExifTags.GPS.GPSLongitudeRef] = "E"
+    gps[ExifTags.GPS.GPSLongitude] = (13.0, 24.0, 36.0)
+    out = io.BytesIO()
+    with Image.open(io.BytesIO(face_photo(variant))) as image:
+        image.save(out, format="JPEG", quality=92, exif=exif)
+    data = out.getvalue()
+    with Image.open(io.BytesIO(data)) as check:
+        assert check.getexif().get_ifd(ExifTags.IFD.GPSInfo)  # the test photo really has GPS
+    return data
+
+
+def pixels(data: bytes) -> bytes:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB").tobytes()

@@ -39,7 +39,7 @@ from bot.settings import BotSettings
 from engine.api import QUEUE_INTERACTIVE, QUEUE_TRAINING, progress_key
 from storage.blobs import LocalBlobStore, owner_for
 from storage.db import Database
-from tests.support import face_photo, faceless_photo, group_photo, running_worker
+from tests.support import face_photo, faceless_photo, gps_jpeg, group_photo, pixels, running_worker
 
 ALICE = UserRef("console", "alice")
 BOB = UserRef("console", "bob")
@@ -235,6 +235,22 @@ async def test_uploads_refused_at_the_boundary_leave_no_trace(
     assert await db.list_jobs(user_id) == []
     assert files_under(tmp_path / "blobs") == []
     assert await jobs.redis.zcard(QUEUE_INTERACTIVE) == 0
+
+
+async def test_photos_of_every_platform_are_stored_without_exif_gps_or_appended_data(
+    service: BotService, blobs_dir: Path, valkey_url: str, tiny_preset_dir: Path
+) -> None:
+    tainted = gps_jpeg(0) + b"PK\x03\x04secret-notes.txt"
+    async with running_worker(valkey_url, blobs_dir, tiny_preset_dir.parent):
+        for user in (UserRef("console", "carol"), UserRef("discord", "1234"), UserRef("telegram", "99")):
+            await service.agree(user)
+            reply = await service.add_photos(user, [Upload("me.jpg", tainted)])
+            assert "accepted" in reply.text
+    stored = [path.read_bytes() for path in sorted(blobs_dir.glob("*/photos/*"))]
+    assert len(stored) == 3
+    for data in stored:
+        assert b"Exif" not in data and b"secret-notes" not in data and b"PK\x03\x04" not in data
+        assert pixels(data) == pixels(tainted)
 
 
 async def test_an_exact_duplicate_is_refused_without_a_job(

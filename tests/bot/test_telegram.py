@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from PIL import ExifTags, Image, PngImagePlugin
+from PIL import Image
 from telegram import Bot
 
 from bot import texts
@@ -28,12 +28,11 @@ from bot.telegram_adapter import (
     TelegramSettings,
     _Channel,
     serve_telegram,
-    strip_metadata,
 )
 from storage.blobs import LocalBlobStore, owner_for
 from storage.db import Database
 from tests.bot.fake_telegram import TOKEN, FakeTelegram, FakeUser
-from tests.support import face_photo, faceless_photo, running_worker
+from tests.support import face_photo, faceless_photo, gps_jpeg, pixels, running_worker
 
 GROUP = -100500
 
@@ -124,29 +123,6 @@ async def listening(http: aiohttp.ClientSession, url: str) -> None:
         except aiohttp.ClientConnectorError:
             await asyncio.sleep(0.05)
     raise AssertionError(f"nothing listens on {url}")
-
-
-def gps_jpeg(variant: int) -> bytes:
-    """A face photo as a JPEG carrying a camera make and GPS coordinates in its EXIF."""
-    exif = Image.Exif()
-    exif[ExifTags.Base.Make] = "PhoneCo"
-    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
-    gps[ExifTags.GPS.GPSLatitudeRef] = "N"
-    gps[ExifTags.GPS.GPSLatitude] = (52.0, 31.0, 12.0)
-    gps[ExifTags.GPS.GPSLongitudeRef] = "E"
-    gps[ExifTags.GPS.GPSLongitude] = (13.0, 24.0, 36.0)
-    out = io.BytesIO()
-    with Image.open(io.BytesIO(face_photo(variant))) as image:
-        image.save(out, format="JPEG", quality=92, exif=exif)
-    data = out.getvalue()
-    with Image.open(io.BytesIO(data)) as check:
-        assert check.getexif().get_ifd(ExifTags.IFD.GPSInfo)  # the test photo really has GPS
-    return data
-
-
-def pixels(data: bytes) -> bytes:
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB").tobytes()
 
 
 # --- the journey -----------------------------------------------------------------------------------
@@ -522,35 +498,3 @@ def test_settings_refuse_what_cannot_work() -> None:
     own_server = TelegramSettings(base_url="http://h/bot", base_file_url="http://h/file/bot")
     assert own_server.download_limit is None
     assert "token" not in {f for f in TelegramSettings.__dataclass_fields__}
-
-
-def test_metadata_is_stripped_from_every_format() -> None:
-    settings = BotSettings()
-    jpeg = gps_jpeg(0)
-    clean = strip_metadata(jpeg, settings)
-    assert b"Exif" not in clean and pixels(clean) == pixels(jpeg)
-
-    # An EXIF orientation is applied before the EXIF goes.
-    exif = Image.Exif()
-    exif[ExifTags.Base.Orientation] = 6  # turn 90 degrees clockwise to view
-    exif[ExifTags.Base.Make] = "PhoneCo"
-    out = io.BytesIO()
-    with Image.open(io.BytesIO(face_photo(1))) as image:
-        cropped = image.crop((0, 0, 400, 300))
-        cropped.save(out, format="JPEG", exif=exif)
-    upright = strip_metadata(out.getvalue(), settings)
-    with Image.open(io.BytesIO(upright)) as image:
-        assert image.size == (300, 400) and not image.getexif()
-
-    exif = Image.Exif()
-    exif[ExifTags.Base.Make] = "PhoneCo"
-    info = PngImagePlugin.PngInfo()
-    info.add_text("Location", "52.5200 N, 13.4050 E")
-    out = io.BytesIO()
-    with Image.open(io.BytesIO(face_photo(2))) as image:
-        image.save(out, format="PNG", pnginfo=info, exif=exif)
-    png = strip_metadata(out.getvalue(), settings)
-    assert b"Location" not in png and b"eXIf" not in png and b"PhoneCo" not in png
-    assert pixels(png) == pixels(out.getvalue())
-
-    assert strip_metadata(b"not an image", settings) == b"not an image"  # refused later, unchanged

@@ -10,12 +10,13 @@ import time
 import zlib
 
 import pytest
-from PIL import Image, ImageFile
+from PIL import ExifTags, Image, ImageFile, PngImagePlugin
 
 from bot import texts
 from bot.settings import BotSettings
-from bot.uploads import CheckedImage, RefusedUpload, inspect_upload
+from bot.uploads import CheckedImage, RefusedUpload, accept_upload, inspect_upload, strip_metadata
 from engine.api import ErrorCode, Refusal
+from tests.support import face_photo, gps_jpeg, pixels
 
 SETTINGS = BotSettings()
 
@@ -124,3 +125,47 @@ def test_every_refusal_and_error_code_has_a_sentence_saying_what_to_do() -> None
         sentence = texts.job_failed("drawing", error)
         # What to do next: try again, send something, or a command to use instead.
         assert any(hint in sentence.lower() for hint in ("try again", "send", " /")), (error, sentence)
+
+
+# --- metadata ---------------------------------------------------------------------------------------
+
+
+def test_metadata_is_stripped_from_every_format() -> None:
+    jpeg = gps_jpeg(0)
+    clean = strip_metadata(jpeg, "JPEG")
+    assert b"Exif" not in clean and pixels(clean) == pixels(jpeg)
+
+    # An EXIF orientation is applied before the EXIF goes.
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # turn 90 degrees clockwise to view
+    exif[ExifTags.Base.Make] = "PhoneCo"
+    out = io.BytesIO()
+    with Image.open(io.BytesIO(face_photo(1))) as image:
+        cropped = image.crop((0, 0, 400, 300))
+        cropped.save(out, format="JPEG", exif=exif)
+    upright = strip_metadata(out.getvalue(), "JPEG")
+    with Image.open(io.BytesIO(upright)) as image:
+        assert image.size == (300, 400) and not image.getexif()
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make] = "PhoneCo"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Location", "52.5200 N, 13.4050 E")
+    out = io.BytesIO()
+    with Image.open(io.BytesIO(face_photo(2))) as image:
+        image.save(out, format="PNG", pnginfo=info, exif=exif)
+    png = strip_metadata(out.getvalue(), "PNG")
+    assert b"Location" not in png and b"eXIf" not in png and b"PhoneCo" not in png
+    assert pixels(png) == pixels(out.getvalue())
+
+
+
+def test_accepting_an_upload_strips_it_and_hashes_what_is_kept() -> None:
+    tainted = gps_jpeg(0) + b"PK\x03\x04appended.zip"  # a ZIP appended after the JPEG's end
+    accepted = accept_upload(tainted, SETTINGS)
+    assert not isinstance(accepted, RefusedUpload)
+    checked, data = accepted
+    assert b"Exif" not in data and b"PK\x03\x04" not in data and pixels(data) == pixels(tainted)
+    assert checked.sha256 == hashlib.sha256(data).hexdigest()
+    refused = accept_upload(b"not an image", SETTINGS)
+    assert isinstance(refused, RefusedUpload) and refused.refusal is Refusal.NOT_AN_IMAGE
