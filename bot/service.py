@@ -156,6 +156,7 @@ class BotService:
         self._clock = clock
         self._in_flight: set[int] = set()  # database job ids this process is waiting on
         self._user_locks: dict[int, asyncio.Lock] = {}
+        self._quota_locks: dict[int, asyncio.Lock] = {}  # a user's quota check and job creation, as one
 
     # --- consent and help ---------------------------------------------------------------------
 
@@ -334,7 +335,6 @@ class BotService:
         account = await self._consented(user)
         embeddings = await self._enrolled_embeddings(account.id)
         count = self.settings.preview_num_images
-        await self._check_rate(account.id, count)
         fields: dict[str, Any] = {
             "owner": owner_for(account.id),
             "embedding_keys": embeddings,
@@ -345,7 +345,7 @@ class BotService:
             "class_word": await self._class_word(account.id),
             **shape,
         }
-        job = await self._create_job(account, JobName.PREVIEW, fields, {"prompt": text})
+        job = await self._create_image_job(account, JobName.PREVIEW, fields, {"prompt": text})
         return await self._finish_images(job, on_progress)
 
     async def draw(
@@ -440,7 +440,6 @@ class BotService:
         else:
             embeddings = [p.embedding_key for p in await self._accepted(account.id) if p.embedding_key]
         count = self.settings.draw_num_images
-        await self._check_rate(account.id, count)
         fields: dict[str, Any] = {
             "owner": owner_for(account.id),
             "prompt": text,
@@ -459,7 +458,7 @@ class BotService:
                 "class_word": model.class_word,
             }
             meta |= {"model_id": model.id, "model_version": model.version, "method": model.method}
-        job = await self._create_job(account, JobName.DRAW, fields, meta)
+        job = await self._create_image_job(account, JobName.DRAW, fields, meta)
         return await self._finish_images(job, on_progress)
 
     async def _finish_images(self, job: Job, on_progress: ProgressCallback | None) -> Reply:
@@ -520,14 +519,27 @@ class BotService:
         """The style presets /preview and /draw accept."""
         return Reply(texts.styles_list([(s.name, s.title) for s in STYLES.values()]))
 
+    async def _create_image_job(
+        self, account: User, name: JobName, fields: dict[str, Any], meta: dict[str, Any]
+    ) -> Job:
+        """Check the hourly image quota and create the job as one step for the user: the job's
+        ``num_images`` are reserved (``count_reserved_images``) before the next request is checked,
+        so draws sent at once cannot all pass on an empty count."""
+        async with self._quota_locks.setdefault(account.id, asyncio.Lock()):
+            await self._check_rate(account.id, int(fields["num_images"]))
+            return await self._create_job(account, name, fields, meta)
+
     async def _check_rate(self, user_id: int, wanted: int) -> None:
-        """Allow at most draws_per_hour images in any rolling hour; say how long to wait."""
+        """Allow at most draws_per_hour images in any rolling hour, counting those that queued and
+        running previews and draws will make; say how long to wait."""
         limit = self.settings.draws_per_hour
         now = self._clock()
-        used = await self._db.count_images_since(user_id, now - _HOUR_S)
-        if used + wanted <= limit:
+        made = await self._db.count_images_since(user_id, now - _HOUR_S)
+        reserved = await self._db.count_reserved_images(user_id, now - _HOUR_S, _IMAGE_JOBS)
+        if made + reserved + wanted <= limit:
             return
-        raise RateLimited(limit, await self._seconds_until_room(user_id, now, limit - wanted))
+        # Reserved images are about to be made: they hold their place for the hour to come.
+        raise RateLimited(limit, await self._seconds_until_room(user_id, now, limit - wanted - reserved))
 
     async def _seconds_until_room(self, user_id: int, now: float, allowed: int) -> float:
         """The least wait after which at most `allowed` images remain in the last hour.
@@ -861,6 +873,9 @@ class BotService:
         """Serialises a user's enrolment and training starts (limits are checked, then written)."""
         return self._user_locks.setdefault(user_id, asyncio.Lock())
 
+
+_IMAGE_JOBS = (str(JobName.PREVIEW), str(JobName.DRAW))
+"""The job kinds that make images, and so count against draws_per_hour."""
 
 _CLASS_WORDS = {ApparentGender.FEMALE: "woman", ApparentGender.MALE: "man"}
 

@@ -592,6 +592,20 @@ class Database:
         )
         return int(_present(row)[0])
 
+    async def count_reserved_images(self, user_id: int, since: float, kinds: Sequence[str]) -> int:
+        """Images that the user's unfinished jobs of ``kinds`` (created at or after ``since``) will
+        make: their payloads' ``request.num_images``. Quotas count them with the images already made,
+        so that requests sent at once cannot all pass the check before any image exists."""
+        if not kinds:
+            return 0
+        marks = ", ".join("?" for _ in kinds)
+        row = await self._read_one(
+            "SELECT COALESCE(SUM(COALESCE(json_extract(payload, '$.request.num_images'), 1)), 0) FROM jobs"
+            f" WHERE user_id = ? AND created_at >= ? AND state IN ('queued', 'running') AND kind IN ({marks})",
+            (user_id, since, *kinds),
+        )
+        return int(_present(row)[0])
+
     # -- inbox: platform events received, not yet handled ---------------------------------------
 
     async def put_inbound(self, platform: str, event_key: str, payload: dict[str, Any]) -> None:

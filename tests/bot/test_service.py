@@ -591,6 +591,24 @@ async def test_drawing_is_rate_limited_per_rolling_hour(
     assert len(await db.list_jobs(user_id)) == 0
 
 
+async def test_draws_sent_at_once_cannot_pass_the_hourly_limit_together(
+    db: Database, blobs: LocalBlobStore, jobs: JobClient, clock: FakeClock, blobs_dir: Path, valkey_url: str,
+    tiny_preset_dir: Path,
+) -> None:
+    settings = BotSettings(draws_per_hour=4, draw_num_images=2, interactive_timeout_s=60)
+    service = BotService(db, blobs, jobs, settings, preset_name="tiny", clock=clock)
+    async with running_worker(valkey_url, blobs_dir, tiny_preset_dir.parent):
+        await consented(service, db)
+        await enrol(service)
+        outcomes = await asyncio.gather(*(service.draw(ALICE, f"me, take {n}") for n in range(6)),
+                                        return_exceptions=True)
+    drawn = [o for o in outcomes if isinstance(o, Reply)]
+    limited = [o for o in outcomes if isinstance(o, RateLimited)]
+    assert len(drawn) == 2 and len(limited) == 4  # 4 images an hour, 2 a draw: the other four wait
+    assert sum(len(reply.images) for reply in drawn) == 4
+    assert all(o.retry_after_s > 3000 for o in limited)  # the reserved images hold their place
+
+
 # --- status and forget --------------------------------------------------------------------------------
 
 

@@ -327,6 +327,25 @@ async def test_photos_from_before_the_apparent_gender_read_as_unknown(db_path: P
 # -- jobs -------------------------------------------------------------------------------------
 
 
+async def test_unfinished_image_jobs_reserve_their_images(db: Database, clock: FakeClock) -> None:
+    user = await db.get_or_create_user("console", "alice")
+    other = await db.get_or_create_user("console", "bob")
+    old = await db.create_job(user.id, "draw", "interactive", {"request": {"num_images": 8}})
+    clock.now += 100
+    queued = await db.create_job(user.id, "draw", "interactive", {"request": {"num_images": 2}})
+    running = await db.create_job(user.id, "preview", "interactive", {"request": {"num_images": 3}})
+    await db.update_job(running.id, state="running")
+    done = await db.create_job(user.id, "draw", "interactive", {"request": {"num_images": 5}})
+    await db.update_job(done.id, state="done")
+    await db.create_job(user.id, "train", "training", {"request": {}})  # makes no images
+    await db.create_job(other.id, "draw", "interactive", {"request": {"num_images": 7}})
+    kinds = ("preview", "draw")
+    assert await db.count_reserved_images(user.id, clock.now - 10, kinds) == 2 + 3
+    assert await db.count_reserved_images(user.id, old.created_at, kinds) == 8 + 2 + 3
+    assert await db.count_reserved_images(user.id, 0, ()) == 0
+    assert queued.state == "queued"
+
+
 async def test_job_lifecycle(db: Database, clock: FakeClock) -> None:
     user = await db.get_or_create_user("console", "alice")
     job = await db.create_job(user.id, "train", "training", {"method": "lora", "steps": 4})
