@@ -359,10 +359,17 @@ def do_train(app: WorkerContext, request: TrainRequest) -> TrainResult:
             eta_s=f"{progress.eta_s:.0f}",
         )
 
-    model = train_personal_model(
-        run, request.method, crops, request.token, request.class_word, on_progress, request.owner
-    )
-    adapter_key = app.blobs.put_written(request.owner, "models", ".safetensors", model.write)
+    try:
+        model = train_personal_model(
+            run, request.method, crops, request.token, request.class_word, on_progress, request.owner
+        )
+        adapter_key = app.blobs.put_written(request.owner, "models", ".safetensors", model.write)
+    except Exception:
+        # A failure comes back as a result, which arq never runs again, and a new /train is a new job:
+        # nothing will resume from these (a DreamBooth checkpoint is tens of GB). A killed worker
+        # raises nothing here, and its checkpoints stay for the retry.
+        checkpoints.clear()
+        raise
     checkpoints.clear()
     return TrainResult(
         adapter_key=adapter_key,

@@ -136,3 +136,45 @@ async def test_the_same_job_id_runs_once_and_a_second_run_writes_the_same_blobs(
         assert second["embedding_key"] == first["embedding_key"]
         assert second["crop_key"] == first["crop_key"]
         assert sorted(p for p in blobs.root.rglob("*") if p.is_file()) == files_before
+
+
+def test_a_training_that_fails_leaves_no_checkpoint_behind(
+    tmp_path: Path, tiny_preset_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import threading
+    from dataclasses import replace
+
+    from engine.checkpoints import CheckpointStore
+    from engine.settings import EngineSettings
+    from engine.train_lora import train_lora
+    from engine.training import TrainingRun, lora_settings_for
+    from engine.worker import WorkerContext, do_train
+    from storage.errors import StorageError
+    from tests.support import noise_crops, png
+
+    settings = EngineSettings(preset="tiny", models_dir=tiny_preset_dir.parent, blobs_dir=tmp_path / "blobs",
+                              redis_url="redis://unused", device="cpu")
+    app = WorkerContext.load(settings)
+    crops = noise_crops(2)
+    keys = [app.blobs.put(OWNER, "crops", png(crop), ".png") for crop in crops]
+    # An earlier attempt of the job, killed after its checkpoint at step 1 (what a worker crash leaves).
+    store = CheckpointStore(app.blobs, OWNER, "train-9")
+    run = TrainingRun(app.base.text2img, threading.Lock(), app.preset, store, tmp_path / "classes", seed=0)
+
+    def killed(progress: object) -> None:
+        raise KeyboardInterrupt("worker killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(app.base.text2img, app.base.gpu_lock, crops, "sks", "person",
+                   replace(lora_settings_for(run), checkpoint_every=1, prior_loss_weight=0.0), killed,
+                   checkpoints=store)
+    assert store.load_latest() is not None
+    (app.blobs.root / OWNER / "models").write_bytes(b"")  # a file where the models folder goes: storing fails
+    caplog.set_level(logging.INFO, logger="engine.checkpoints")
+    request = TrainRequest("train-9", OWNER, "lora", keys, token="sks", class_word="person")
+    with pytest.raises(StorageError):
+        do_train(app, request)  # resumes, trains, and cannot store the model
+    assert any("resuming from step 1" in r.getMessage() for r in caplog.records)
+    assert store.load_latest() is None
+    assert list((app.blobs.root / OWNER / "checkpoints").iterdir()) == []
