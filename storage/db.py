@@ -642,7 +642,16 @@ class Database:
             # Children first, although SET NULL references would cope with any order.
             for table in ("images", "models", "jobs", "photos", "consents"):
                 await conn.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
+        # secure_delete (every connection) zeroed the freed space; the WAL still holds the pages as
+        # they were before the delete until a checkpoint copies the new ones back and empties it.
+        await self.checkpoint_wal()
         _log.info("erased all data of user %d", user_id)
+
+    async def checkpoint_wal(self) -> None:
+        """Copy the WAL into the database file and truncate it (what erasure needs to be complete)."""
+        row = await self._write_one("PRAGMA wal_checkpoint(TRUNCATE)", ())  # autocommit: never mid-transaction
+        if row is not None and int(row[0]) != 0:  # busy: a reader holds an old snapshot
+            _log.warning("the WAL checkpoint after an erasure was blocked; it completes on the next one")
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -745,6 +754,8 @@ async def _configure_connection(connection: aiosqlite.Connection) -> None:
     connection.row_factory = aiosqlite.Row
     await connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     await connection.execute("PRAGMA foreign_keys = ON")
+    # Deleted rows are overwritten with zeros, not left in free pages: /forget must leave no trace.
+    await connection.execute("PRAGMA secure_delete = ON")
     # Per connection, like the two above. NORMAL is durable across application crashes in WAL
     # mode and much faster than FULL (no fsync per commit).
     await connection.execute("PRAGMA synchronous = NORMAL")

@@ -518,6 +518,39 @@ async def test_erase_user_removes_everything_of_that_user_only(
     assert model.version == 1
 
 
+async def test_an_erased_users_prompts_and_keys_are_in_no_byte_of_the_database_files(
+    db: Database, db_path: Path
+) -> None:
+    alice = await db.get_or_create_user("console", "alice")
+    bob = await db.get_or_create_user("console", "bob")
+    secret, key = "me as a lighthouse keeper in Tromsø", "u1/photos/" + "ab" * 32 + ".jpg"
+    job = await db.create_job(alice.id, "draw", "interactive", {"request": {"prompt": secret}})
+    await db.add_image(alice.id, job.id, key, secret, 7, 0.5)
+    await db.add_photo(alice.id, key, "cd" * 32)
+    await db.add_image(bob.id, None, "u2/images/x.png", "bob's own prompt", 1, None)
+
+    await db.erase_user(alice.id)
+
+    files = [p for p in db_path.parent.iterdir() if p.name.startswith(db_path.name)]  # .sqlite3, -wal, -shm
+    for needle in (secret.encode(), key.encode(), b"cd" * 32):
+        assert [p.name for p in files if needle in p.read_bytes()] == []
+    assert any(b"bob's own prompt" in p.read_bytes() for p in files)  # the scan can see what is there
+
+
+async def test_every_connection_overwrites_deleted_rows(tmp_path: Path) -> None:
+    # Many SQLite builds (Debian's among them) default to secure_delete on, others (python.org's) to
+    # off: the database must not depend on which one it runs on.
+    import aiosqlite
+
+    from storage.db import _configure_connection
+
+    async with aiosqlite.connect(tmp_path / "x.sqlite3") as connection:
+        await connection.execute("PRAGMA secure_delete = OFF")
+        await _configure_connection(connection)
+        async with connection.execute("PRAGMA secure_delete") as cursor:
+            assert tuple(await cursor.fetchone() or ()) == (1,)
+
+
 async def test_job_ids_are_never_reused_after_an_erase(tmp_path: Path) -> None:
     # Queue job ids are derived from row ids: a reused id would be answered with an old result.
     async with Database.open(tmp_path / "db.sqlite3") as db:
