@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shlex
 import shutil
 from collections.abc import Awaitable, Callable
@@ -206,10 +207,30 @@ class ConsoleAdapter:
         return await self._service.status(self._user)
 
     async def _forget(self, _: str) -> Reply:
-        return await self._service.forget(self._user)
+        """Erase the user, and the images this console wrote for them (this session's and earlier
+        ones', by their names) from the output folder: a copy outside the data folder is a trace too."""
+        reply = await self._service.forget(self._user)
+        removed = await asyncio.to_thread(_delete_written_images, self._out_dir)
+        self.written_images.clear()
+        if removed:
+            reply.text += "\n" + texts.CONSOLE_FORGOTTEN_FILES.format(count=removed, folder=self._out_dir)
+        return reply
 
     async def _help(self, _: str) -> Reply:
         return await self._service.help()
+
+
+_WRITTEN_IMAGE = re.compile(r"[a-z]+-\d+(?:-\d+)?\.(?:png|jpg|webp)")  # what _print_reply names them
+
+
+def _delete_written_images(out_dir: Path) -> int:
+    """Delete the images the console wrote into ``out_dir``; returns how many."""
+    if not out_dir.is_dir():
+        return 0
+    written = [p for p in out_dir.iterdir() if p.is_file() and _WRITTEN_IMAGE.fullmatch(p.name)]
+    for path in written:
+        path.unlink(missing_ok=True)
+    return len(written)
 
 
 def _copy(source: Path, target: Path) -> None:

@@ -121,3 +121,8 @@ async def test_images_are_written_with_readable_names(
     assert console.job_ids == [*(f"check_photo-{n}" for n in (1, 2, 3)), "preview-4", "draw-5", "preview-6"]
     assert f"saved {out_dir / 'draw-1-2.png'}" in out
     assert texts.TINY_NOTE in out
+
+    (out_dir / "my notes.txt").write_text("not ours")  # the user's own file in the folder stays
+    _, out, _ = await run_script(service, "/forget\n", out_dir)
+    assert texts.CONSOLE_FORGOTTEN_FILES.format(count=4, folder=out_dir) in out
+    assert [p.name for p in out_dir.iterdir()] == ["my notes.txt"]
