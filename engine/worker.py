@@ -14,6 +14,7 @@ at-least-once); each writes content-addressed blobs only, so a second run is har
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import logging
 import math
@@ -479,7 +480,8 @@ async def _run_job(
     app: WorkerContext = ctx["app"]
     try:
         request = request_type.from_dict(payload)
-    except (TypeError, ValueError) as e:
+        _check_owned(request)
+    except (TypeError, ValueError, InvalidRequest) as e:
         return _failure(ErrorCode.INVALID_REQUEST, str(e))
     started = time.perf_counter()
     try:
@@ -501,6 +503,19 @@ async def _run_job(
     _log.info("job %s done in %.2f s", request.job_id, time.perf_counter() - started)
     out: dict[str, Any] = result.to_dict()
     return out
+
+
+def _check_owned(request: CheckPhotoRequest | PreviewRequest | TrainRequest | DrawRequest) -> None:
+    """Refuse a request naming a blob of another owner: whoever can put a job on the queue must not
+    be able to draw one user's face into another's folder. Blob keys start with their owner."""
+    prefix = f"{request.owner}/"
+    for field_ in dataclasses.fields(request):
+        name, value = field_.name, getattr(request, field_.name)
+        if not (name.endswith(("_key", "_keys")) or name == "variation_of") or value is None:
+            continue
+        for key in value if isinstance(value, list) else [value]:
+            if not isinstance(key, str) or not key.startswith(prefix) or "/../" in f"/{key}/":
+                raise InvalidRequest(f"{name} names a blob that is not the job owner's")
 
 
 def _failure(code: ErrorCode, detail: str) -> dict[str, Any]:

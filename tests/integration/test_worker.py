@@ -108,6 +108,17 @@ async def test_refusals_and_failures_come_back_as_results_not_exceptions(
         failed = parse_result(await jobs.wait(missing.job_id, timeout=60), CheckPhotoResult)
         assert isinstance(failed, JobFailure) and failed.code == ErrorCode.MISSING_BLOB
 
+        # A job put on the queue by hand, drawing another user's face into this owner's folder:
+        stolen = PreviewRequest("preview-7", "u2", [f"{OWNER}/faces/{'1' * 64}.json"], "me")
+        await jobs.submit(JobName.PREVIEW, stolen, stolen.job_id)
+        refused_owner = parse_result(await jobs.wait(stolen.job_id, timeout=60), ImagesResult)
+        assert isinstance(refused_owner, JobFailure) and refused_owner.code == ErrorCode.INVALID_REQUEST
+        assert "not the job owner's" in refused_owner.detail and not (blobs.root / "u2").exists()
+        escape = CheckPhotoRequest("check_photo-8", OWNER, f"{OWNER}/../u2/photos/x.jpg")
+        await jobs.submit(JobName.CHECK_PHOTO, escape, escape.job_id)
+        escaped = parse_result(await jobs.wait(escape.job_id, timeout=60), CheckPhotoResult)
+        assert isinstance(escaped, JobFailure) and escaped.code == ErrorCode.INVALID_REQUEST
+
         bad = TrainRequest("train-1", OWNER, "dreambooth", [], token="sks", class_word="person")
         await jobs.submit(JobName.TRAIN, bad, bad.job_id)
         unsupported = parse_result(await jobs.wait(bad.job_id, timeout=60), TrainResult)
