@@ -341,11 +341,21 @@ def decode_photo(image_bytes: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(image_bytes)) as opened:
             upright = ImageOps.exif_transpose(opened)
-            return np.array(upright.convert("RGB"), dtype=np.uint8)
+            return _rgb8(upright)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise UnreadableImage(
             f"The photo could not be decoded ({error}). Send it again as a JPEG or PNG file."
         ) from error
+
+
+def _rgb8(image: Image.Image) -> np.ndarray:
+    """An RGB uint8 array of ``image``. 16-bit greyscale (PNG's "I;16", or "I") is scaled down to
+    8 bits: Pillow's own conversion clips every value above 255, which turns a face white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        wide = np.asarray(image, dtype=np.int64)
+        grey = np.clip((wide + 128) // 257, 0, 255).astype(np.uint8)  # 0..65535 → 0..255, rounded
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
 def face_sharpness(image_rgb: np.ndarray, bbox: np.ndarray) -> float:

@@ -310,3 +310,14 @@ def test_check_results_carry_the_apparent_gender_and_older_ones_still_load() -> 
     assert CheckPhotoResult.from_dict(deserialize_job(serialize_job(result.to_dict()))) == result
     older = {"accepted": True, "embedding_key": "k", "crop_key": "c", "faces_found": 1, "similarity": None}
     assert CheckPhotoResult.from_dict(deserialize_job(serialize_job(older))).apparent_gender is None
+
+
+def test_a_16_bit_greyscale_png_decodes_as_its_8_bit_twin(analyzer: FaceAnalyzer) -> None:
+    grey = Image.open(io.BytesIO(face_photo(0))).convert("L")
+    deep = Image.fromarray(np.asarray(grey).astype(np.uint16) * 257)  # the same picture in 16 bits
+    assert deep.mode == "I;16"
+    eight, sixteen = io.BytesIO(), io.BytesIO()
+    grey.save(eight, format="PNG")
+    deep.save(sixteen, format="PNG")
+    assert np.array_equal(decode_photo(sixteen.getvalue()), decode_photo(eight.getvalue()))
+    assert analyzer.check(sixteen.getvalue(), []).faces_found == analyzer.check(eight.getvalue(), []).faces_found
