@@ -85,7 +85,9 @@ def user_ref(user: discord.abc.User) -> UserRef:
 
 class ImageButton(
     discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
-    template=r"ab:(?P<action>reroll|more|delete):(?P<image_id>[0-9]+):(?P<owner_id>[0-9]+)",
+    # At most 18 digits: every id fits SQLite's signed 64 bits (Discord's snowflakes are 17-19 digits,
+    # below 2**63; a forged, longer number matches nothing and the press does nothing).
+    template=r"ab:(?P<action>reroll|more|delete):(?P<image_id>[0-9]{1,18}):(?P<owner_id>[0-9]{1,19})",
 ):
     """Reroll, More like this or Delete under a generated image; only its requester may press it."""
 
@@ -120,7 +122,7 @@ class ImageButton(
 
 class AgreeButton(
     discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
-    template=r"ab:agree:(?P<owner_id>[0-9]+)",
+    template=r"ab:agree:(?P<owner_id>[0-9]{1,19})",
 ):
     """The consent button under /start: records the consent of the user who ran /start."""
 

@@ -1067,6 +1067,9 @@ class _Access(enum.Enum):
 # --- buttons -------------------------------------------------------------------------------------------
 
 
+_MAX_ID = 2**63  # ids are signed 64-bit integers: a larger number in forged button data is no id
+
+
 @dataclass(frozen=True)
 class _Button:
     """Callback data: ``ab1:<action>:<requester's Telegram id>:<image id>`` (at most 64 bytes).
@@ -1093,9 +1096,12 @@ class _Button:
         if len(parts) != 4 or parts[0] != _CALLBACK_VERSION or parts[1] not in _ACTIONS:
             return None
         try:
-            return cls(parts[1], int(parts[2]), int(parts[3]))
+            user_id, image_id = int(parts[2]), int(parts[3])
         except ValueError:
             return None
+        if not (0 <= user_id < _MAX_ID and 0 <= image_id < _MAX_ID):  # SQLite's and Telegram's 64 bits
+            return None
+        return cls(parts[1], user_id, image_id)
 
 
 # --- uploads -------------------------------------------------------------------------------------------

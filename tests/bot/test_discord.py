@@ -587,3 +587,11 @@ def test_guild_ids_must_be_server_ids() -> None:
     with pytest.raises(ValueError, match="guild_ids"):
         DiscordSettings(guild_ids=(0,))
     assert DiscordSettings().guild_ids == ()
+
+
+def test_a_forged_button_id_beyond_64_bits_matches_no_button() -> None:
+    from bot.discord_adapter import ImageButton
+
+    template = ImageButton.__discord_ui_compiled_template__
+    assert template.fullmatch("ab:delete:12:123456789012345678")  # a real image id and snowflake
+    assert template.fullmatch("ab:delete:" + "9" * 30 + ":1") is None  # would overflow SQLite's integer

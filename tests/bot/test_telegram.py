@@ -334,7 +334,8 @@ async def test_a_button_pressed_by_another_user_does_nothing(
             tg.press(eve, image, button(image, label))
         # Forged: Eve's own id with Ann's image id. The service refuses it too.
         tg.press(eve, image, f"ab1:d:{eve.id}:{image_id}")
-        await tg.wait_for(lambda: len(tg.calls_of("answerCallbackQuery")) == 4)
+        tg.press(eve, image, f"ab1:d:{eve.id}:{2**70}")  # no id at all: out of SQLite's range
+        await tg.wait_for(lambda: len(tg.calls_of("answerCallbackQuery")) == 5)
         await tg.wait_text(eve.id, texts.NOT_YOUR_IMAGE)
         await asyncio.sleep(0.3)
 
@@ -344,6 +345,7 @@ async def test_a_button_pressed_by_another_user_does_nothing(
     ]
     alerts = [c.params.get("text") for c in tg.calls_of("answerCallbackQuery")]
     assert alerts[:3] == [texts.NOT_YOUR_IMAGE] * 3
+    assert texts.TELEGRAM_UNKNOWN_BUTTON in alerts[3:]
     assert image["message_id"] not in tg.deleted
     assert (await service.image_file(ann_ref, image_id)).exists()
     assert await db.count_images_since(await user_id(db, ann), 0) == 1
