@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from bot import texts
+from storage.errors import StorageError
 from bot.errors import BotError
 from bot.options import parse_options, parse_train_words
 from bot.service import BotService, Reply, Upload, UserRef
@@ -103,6 +104,10 @@ class ConsoleAdapter:
             reply = await pending
         except BotError as exc:
             self._write(exc.user_message)
+            return
+        except StorageError as exc:  # the data folder failed (disk full, read-only): say so, keep going
+            _log.warning("a console command failed on storage: %s", type(exc).__name__)
+            self._write(texts.CONSOLE_STORAGE_FAILED.format(reason=exc))
             return
         if reply is not None:
             await self._print_reply(command.lstrip("/"), reply)

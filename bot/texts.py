@@ -367,6 +367,10 @@ FORGOTTEN = (
     "Done: I erased your photos, face embeddings, models, images and job records "
     "({blobs} files). Send /start to begin again."
 )
+CONSOLE_STORAGE_FAILED = (
+    "I could not read or write the data folder: {reason}. Check its free space and permissions, "
+    "then send the command again."
+)
 CONSOLE_FORGOTTEN_FILES = "I also deleted the {count} images I had saved in {folder}."
 FORGOTTEN_NOTHING = "There was nothing stored about you. Send /start to begin."
 ERASED_MEANWHILE = "You used /forget while this was running, so its result was discarded."

@@ -126,3 +126,18 @@ async def test_images_are_written_with_readable_names(
     _, out, _ = await run_script(service, "/forget\n", out_dir)
     assert texts.CONSOLE_FORGOTTEN_FILES.format(count=4, folder=out_dir) in out
     assert [p.name for p in out_dir.iterdir()] == ["my notes.txt"]
+
+
+async def test_a_storage_failure_is_said_and_the_console_goes_on(
+    tmp_path: Path, valkey_url: str, db: Database
+) -> None:
+    blobs_root = tmp_path / "blobs"
+    blobs_root.write_bytes(b"")  # a file where the blob folder goes: every write fails
+    photo = tmp_path / "me.jpg"
+    photo.write_bytes(face_photo(0))
+    async with await JobClient.connect(valkey_url, poll_delay=0.02) as jobs:
+        service = make_service(db, LocalBlobStore(blobs_root), jobs, FakeClock())
+        code, out, _ = await run_script(service, f"/agree\n/photo {photo}\n/help\n", tmp_path / "out")
+    assert code == 0
+    assert "I could not read or write the data folder" in out and "then send the command again" in out
+    assert out.rstrip().endswith(texts.HELP.rstrip())  # the next command still ran
