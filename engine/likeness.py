@@ -3,7 +3,7 @@
 The loss says how well the model denoises the crops, not whether its drawings are the user: a run can
 overfit (every drawing a copy of one selfie) or stop short. EasyPhoto judges its LoRA by the face
 similarity of a few renders at each checkpoint and keeps the best; ``BestByLikeness`` does the same for
-LoRA and DreamBooth. Every ``every`` steps (and at the last step) it draws ``LIKENESS_PROMPTS`` with the
+LoRA, DreamBooth and Textual Inversion. Every ``every`` steps (and at the last step) it draws ``LIKENESS_PROMPTS`` with the
 weights being trained, has a ``Judge`` score them (the worker's: ArcFace cosine of each drawn face to the
 mean of the user's own crops), and keeps a copy of the trainable weights when the score is the best so
 far. At the end the best weights go back into the model before it is saved.
@@ -58,6 +58,10 @@ class BestByLikeness:
     resolution: int
     steps: int  # denoising steps per drawing
     seed: int = 0
+    # How to draw with, and what to keep of, a run's state: by default the UNet and encoders of
+    # ``state.modules()`` and their trainable parameters (LoRA, DreamBooth); TI passes its own.
+    view_for: Callable[[Any], Any] | None = None
+    weights_of: Callable[[Any], Mapping[str, torch.nn.Parameter]] | None = None
     best_score: float | None = None
     best_step: int | None = None
     scores: dict[int, float | None] = field(default_factory=dict)  # step → score, for logs and tests
@@ -71,24 +75,25 @@ class BestByLikeness:
         self.scores[state.step] = score
         if score is not None and (self.best_score is None or score > self.best_score):
             self.best_score, self.best_step = score, state.step
-            self._best = {name: p.detach().clone() for name, p in _trainable(state).items()}
+            self._best = {name: p.detach().clone() for name, p in self._weights(state).items()}
 
     def draw(self, state: TrainingState) -> list[Image.Image]:
         """``LIKENESS_PROMPTS`` drawn with the run's own (training) modules, one seeded image each."""
-        view: Any = copy.copy(self.pipe)  # a shallow view: the run's UNet and encoders, the resident rest
-        for name, module in state.modules().items():
-            view.__dict__[name] = module  # bypass DiffusionPipeline.__setattr__: the resident config stays
         from engine.train_dreambooth import training_autocast
 
+        view = self.view_for(state) if self.view_for is not None else _module_view(self.pipe, state)
         images = []
         # Autocast on a GPU: DreamBooth's copy is float32 beside the resident float16 parts.
-        with self.lock, torch.no_grad(), training_autocast(state.unet, True):  # type: ignore[arg-type]
+        with self.lock, torch.no_grad(), training_autocast(view.unet, True):
             for i, prompt in enumerate(LIKENESS_PROMPTS):
                 generator = torch.Generator("cpu").manual_seed(self.seed + i)
                 out = view(prompt=prompt.format(subject=self.subject), num_inference_steps=self.steps,
                            width=self.resolution, height=self.resolution, generator=generator)
                 images.extend(out.images)
         return images
+
+    def _weights(self, state: Any) -> Mapping[str, torch.nn.Parameter]:
+        return self.weights_of(state) if self.weights_of is not None else _trainable(state)
 
     def restore_best(self, state: TrainingState) -> int:
         """Put the best weights back into ``state``'s modules; returns the step they are from."""
@@ -97,10 +102,17 @@ class BestByLikeness:
             return state.step
         if self.best_step != state.step:
             with torch.no_grad():
-                for name, param in _trainable(state).items():
+                for name, param in self._weights(state).items():
                     param.copy_(self._best[name])
         _log.info("likeness: keeping step %d of %d (score %.3f)", self.best_step, state.step, self.best_score)
         return self.best_step
+
+
+def _module_view(pipe: TextToImagePipeline, state: TrainingState) -> Any:
+    view: Any = copy.copy(pipe)  # a shallow view: the run's UNet and encoders, the resident rest
+    for name, module in state.modules().items():
+        view.__dict__[name] = module  # bypass DiffusionPipeline.__setattr__: the resident config stays
+    return view
 
 
 def judge_by_faces(faces: FaceAnalyzer, references: list[Image.Image]) -> Judge:

@@ -29,5 +29,5 @@ class EngineSettings:
     random_flip: bool = False  # mirrored crops as augmentation; off: they erase facial asymmetries
     train_text_encoder: bool = False  # LoRA/DreamBooth also train the text encoders (EasyPhoto does)
     gradient_checkpointing: bool | None = None  # None: on for full-size SDXL training, off otherwise
-    keep_best_by_likeness: bool = False  # LoRA/DreamBooth keep the checkpoint whose drawings look most like the user
+    keep_best_by_likeness: bool = False  # training keeps the checkpoint whose drawings look most like the user
     dreambooth_optimizer: str = "adamw"  # or "adafactor": factored second moments, no first (engine.train_dreambooth)

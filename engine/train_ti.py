@@ -34,6 +34,7 @@ from PIL import Image
 
 from engine.checkpoints import Checkpointing, CheckpointStore
 from engine.errors import EngineError
+from engine.likeness import BestByLikeness, Judge
 from engine.progress import ProgressClock, ProgressSink
 from engine.train_lora import (
     InstanceLatents,
@@ -95,6 +96,8 @@ class TiTrainSettings:
     init_word: str | None = None  # None: the class word; the TI paper starts from a coarse descriptor
     weight_decay: float = 1e-2  # diffusers' TI examples' adam_weight_decay
     checkpoint_every: int = 250  # a TI checkpoint is a few KB; resume loses at most 250 cheap steps
+    likeness_every: int | None = None  # with a likeness judge: as LoraTrainSettings
+    likeness_steps: int = 20
 
     def check(self) -> None:
         """Raise ``TrainingInputError`` naming the first setting that cannot work."""
@@ -376,12 +379,14 @@ def train_textual_inversion(
     *,
     state: TiTrainingState | None = None,
     checkpoints: CheckpointStore | None = None,
+    likeness: Judge | None = None,
 ) -> TiTrainOutcome:
     """Learn the word ``token`` for one user from ``crops``; return the embedding file's bytes.
 
     ``pipe`` is the resident SD1.5 or SDXL pipeline: its modules are only read, under ``lock``. ``token``
     must be new to its tokenizers (e.g. ``"<u42>"``). ``on_progress`` is called after every step.
-    ``state`` is the resume seam: a restored run continues from ``state.step``.
+    ``state`` is the resume seam: a restored run continues from ``state.step``. With ``likeness`` the
+    word kept is the one whose drawings it scored best (``engine.likeness``).
     """
     settings.check()
     resolution = settings.resolution or native_resolution(pipe)
@@ -395,13 +400,23 @@ def train_textual_inversion(
         state = checkpointing.resume(state, modules)  # type: ignore[arg-type]  # duck-typed state
     scheduler = noise_scheduler_for(pipe)
     _log.info("TI training: %d crops, %d steps from step %d", len(crops), settings.steps, state.step)
+    best = None if likeness is None else BestByLikeness(
+        pipe, lock, likeness, f"{token} {class_word}", settings.likeness_every or settings.checkpoint_every,
+        resolution, settings.likeness_steps, settings.seed,
+        view_for=lambda run: run.trainable.view,
+        weights_of=lambda run: {f"vectors{i}": p for i, p in enumerate(run.trainable.parameters())},
+    )
     clock = ProgressClock(on_progress, settings.steps, state.step)
     loss = state.losses[-1] if state.losses else float("nan")
     while state.step < settings.steps:
         loss = training_step(state, latents, class_word, scheduler, lock, settings, resolution)
         if checkpointing is not None:
             checkpointing.after_step(state, settings.steps, modules)  # type: ignore[arg-type]
+        if best is not None:
+            best.after_step(state, settings.steps)  # type: ignore[arg-type]  # duck-typed state
         clock.report(state.step, loss)
+    if best is not None:
+        best.restore_best(state)  # type: ignore[arg-type]
     return TiTrainOutcome(weights=save_ti(state.trainable), final_loss=loss, steps=state.step)
 
 

@@ -62,7 +62,7 @@ class TrainingRun:
     train_text_encoder: bool = False
     gradient_checkpointing: bool | None = None  # None: on for full-size SDXL, off otherwise
     dreambooth_optimizer: str = "adamw"  # or "adafactor" (engine.train_dreambooth.make_optimizer)
-    likeness: Judge | None = None  # keep the best-looking checkpoint (LoRA, DreamBooth): engine.likeness
+    likeness: Judge | None = None  # keep the best-looking checkpoint (every method): engine.likeness
 
 
 def ti_token_for(owner: str) -> str:
@@ -92,7 +92,7 @@ def train_personal_model(
         word = ti_token_for(owner)
         ti = train_textual_inversion(
             run.pipe, run.lock, crops, word, class_word, ti_settings_for(run), on_progress,
-            checkpoints=run.checkpoints,
+            checkpoints=run.checkpoints, likeness=run.likeness,
         )
         return TrainedModel(_bytes_writer(ti.weights), word, ti.steps, ti.final_loss)
     if method == TrainingMethod.DREAMBOOTH:
@@ -173,8 +173,9 @@ def ti_settings_for(run: TrainingRun) -> TiTrainSettings:
     """TI's own defaults (engine.train_ti cites them); the tiny presets train as few steps as LoRA."""
     defaults = TiTrainSettings()
     steps = run.steps or (run.preset.train_steps if run.preset.is_tiny else defaults.steps)
-    return TiTrainSettings(steps=steps, resolution=run.preset.resolution, seed=run.seed,
-                           random_flip=run.random_flip)
+    settings = TiTrainSettings(steps=steps, resolution=run.preset.resolution, seed=run.seed,
+                               random_flip=run.random_flip)
+    return replace(settings, likeness_steps=run.preset.inference_steps) if run.preset.is_tiny else settings
 
 
 def dreambooth_settings_for(run: TrainingRun) -> DreamBoothSettings:

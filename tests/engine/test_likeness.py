@@ -124,3 +124,18 @@ def test_the_worker_judges_with_the_users_crops_when_switched_on(
     caplog.set_level(logging.INFO, logger="engine.likeness")
     do_train(app, TrainRequest("t1", "u1", TrainingMethod.LORA, crops, "sks", "person", steps=2))
     assert any(r.getMessage().startswith("likeness: ") for r in caplog.records)
+
+
+def test_textual_inversion_keeps_its_best_word_too(pipe: StableDiffusionXLPipeline) -> None:
+    from engine.train_ti import TiTrainSettings, train_textual_inversion
+
+    settings = TiTrainSettings(steps=4, resolution=SIZE, checkpoint_every=2, likeness_steps=1)
+
+    def word(settings: TiTrainSettings, judge: ScriptedJudge | None = None) -> dict[str, torch.Tensor]:
+        outcome = train_textual_inversion(pipe, threading.Lock(), noise_crops(), "<u9>", "person", settings,
+                                          likeness=judge)
+        return load(outcome.weights)
+
+    judge = ScriptedJudge([0.8, 0.1])
+    assert same(word(settings, judge), word(replace(settings, steps=2)))
+    assert not same(word(settings), word(replace(settings, steps=2)))
