@@ -92,6 +92,9 @@ async def run_demo(config: AppConfig, *, out_dir: Path | None, as_json: bool) ->
             stdin=io.StringIO(demo_script(photos)),
             stdout=sys.stdout,
             echo=True,
+            # The demo's selfies are a public test photo (scikit-image's astronaut) and its images are
+            # what it is run for: its /forget erases the data folder's records, not this output.
+            forget_saved_images=False,
         )
         code = await console.run()
     images = [str(p) for p in console.written_images]

@@ -42,6 +42,7 @@ class ConsoleAdapter:
         stdin: TextIO,
         stdout: TextIO,
         echo: bool = False,
+        forget_saved_images: bool = True,
     ) -> None:
         self._service = service
         self._user = user
@@ -49,6 +50,8 @@ class ConsoleAdapter:
         self._stdin = stdin
         self._stdout = stdout
         self._echo = echo  # print each command before its reply (for piped scripts)
+        # /forget deletes the images saved into out_dir; only the demo (public test photos) keeps them.
+        self._forget_saved_images = forget_saved_images
         self.written_images: list[Path] = []
         self.job_ids: list[str] = []
         self._numbers: dict[str, int] = {}  # the last image number used per command
@@ -215,6 +218,8 @@ class ConsoleAdapter:
         """Erase the user, and the images this console wrote for them (this session's and earlier
         ones', by their names) from the output folder: a copy outside the data folder is a trace too."""
         reply = await self._service.forget(self._user)
+        if not self._forget_saved_images:
+            return reply
         removed = await asyncio.to_thread(_delete_written_images, self._out_dir)
         self.written_images.clear()
         if removed:

@@ -13,7 +13,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -130,8 +130,12 @@ class Renderer:
         guidance: float = 5.0,
         variation_of: Image.Image | None = None,
         strength: float = 0.6,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> list[Image.Image]:
         """Draw ``num_images`` images of ``prompt``; image ``i`` uses a generator seeded ``seed + i``.
+
+        ``on_step(done, total)`` runs after every denoising step; an exception it raises (the worker's
+        cancellation) stops the draw there, with the lock released and any LoRA switched off.
 
         ``size`` is (width, height); None uses the base's native size. With ``adapter`` the user's
         model (a LoRA, a TI word or DreamBooth UNet weights) applies to this draw only; without it the
@@ -151,6 +155,8 @@ class Renderer:
             "guidance_scale": guidance,
             "generator": generators,
         }
+        if on_step is not None:
+            common["callback_on_step_end"] = _step_callback(on_step, steps)
         unet_weights = self._unet_weights(adapter) if isinstance(adapter, UnetWeightsRef) else None
         with self._lock, ExitStack() as personalised:
             self._activate(adapter if isinstance(adapter, AdapterRef) else None)
@@ -232,6 +238,16 @@ class Renderer:
         _log.info("unloading LoRA adapter %s", adapter_id)
         self._pipe.delete_adapters([adapter_id])
         del self._loaded[adapter_id]
+
+
+def _step_callback(on_step: Callable[[int, int], None], steps: int) -> Callable[..., dict[str, Any]]:
+    """diffusers' ``callback_on_step_end`` calling ``on_step(step + 1, steps)``."""
+
+    def callback(_pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        on_step(step + 1, steps)
+        return kwargs
+
+    return callback
 
 
 def img2img_for(pipe: TextToImagePipeline) -> Img2ImgPipeline:

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
@@ -88,6 +89,10 @@ class InvalidRequest(EngineError):
     """A job payload the worker cannot act on."""
 
 
+class JobCancelled(EngineError):
+    """Raised inside a job's thread at the next step after arq cancelled the job (its timeout)."""
+
+
 @dataclass
 class WorkerContext:
     """Everything a job needs, loaded once per process (arq's ctx dict holds it under "app")."""
@@ -102,6 +107,7 @@ class WorkerContext:
     redis: ArqRedis | None = None
     loop: asyncio.AbstractEventLoop | None = None
     gpu_bytes: int | None = None  # the GPU's memory, which training plans must fit; None on the CPU
+    cancelled: dict[str, threading.Event] = field(default_factory=dict)  # job id → set when its time is up
     memory_plans: dict[TrainingShape, MemoryPlan] = field(default_factory=dict)  # estimated once per shape
 
     @classmethod
@@ -120,6 +126,13 @@ class WorkerContext:
             gpu_bytes = torch.cuda.get_device_properties(base.device).total_memory
         blobs = LocalBlobStore(settings.blobs_dir)
         return cls(settings, preset, base, faces, renderer, nsfw, blobs, gpu_bytes=gpu_bytes)
+
+    def check_cancelled(self, job_id: str) -> None:
+        """Raise ``JobCancelled`` in the job's thread once arq has given up on it (every training step
+        and denoising step calls this, so a timed-out job stops within one step)."""
+        event = self.cancelled.get(job_id)
+        if event is not None and event.is_set():
+            raise JobCancelled(f"job {job_id} was cancelled (its time ran out); it stopped at a step boundary")
 
     def report(self, job_id: str, **fields: Any) -> None:
         """Publish progress from any thread; the chat side polls the hash. Never blocks the job."""
@@ -220,6 +233,7 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
     app.report(request.job_id, stage="rendering")
     images = app.renderer.draw(
         prompt,
+        on_step=lambda done, total: _step(app, request.job_id, done, total),
         adapter=personalisation,
         negative_prompt=request.negative_prompt,
         seed=request.seed,
@@ -273,12 +287,18 @@ def _instantid_images(
         seed=request.seed,
         num_images=request.num_images,
         steps=steps,
-        callback=lambda done, total: app.report(request.job_id, stage="rendering", step=done, total=total),
+        callback=lambda done, total: _step(app, request.job_id, done, total),
         out_size=out_size,
         while_locked=while_locked,
         bbox=pose.bbox,
     )
     return _store_ranked(app, request.owner, images, records, request.seed, prompt)
+
+
+def _step(app: WorkerContext, job_id: str, done: int, total: int) -> None:
+    """After each denoising step: stop if the job was cancelled, else report the step."""
+    app.check_cancelled(job_id)
+    app.report(job_id, stage="rendering", step=done, total=total)
 
 
 def aspect_size(aspect: str, resolution: int, multiple: int) -> tuple[int, int]:
@@ -351,6 +371,7 @@ def do_train(app: WorkerContext, request: TrainRequest) -> TrainResult:
     check_memory(app, run, request.method)
 
     def on_progress(progress: TrainingProgress) -> None:
+        app.check_cancelled(request.job_id)  # after every training step
         app.report(
             request.job_id,
             stage="training",
@@ -485,7 +506,9 @@ async def _run_job(
         return _failure(ErrorCode.INVALID_REQUEST, str(e))
     started = time.perf_counter()
     try:
-        result = await asyncio.to_thread(work, app, request)
+        result = await _in_thread(app, request.job_id, lambda: work(app, request))
+    except JobCancelled as e:
+        return _failure(ErrorCode.INTERNAL, str(e))
     except BlobNotFound as e:
         return _failure(ErrorCode.MISSING_BLOB, str(e))
     except PreviewUnavailable as e:
@@ -503,6 +526,25 @@ async def _run_job(
     _log.info("job %s done in %.2f s", request.job_id, time.perf_counter() - started)
     out: dict[str, Any] = result.to_dict()
     return out
+
+
+async def _in_thread(app: WorkerContext, job_id: str, work: Callable[[], Any]) -> Any:
+    """Run ``work`` in a thread. If arq cancels the job (its timeout), flag it, so that the thread stops
+    at its next step, and wait for it: a retry of the job never starts while this copy still runs."""
+    event = app.cancelled[job_id] = threading.Event()
+    running = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        event.set()
+        _log.warning("job %s cancelled; waiting for its thread to stop at the next step", job_id)
+        await asyncio.wait([running])
+        if not running.cancelled():
+            running.exception()  # retrieved: the JobCancelled it ends with is expected, not an error
+        raise
+    finally:
+        if app.cancelled.get(job_id) is event:
+            del app.cancelled[job_id]
 
 
 def _check_owned(request: CheckPhotoRequest | PreviewRequest | TrainRequest | DrawRequest) -> None:

@@ -13,7 +13,9 @@ from PIL import ExifTags, Image, ImageEnhance, ImageOps
 
 
 @asynccontextmanager
-async def running_worker(redis_url: str, blobs_dir: Path, models_dir: Path) -> AsyncIterator[None]:
+async def running_worker(
+    redis_url: str, blobs_dir: Path, models_dir: Path, *, training_timeout_s: int = 300
+) -> AsyncIterator[None]:
     """The real engine worker (engine.worker.run_worker) on the tiny preset, in this event loop.
 
     ``models_dir`` must hold ``tiny/`` (pass ``tiny_preset_dir.parent`` to reuse the session build).
@@ -30,7 +32,7 @@ async def running_worker(redis_url: str, blobs_dir: Path, models_dir: Path) -> A
         blobs_dir=blobs_dir,
         redis_url=redis_url,
         interactive_timeout_s=120,
-        training_timeout_s=300,
+        training_timeout_s=training_timeout_s,
     )
     task = asyncio.create_task(run_worker(settings))
     redis = Redis.from_url(redis_url)

@@ -216,3 +216,23 @@ def test_a_variation_is_drawn_from_its_source_image(renderers: Callable[..., Ren
     assert np.array_equal(vary(first), vary(first))
     assert not np.array_equal(vary(first), vary(second))
     assert not np.array_equal(vary(first), fresh)
+
+
+def test_a_draw_stops_where_its_step_callback_raises_and_leaves_the_pipeline_as_it_was(
+    renderers: Callable[..., Renderer], adapters: dict[str, AdapterRef], lock: threading.Lock
+) -> None:
+    renderer = renderers()
+    seen: list[tuple[int, int]] = []
+
+    def stop_after_two(done: int, total: int) -> None:
+        seen.append((done, total))
+        if done == 2:
+            raise RuntimeError("cancelled")
+
+    adapter = next(iter(adapters.values()))
+    with pytest.raises(RuntimeError, match="cancelled"):
+        renderer.draw(PROMPT, adapter=adapter, size=(64, 64), steps=5, on_step=stop_after_two)
+    assert seen == [(1, 5), (2, 5)]  # stopped at the second of five steps
+    assert not lock.locked()
+    full = renderer.draw(PROMPT, size=(64, 64), steps=2, on_step=lambda done, total: seen.append((done, total)))
+    assert seen[2:] == [(1, 2), (2, 2)] and len(full) == 1

@@ -189,3 +189,28 @@ def test_a_training_that_fails_leaves_no_checkpoint_behind(
     assert any("resuming from step 1" in r.getMessage() for r in caplog.records)
     assert store.load_latest() is None
     assert list((app.blobs.root / OWNER / "checkpoints").iterdir()) == []
+
+
+async def test_a_training_that_times_out_stops_at_its_next_step_and_never_runs_twice(
+    tmp_path: Path, valkey_url: str, tiny_preset_dir: Path
+) -> None:
+    import asyncio
+
+    from bot.errors import JobFailed
+    from engine.api import progress_key
+    from tests.support import noise_crops, png
+
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    crops = [blobs.put(OWNER, "crops", png(crop), ".png") for crop in noise_crops(2)]
+    request = TrainRequest("train-17", OWNER, "ti", crops, token="sks", class_word="person", steps=100_000)
+    async with running_worker(valkey_url, blobs.root, tiny_preset_dir.parent, training_timeout_s=2), \
+            await JobClient.connect(valkey_url) as jobs:
+        await jobs.submit(JobName.TRAIN, request, request.job_id)
+        with pytest.raises(JobFailed):  # arq's 2-second timeout
+            await jobs.wait(request.job_id, timeout=60)
+        steps = []
+        for _ in range(3):  # a thread that trained on would keep writing its steps
+            steps.append(await jobs.redis.hget(progress_key(request.job_id), "step"))
+            await asyncio.sleep(0.7)
+    assert steps[0] is not None and len(set(steps)) == 1, steps
+    assert not list((blobs.root / OWNER).glob("models/*"))
