@@ -658,7 +658,7 @@ class BotService:
         return Reply("\n".join(lines))
 
     async def forget(self, user: UserRef) -> Reply:
-        """Erase every row of the user (but the bare user row) and every blob and queue entry."""
+        """Erase every row of the user (the user row keeps no platform id) and every blob and queue entry."""
         account = await self._account(user)
         jobs = await self._db.list_jobs(account.id)
         had_data = await self._db.has_consent(account.id) or bool(jobs)

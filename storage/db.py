@@ -38,6 +38,9 @@ Migration = tuple[int, str]
 
 PHOTO_STATUSES = ("pending", "accepted", "refused")
 APPARENT_GENDERS = ("female", "male")  # engine.api.ApparentGender's values
+ERASED_PREFIX = "erased:"
+"""The ``platform_user_id`` of an erased user's tombstone row, before its id."""
+
 JOB_STATES = ("queued", "running", "done", "failed")
 ACTIVE_JOB_STATES = ("queued", "running")
 
@@ -634,14 +637,20 @@ class Database:
     # -- erasure -------------------------------------------------------------------------------
 
     async def erase_user(self, user_id: int) -> None:
-        """Delete all of the user's rows except the user row itself, in one transaction.
+        """Delete all of the user's rows and their platform id, in one transaction.
 
-        Blobs are not touched: the caller removes them with `BlobStore.delete_owner`.
+        The user row stays as a tombstone without the identity (``platform_user_id`` becomes
+        ``erased:<id>``): writes of work still in flight for the id keep a row to refer to, and the
+        returning person gets a new row, a new id (AUTOINCREMENT never reuses one) and so a new blob
+        folder. Blobs are not touched here: the caller removes them with `BlobStore.delete_owner`.
         """
         async with self._write() as conn:
             # Children first, although SET NULL references would cope with any order.
             for table in ("images", "models", "jobs", "photos", "consents"):
                 await conn.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
+            await conn.execute(
+                "UPDATE users SET platform_user_id = ? WHERE id = ?", (f"{ERASED_PREFIX}{user_id}", user_id)
+            )
         # secure_delete (every connection) zeroed the freed space; the WAL still holds the pages as
         # they were before the delete until a checkpoint copies the new ones back and empties it.
         await self.checkpoint_wal()
