@@ -67,6 +67,21 @@ class BestByLikeness:
     scores: dict[int, float | None] = field(default_factory=dict)  # step → score, for logs and tests
     _best: dict[str, torch.Tensor] | None = None
 
+    @classmethod
+    def for_run(
+        cls, pipe: TextToImagePipeline, lock: threading.Lock, judge: Judge | None, subject: str,
+        settings: Any, resolution: int | None = None, **views: Any,
+    ) -> BestByLikeness | None:
+        """The run's judge of its checkpoints, or None without a ``judge``. ``settings`` are LoRA's,
+        DreamBooth's or TI's (each has ``checkpoint_every``, ``likeness_every``, ``likeness_steps``,
+        ``resolution`` and ``seed``); ``views`` are ``view_for`` / ``weights_of`` where the state is not
+        a ``TrainingState`` (TI)."""
+        if judge is None:
+            return None
+        every = settings.likeness_every or settings.checkpoint_every
+        return cls(pipe, lock, judge, subject, every, resolution or settings.resolution,
+                   settings.likeness_steps, settings.seed, **views)
+
     def after_step(self, state: TrainingState, total: int) -> None:
         """Judge the weights when ``state.step`` is a multiple of ``every`` or the last step."""
         if state.step % self.every and state.step < total:

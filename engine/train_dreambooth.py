@@ -42,7 +42,7 @@ from PIL import Image
 
 from engine.checkpoints import Checkpointing, CheckpointStore
 from engine.errors import EngineError
-from engine.likeness import Judge
+from engine.likeness import BestByLikeness, Judge
 from engine.progress import ProgressSink
 from engine.train_lora import (
     InstanceLatents,
@@ -51,7 +51,6 @@ from engine.train_lora import (
     TrainingState,
     _denoising_loss,
     _sample_batch,
-    best_by_likeness,
     encode_crops,
     encode_instance_prompt,
     encode_latents,
@@ -513,7 +512,7 @@ def train_dreambooth(
         checkpointing.resume(state, state.modules())
     _log.info("DreamBooth: %d crops, %d steps from step %d", len(crops), settings.steps, state.step)
     # The loop is LoRA's own (train_lora.run_steps): the same stages, with the prior loss in each step.
-    best = best_by_likeness(pipe, lock, likeness, f"{token} {class_word}", settings)  # type: ignore[arg-type]
+    best = BestByLikeness.for_run(pipe, lock, likeness, f"{token} {class_word}", settings)
     loss = run_steps(state, latents, prompts, noise_scheduler_for(pipe), lock, settings, on_progress, checkpointing, best)  # type: ignore[arg-type]
     return DreamBoothOutcome(state.modules(), settings.save_dtype or pipe.unet.dtype, loss, state.step)
 

@@ -631,7 +631,7 @@ def train_lora(
         "LoRA training: %d crops, %d class images, %d steps from step %d",
         len(crops), len(class_images) if settings.with_prior else 0, settings.steps, state.step,
     )
-    best = best_by_likeness(pipe, lock, likeness, f"{token} {class_word}", settings)
+    best = BestByLikeness.for_run(pipe, lock, likeness, f"{token} {class_word}", settings)
     loss = run_steps(state, latents, prompts, scheduler, lock, settings, on_progress, checkpointing, best)
     return LoraTrainOutcome(weights=save_lora(state.unet, state.text_encoders), final_loss=loss, steps=state.step)
 
@@ -664,13 +664,3 @@ def run_steps(
         best.restore_best(state)
     return loss
 
-
-def best_by_likeness(
-    pipe: TextToImagePipeline, lock: threading.Lock, judge: Judge | None, subject: str, settings: LoraTrainSettings
-) -> BestByLikeness | None:
-    """The run's ``BestByLikeness`` when it has a judge (LoRA's and DreamBooth's settings both have
-    ``likeness_every``/``likeness_steps``)."""
-    if judge is None:
-        return None
-    every = settings.likeness_every or settings.checkpoint_every
-    return BestByLikeness(pipe, lock, judge, subject, every, settings.resolution, settings.likeness_steps, settings.seed)

@@ -400,9 +400,8 @@ def train_textual_inversion(
         state = checkpointing.resume(state, modules)  # type: ignore[arg-type]  # duck-typed state
     scheduler = noise_scheduler_for(pipe)
     _log.info("TI training: %d crops, %d steps from step %d", len(crops), settings.steps, state.step)
-    best = None if likeness is None else BestByLikeness(
-        pipe, lock, likeness, f"{token} {class_word}", settings.likeness_every or settings.checkpoint_every,
-        resolution, settings.likeness_steps, settings.seed,
+    best = BestByLikeness.for_run(
+        pipe, lock, likeness, f"{token} {class_word}", settings, resolution,
         view_for=lambda run: run.trainable.view,
         weights_of=lambda run: {f"vectors{i}": p for i, p in enumerate(run.trainable.parameters())},
     )
