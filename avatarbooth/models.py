@@ -273,6 +273,37 @@ def with_base_model(preset: str, repo_id: str) -> tuple[Component, ...]:
     return tuple(custom if component is base else component for component in MANIFESTS[preset])
 
 
+@dataclass(frozen=True)
+class Published:
+    """What a weights file of the manifest holds as published: its tensors' dtype and its size in bytes
+    (None where no source gave it). Sizes are from the repositories' Git LFS pointers; a file written
+    with the same tensors differs from it only by its header's length."""
+
+    dtype: str  # safetensors' name ("F16", "F32"), or torch's ("float32") for a pickle
+    size: int | None = None
+
+
+PUBLISHED_WEIGHTS: dict[str, dict[str, Published]] = {
+    "sdxl": {
+        "sdxl/unet/diffusion_pytorch_model.safetensors": Published("F16", 5_135_149_760),
+        "sdxl/vae/diffusion_pytorch_model.safetensors": Published("F16", 167_335_342),
+        "sdxl/text_encoder/model.safetensors": Published("F16", 246_144_152),
+        "sdxl/text_encoder_2/model.safetensors": Published("F16", 1_389_382_176),
+        "identitynet/diffusion_pytorch_model.safetensors": Published("F16", 2_502_139_136),
+        "ip-adapter.bin": Published("float32", 1_691_134_141),
+        "safety_checker/model.safetensors": Published("F32", 1_215_981_833),
+    },
+    "sd15": {
+        "sd15/unet/diffusion_pytorch_model.safetensors": Published("F16", 1_719_125_304),
+        "sd15/vae/diffusion_pytorch_model.safetensors": Published("F16", 167_335_342),
+        "sd15/text_encoder/model.safetensors": Published("F16"),
+        "safety_checker/model.safetensors": Published("F32", 1_215_981_833),
+    },
+}
+"""The weights files ``pull`` lays out, as published: what bench/fullsize.py's random models must match
+(tests/test_fullsize_layout.py checks them against the published configs)."""
+
+
 BUILT_LOCALLY = ("tiny", "tiny-sd15")
 """Presets the project builds itself, offline."""
 

@@ -274,7 +274,7 @@ def build_sdxl(setup: Setup) -> tuple[Any, Any, dict[str, dict[str, torch.Tensor
             tokenizer=tokenizer,
             tokenizer_2=tokenizer,
             unet=unet,
-            scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+            scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
             force_zeros_for_empty_prompt=True,
             add_watermarker=False,
         )
@@ -308,7 +308,7 @@ def build_sd15(setup: Setup) -> Any:
             text_encoder=text_encoder,
             tokenizer=_tokenizer(),
             unet=unet,
-            scheduler=PNDMScheduler(**SD15_SCHEDULER),
+            scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),  # ignores DDIM's clip_sample, as from_pretrained does
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,

@@ -21,7 +21,7 @@ Layout of a preset's folder (``models_dir/<name>/``)::
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.errors import UnknownPreset, WeightsMissing
@@ -58,6 +58,12 @@ class Preset:
     train_lr: float
     face_checks: FaceCheckSettings = field(default_factory=FaceCheckSettings)
     note: str | None = None  # shown to users with every image, e.g. that the images are noise
+
+    def at_resolution(self, resolution: int) -> Preset:
+        """This preset drawing, training and cropping at ``resolution``² (``EngineSettings.resolution``)."""
+        if resolution < 64 or resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8 and at least 64, got {resolution}")
+        return replace(self, resolution=resolution, face_checks=replace(self.face_checks, crop_size=resolution))
 
     @property
     def is_tiny(self) -> bool:

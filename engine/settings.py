@@ -31,3 +31,8 @@ class EngineSettings:
     gradient_checkpointing: bool | None = None  # None: on for full-size SDXL training, off otherwise
     keep_best_by_likeness: bool = False  # training keeps the checkpoint whose drawings look most like the user
     dreambooth_optimizer: str = "adamw"  # or "adafactor": factored second moments, no first (engine.train_dreambooth)
+    # Prior-preservation class images per class word (LoRA, DreamBooth); None: the method's default, 0: no prior.
+    class_images: int | None = None
+    # Square size of crops, training and images; None: the preset's. Smaller is for smoke checks only
+    # (bench/fullsize.py runs full-size SDXL at 256² on a CPU): the bases draw well only near their own size.
+    resolution: int | None = None

@@ -326,12 +326,27 @@ def _tiny_clip_text_config(tokenizer: Any) -> Any:
 
 
 def _tiny_clip_tokenizer() -> Any:
+    """A byte-level CLIP BPE tokenizer: every byte is a token, plus whole-word merges for ``_WORDS``."""
+    return clip_tokenizer()
+
+
+def clip_tokenizer(vocab_size: int | None = None, *, pad_token: str = "<|endoftext|>") -> Any:
     """A byte-level CLIP BPE tokenizer: every byte is a token, plus whole-word merges for ``_WORDS``.
 
     Any text tokenizes (no unknown tokens); saved and loaded with ``save_pretrained``/``from_pretrained``.
+    With ``vocab_size`` (CLIP's is 49408) filler merges of byte pairs pad the vocabulary to that size,
+    start- and end-of-text taking the last two ids as in CLIP; "!" is id 0, as in CLIP, and SDXL's
+    second tokenizer pads with it (``pad_token="!"``).
     """
-    from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges(vocab_size)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad_token)
+
+
+def clip_vocab_and_merges(vocab_size: int | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The vocabulary and ranked merges of ``clip_tokenizer`` (what CLIP's vocab.json and merges.txt hold)."""
+    from tokenizers import pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = alphabet + [c + "</w>" for c in alphabet]
@@ -344,9 +359,19 @@ def _tiny_clip_tokenizer() -> Any:
             merges.append((merged, piece))
             merged += piece
             tokens.append(merged)
-    tokens = list(dict.fromkeys(tokens)) + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tokens = list(dict.fromkeys(tokens))
+    if vocab_size is not None:
+        known, wanted = set(tokens), vocab_size - 2
+        for first in alphabet:  # ranked after the word merges, so the words stay whole
+            for second in alphabet:
+                if len(tokens) >= wanted:
+                    break
+                if first + second not in known:
+                    merges.append((first, second))
+                    tokens.append(first + second)
+                    known.add(first + second)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}, merges
 
 
 def _apply_merges(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]:
@@ -373,11 +398,11 @@ def _save_instantid_adapter(path: Path, unet: UNet2DConditionModel, seed: int) -
     torch.save(state, path)
 
 
-def _resampler_state(output_dim: int) -> dict[str, torch.Tensor]:
-    """Random weights in the original IP-Adapter/InstantID Resampler's key layout."""
+def _resampler_state(output_dim: int, width: int = _RESAMPLER_HIDDEN) -> dict[str, torch.Tensor]:
+    """Random weights in the original IP-Adapter/InstantID Resampler's key layout (InstantID's is 1280 wide)."""
     import torch
 
-    dim, inner, ff = _RESAMPLER_HIDDEN, _RESAMPLER_HIDDEN, 4 * _RESAMPLER_HIDDEN
+    dim, inner, ff = width, width, 4 * width
 
     def linear(out_f: int, in_f: int) -> torch.Tensor:
         return torch.randn(out_f, in_f) / in_f**0.5

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, TypeVar
 
 from PIL import Image
 
@@ -63,6 +63,10 @@ class TrainingRun:
     gradient_checkpointing: bool | None = None  # None: on for full-size SDXL, off otherwise
     dreambooth_optimizer: str = "adamw"  # or "adafactor" (engine.train_dreambooth.make_optimizer)
     likeness: Judge | None = None  # keep the best-looking checkpoint (every method): engine.likeness
+    class_images: int | None = None  # prior-preservation images; None: the method's default, 0: no prior
+
+
+_Prior = TypeVar("_Prior", LoraTrainSettings, DreamBoothSettings)
 
 
 def ti_token_for(owner: str) -> str:
@@ -164,9 +168,18 @@ def lora_settings_for(run: TrainingRun) -> LoraTrainSettings:
         gradient_checkpointing=_checkpointing(run),
     )
     if preset.is_tiny:  # two quickly drawn class images: the prior loss runs, tests stay fast
-        return replace(settings, num_class_images=2, class_image_steps=preset.inference_steps,
-                       likeness_steps=preset.inference_steps)
-    return settings
+        settings = replace(settings, num_class_images=2, class_image_steps=preset.inference_steps,
+                           likeness_steps=preset.inference_steps)
+    return _with_class_images(settings, run)
+
+
+def _with_class_images(settings: _Prior, run: TrainingRun) -> _Prior:
+    """``settings`` with ``run.class_images`` prior images when it is set (0: no prior preservation)."""
+    if run.class_images is None:
+        return settings
+    if run.class_images == 0:
+        return replace(settings, prior_loss_weight=0.0)
+    return replace(settings, num_class_images=run.class_images)
 
 
 def ti_settings_for(run: TrainingRun) -> TiTrainSettings:
@@ -186,7 +199,7 @@ def dreambooth_settings_for(run: TrainingRun) -> DreamBoothSettings:
         "optimizer": run.dreambooth_optimizer,
     }
     if preset.is_tiny:
-        return DreamBoothSettings(
+        return _with_class_images(DreamBoothSettings(
             steps=run.steps or preset.train_steps,
             learning_rate=1e-4,  # random tiny weights: a visible change within a few steps
             num_class_images=2,
@@ -196,10 +209,10 @@ def dreambooth_settings_for(run: TrainingRun) -> DreamBoothSettings:
             seed=run.seed,
             gradient_checkpointing=bool(run.gradient_checkpointing),
             **switches,
-        )
+        ), run)
     defaults = DreamBoothSettings()
-    return DreamBoothSettings(
+    return _with_class_images(DreamBoothSettings(
         steps=run.steps or defaults.steps, resolution=preset.resolution, seed=run.seed,
         gradient_checkpointing=True if run.gradient_checkpointing is None else run.gradient_checkpointing,
         **switches,
-    )
+    ), run)

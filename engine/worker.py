@@ -114,6 +114,8 @@ class WorkerContext:
     def load(cls, settings: EngineSettings) -> WorkerContext:
         """Load the preset's models (slow: seconds for tiny, a minute for SDXL). Call once."""
         preset = load_preset(settings.preset, settings.models_dir)
+        if settings.resolution is not None:
+            preset = preset.at_resolution(settings.resolution)
         device = _pick_device(settings.device)
         base = ResidentBase.load(preset, device=device, dtype=resident_dtype(device.split(":", 1)[0], settings.dtype))
         faces = FaceAnalyzer(preset.face_models_dir, preset.face_checks)
@@ -365,6 +367,7 @@ def do_train(app: WorkerContext, request: TrainRequest) -> TrainResult:
         train_text_encoder=app.settings.train_text_encoder,
         gradient_checkpointing=app.settings.gradient_checkpointing,
         dreambooth_optimizer=app.settings.dreambooth_optimizer,
+        class_images=app.settings.class_images,
         likeness=judge_by_faces(app.faces, crops) if app.settings.keep_best_by_likeness else None,
     )
 

@@ -41,3 +41,24 @@ def test_switches_override_every_method(tmp_path: Path, name: str) -> None:
     assert not lora.gradient_checkpointing and not booth.gradient_checkpointing
     on = lora_settings_for(dataclasses.replace(run, gradient_checkpointing=True))
     assert on.gradient_checkpointing
+
+
+@pytest.mark.parametrize("name", ["sdxl", "tiny"])
+def test_class_images_setting_sets_the_prior_of_lora_and_dreambooth(tmp_path: Path, name: str) -> None:
+    three = _run(tmp_path, name, FAMILY_SDXL, class_images=3)
+    assert lora_settings_for(three).num_class_images == 3 and dreambooth_settings_for(three).num_class_images == 3
+    assert lora_settings_for(three).with_prior and dreambooth_settings_for(three).with_prior
+    none = _run(tmp_path, name, FAMILY_SDXL, class_images=0)
+    assert not lora_settings_for(none).with_prior and not dreambooth_settings_for(none).with_prior
+    default = _run(tmp_path, name, FAMILY_SDXL)
+    assert lora_settings_for(default).num_class_images == (2 if name == "tiny" else 100)
+
+
+def test_a_preset_at_another_resolution_crops_trains_and_draws_at_it(tmp_path: Path) -> None:
+    preset = _run(tmp_path, "sdxl", FAMILY_SDXL).preset.at_resolution(256)
+    assert (preset.resolution, preset.face_checks.crop_size) == (256, 256)
+    run = dataclasses.replace(_run(tmp_path, "sdxl", FAMILY_SDXL), preset=preset)
+    assert lora_settings_for(run).resolution == 256 and dreambooth_settings_for(run).resolution == 256
+    assert ti_settings_for(run).resolution == 256
+    with pytest.raises(ValueError, match="multiple of 8"):
+        preset.at_resolution(250)
