@@ -450,42 +450,27 @@ def draw(app: Any, owner: str, trained: Any, embedding_key: str, resolution: int
     return require_images(app, do_draw(app, request), resolution)
 
 
-def run_sdxl(run: Run) -> None:
+def run_family(run: Run, preset: str, owner: str, methods: tuple[str, ...], *, check_stage: str,
+               preview: bool = False) -> None:
+    """Load ``preset`` as the worker does, check the photo, (SDXL) preview, then train and draw with each method."""
     from engine.api import PreviewRequest
     from engine.worker import WorkerContext, do_preview
 
-    app = run.stage("sdxl_load", lambda: WorkerContext.load(run.settings("sdxl")))
+    app = run.stage(f"{preset}_load", lambda: WorkerContext.load(run.settings(preset)))
     if app is None:
         return
-    owner = "u1"
-    checked = run.stage("check_photo", lambda: check_photo(app, owner))
+    checked = run.stage(check_stage, lambda: check_photo(app, owner))
     if checked is None:
         return
     embedding, crop = checked.embedding_key, checked.crop_key
-    run.stage("preview", lambda: require_images(app, do_preview(app, PreviewRequest(
-        job_id="u1-preview", owner=owner, embedding_keys=[embedding], prompt="me as an astronaut",
-    )), run.resolution))
-    for method, name in (("lora", "lora"), ("ti", "ti")):
-        trained = run.stage(f"{name}_step", lambda m=method: train(app, owner, m, crop))
+    if preview:
+        run.stage("preview", lambda: require_images(app, do_preview(app, PreviewRequest(
+            job_id=f"{owner}-preview", owner=owner, embedding_keys=[embedding], prompt="me as an astronaut",
+        )), run.resolution))
+    for method in methods:
+        trained = run.stage(f"{method}_step", lambda m=method: train(app, owner, m, crop))
         if trained is not None:
-            run.stage(f"{name}_draw", lambda t=trained: draw(app, owner, t, embedding, run.resolution))
-    del app
-    gc.collect()
-
-
-def run_sd15(run: Run) -> None:
-    from engine.worker import WorkerContext
-
-    app = run.stage("sd15_load", lambda: WorkerContext.load(run.settings("sd15")))
-    if app is None:
-        return
-    owner = "u2"
-    checked = run.stage("sd15_check_photo", lambda: check_photo(app, owner))
-    if checked is None:
-        return
-    trained = run.stage("dreambooth_step", lambda: train(app, owner, "dreambooth", checked.crop_key))
-    if trained is not None:
-        run.stage("dreambooth_draw", lambda: draw(app, owner, trained, checked.embedding_key, run.resolution))
+            run.stage(f"{method}_draw", lambda t=trained: draw(app, owner, t, embedding, run.resolution))
     del app
     gc.collect()
 
@@ -517,7 +502,6 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
 
 def main(argv: Iterable[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="avatarbooth-fullsize-"))
     run = Run(
         models_dir=work / "models", blobs_dir=work / "blobs", device=args.device,
@@ -539,10 +523,10 @@ def main(argv: Iterable[str] | None = None) -> int:
                 (root / ".written").write_text("bench/fullsize.py\n")
             layout[family] = {k: v for k, v in describe_layout(root).items() if k != ".written"}
             if family == "sdxl":
-                run_sdxl(run)
+                run_family(run, "sdxl", "u1", ("lora", "ti"), check_stage="check_photo", preview=True)
                 report["sdxl_dreambooth_plan_gib"] = run.stage("dreambooth_plan", sdxl_dreambooth_plan)
             else:
-                run_sd15(run)
+                run_family(run, "sd15", "u2", ("dreambooth",), check_stage="sd15_check_photo")
     finally:
         if not args.keep and args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
