@@ -1,5 +1,11 @@
 """Process supervision: the queue server, the worker process and the chat side, started and stopped
-together. ``serve_chat`` is what ``demo``, ``chat`` and ``run`` share."""
+together. ``serve_chat`` is what ``demo``, ``chat`` and ``run`` share.
+
+The children (the embedded Valkey, the worker) are started through `avatarbooth.orphans`, so they die
+with the chat process however it ends (SIGKILL too), and a `Supervisor` starts again whichever of
+them dies on its own, with back-off. Work is not lost meanwhile: Valkey keeps an append-only file,
+a dead worker's jobs are taken up again once their lease lapses (`engine.api.JOB_LEASE_S`), and the
+chat side waits out a queue outage (`bot.jobs.JobClient`)."""
 
 from __future__ import annotations
 
@@ -13,11 +19,12 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from redis.asyncio import Redis
 
 from avatarbooth.config import AppConfig
+from avatarbooth.orphans import guarded
 from avatarbooth.valkey import EmbeddedValkey
 from bot.jobs import JobClient
 from bot.service import BotService
@@ -37,6 +44,8 @@ class Running:
     config: AppConfig
     service: BotService
     redis_url: str
+    worker: WorkerProcess | None = None  # None: workers run elsewhere (start_worker=False)
+    valkey: EmbeddedValkey | None = None  # None: an external Redis/Valkey
 
 
 @asynccontextmanager
@@ -46,21 +55,110 @@ async def serve_chat(
     """Start (embedded Valkey →) worker → database, blobs and service; stop them in reverse order."""
     async with AsyncExitStack() as stack:
         url = config.redis_url
+        children: list[Child] = []
+        valkey: EmbeddedValkey | None = None
+        worker: WorkerProcess | None = None
         if url is None:
             valkey = stack.enter_context(EmbeddedValkey(config.valkey_dir))
             url = valkey.url
+            children.append(valkey)
         config = config.with_redis_url(url)
         if start_worker:
             worker = stack.enter_context(WorkerProcess(config))
             print(f"starting the worker (preset {config.engine.preset}); its log: {worker.log_path}", file=status)
             await worker.wait_ready(url)
+            children.append(worker)
+        if children:
+            await stack.enter_async_context(Supervisor(children, status=status))
         db = await stack.enter_async_context(Database.open(config.database_path))
         jobs = await stack.enter_async_context(await JobClient.connect(url))
         blobs = LocalBlobStore(config.engine.blobs_dir)
         service = BotService(
             db, blobs, jobs, config.bot, preset_name=config.engine.preset, blocklist=config.blocklist
         )
-        yield Running(config=config, service=service, redis_url=url)
+        settling = asyncio.create_task(_settle_erasures(service), name="avatarbooth-erasures")
+        try:
+            yield Running(config=config, service=service, redis_url=url, worker=worker, valkey=valkey)
+        finally:
+            settling.cancel()
+            await asyncio.gather(settling, return_exceptions=True)
+
+
+ERASURE_RETRY_S = 2.0
+"""How often pending erasures (`BotService.settle_erasures`) are tried again."""
+
+
+async def _settle_erasures(service: BotService) -> None:
+    """Finish, in the background, every /forget that could not be finished at once; also those a
+    previous run left pending."""
+    while True:
+        try:
+            await service.settle_erasures()
+        except Exception:  # never let one failure stop erasures for good
+            _log.exception("settling pending erasures failed; trying again")
+        await asyncio.sleep(ERASURE_RETRY_S)
+
+
+class Child(Protocol):
+    """A process `Supervisor` keeps running."""
+
+    @property
+    def log_path(self) -> Path: ...
+
+    def alive(self) -> bool: ...
+
+    def restart(self) -> None: ...
+
+
+class Supervisor:
+    """Starts again each child that died (not one being stopped), waiting 0.5 s, 1 s, 2 s … up to
+    30 s between attempts while it keeps dying; a child that ran a minute starts the count anew."""
+
+    POLL_S = 0.5
+    MAX_DELAY_S = 30.0
+    STEADY_S = 60.0
+
+    def __init__(self, children: list[Child], *, status: IO[str]) -> None:
+        self._children = children
+        self._status = status
+        self._task: asyncio.Task[None] | None = None
+        self.restarts = 0
+
+    async def __aenter__(self) -> Supervisor:
+        self._task = asyncio.create_task(self._watch(), name="avatarbooth-supervisor")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        failures = {id(c): 0 for c in self._children}
+        started = {id(c): time.monotonic() for c in self._children}
+        while True:
+            await asyncio.sleep(self.POLL_S)
+            for child in self._children:
+                if child.alive():
+                    if time.monotonic() - started[id(child)] > self.STEADY_S:
+                        failures[id(child)] = 0
+                    continue
+                delay = min(self.MAX_DELAY_S, 0.5 * 2 ** failures[id(child)])
+                failures[id(child)] += 1
+                name = type(child).__name__
+                print(f"{_CHILD_NAMES.get(name, name)} stopped; starting it again in {delay:g} s "
+                      f"(its log: {child.log_path})", file=self._status)
+                await asyncio.sleep(delay)
+                try:
+                    child.restart()  # here, in the event loop's thread: see avatarbooth.orphans
+                except (OSError, RuntimeError) as e:
+                    print(f"{_CHILD_NAMES.get(name, name)} did not start again: {e}", file=self._status)
+                    continue
+                started[id(child)] = time.monotonic()
+                self.restarts += 1
+
+
+_CHILD_NAMES = {"WorkerProcess": "the worker", "EmbeddedValkey": "the embedded Valkey"}
 
 
 class WorkerProcess:
@@ -72,6 +170,22 @@ class WorkerProcess:
         self._process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> WorkerProcess:
+        self._launch()
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def restart(self) -> None:
+        if self._process is not None:
+            self._process.wait()
+        self._launch()
+
+    def _launch(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env["AVATARBOOTH_REDIS_URL"] = self._config.engine.redis_url
@@ -80,8 +194,7 @@ class WorkerProcess:
         if self._config.config_path is not None:
             command += ["--config", str(self._config.config_path)]
         with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        return self
+            self._process = subprocess.Popen(guarded(command), stdout=log, stderr=subprocess.STDOUT, env=env)
 
     async def wait_ready(self, redis_url: str, timeout_s: float = 600.0) -> None:
         """Wait until the worker has loaded its models; fail fast, with its last words, if it dies."""
