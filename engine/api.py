@@ -28,6 +28,24 @@ WORKER_KEY_PREFIX = "avatarbooth:worker:"
 models are loaded, so a supervisor can tell a worker that is ready from one still loading."""
 
 
+JOB_LEASE_S = 10
+"""While a worker runs a job it keeps arq's in-progress key of the job alive for this long, renewed
+every few seconds (arq itself sets it for the whole job timeout). A worker that dies lets it lapse
+within this many seconds, and another worker (or the restarted one) takes the job again: it resumes
+from its last checkpoint, under the same job id."""
+
+JOB_TRIES = 3
+"""How many times a job is started at most (a worker that died, a lost result) before it fails."""
+
+ERASED_KEY_PREFIX = "avatarbooth:erased:"
+"""``ERASED_KEY_PREFIX + <owner>`` is set by /forget: a worker neither starts a job of that owner nor
+keeps what one wrote. (Owners are never reused, so the key names no person once the rows are gone.)"""
+
+
+def erased_key(owner: str) -> str:
+    return ERASED_KEY_PREFIX + owner
+
+
 def progress_key(job_id: str) -> str:
     """Redis key of the hash a worker writes a job's progress to (step, total, loss, eta_s, stage)."""
     return PROGRESS_KEY_PREFIX + job_id
@@ -106,6 +124,7 @@ class ErrorCode(StrEnum):
     MODEL_UNAVAILABLE = "model_unavailable"
     PREVIEW_UNAVAILABLE = "preview_unavailable"  # the base (SD1.5) has no zero-shot InstantID
     NOT_ENOUGH_GPU_MEMORY = "not_enough_gpu_memory"  # the method's estimated peak exceeds the worker's GPU
+    ERASED = "erased"  # the owner used /forget: nothing the job made was kept
     INTERNAL = "internal"
 
 

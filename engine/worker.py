@@ -30,9 +30,14 @@ from typing import Any, TypeVar
 import numpy as np
 from arq import Worker, func
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import in_progress_key_prefix
+from redis.exceptions import RedisError
 from PIL import Image, PngImagePlugin
 
 from engine.api import (
+    JOB_LEASE_S,
+    JOB_TRIES,
+    erased_key,
     ASPECT_RATIOS,
     CROP_SOURCE_SIDE_KEY,
     JOB_QUEUES,
@@ -507,6 +512,24 @@ async def _run_job(
         _check_owned(request)
     except (TypeError, ValueError, InvalidRequest) as e:
         return _failure(ErrorCode.INVALID_REQUEST, str(e))
+    if await _owner_erased(app, request.owner):
+        return _failure(ErrorCode.ERASED, "the owner used /forget; the job was not run")
+    try:
+        out = await _outcome(app, request, work)
+    finally:  # an aborted job too: /forget aborts the owner's running jobs
+        erased = await _owner_erased(app, request.owner)
+        if erased:
+            await asyncio.to_thread(app.blobs.delete_owner, request.owner)
+            _log.info("job %s: its owner was erased meanwhile; what it wrote is deleted", request.job_id)
+    if erased:
+        return _failure(ErrorCode.ERASED, "the owner used /forget meanwhile; nothing the job made was kept")
+    return out
+
+
+async def _outcome(
+    app: WorkerContext, request: _Req, work: Callable[[WorkerContext, _Req], Any]
+) -> dict[str, Any]:
+    """The job's result dict, or a JobFailure dict for every failure the chat side can explain."""
     started = time.perf_counter()
     try:
         result = await _in_thread(app, request.job_id, lambda: work(app, request))
@@ -529,6 +552,17 @@ async def _run_job(
     _log.info("job %s done in %.2f s", request.job_id, time.perf_counter() - started)
     out: dict[str, Any] = result.to_dict()
     return out
+
+
+async def _owner_erased(app: WorkerContext, owner: str) -> bool:
+    """Whether /forget marked ``owner`` erased. An unreachable Redis counts as not erased: the chat
+    side's erasure stays pending until no job of the owner runs, and then deletes the blobs itself."""
+    if app.redis is None:
+        return False
+    try:
+        return bool(await app.redis.exists(erased_key(owner)))
+    except (RedisError, OSError):
+        return False
 
 
 async def _in_thread(app: WorkerContext, job_id: str, work: Callable[[], Any]) -> Any:
@@ -613,7 +647,8 @@ def build_workers(app: WorkerContext, redis: ArqRedis, *, burst: bool = False) -
                 job_timeout=timeout,
                 keep_result=24 * 3600,
                 poll_delay=0.1,
-                max_tries=3,
+                max_tries=JOB_TRIES,
+                allow_abort_jobs=True,  # /forget aborts the user's running jobs
                 job_serializer=serialize_job,
                 job_deserializer=deserialize_job,
                 log_results=False,  # results carry prompts and photo checks' findings: personal data
@@ -651,17 +686,55 @@ async def run_worker(settings: EngineSettings, *, burst: bool = False) -> None:
     app.redis, app.loop = redis, asyncio.get_running_loop()
     workers = build_workers(app, redis, burst=burst)
     heartbeat = asyncio.create_task(_announce(redis))
+    leases = asyncio.create_task(_renew_leases(app, redis))
     try:
-        await asyncio.gather(*(w.main() for w in workers))
+        await asyncio.gather(*(_serve(w, burst=burst) for w in workers))
     finally:
         heartbeat.cancel()
+        leases.cancel()
         for w in workers:
             await w.close()
         await redis.close()
 
 
+async def _serve(worker: Worker, *, burst: bool) -> None:
+    """arq's poll loop, taken up again when the queue server was unreachable (a restarted Valkey):
+    the jobs already running go on in their own tasks meanwhile."""
+    delay = 0.5
+    while True:
+        try:
+            await worker.main()
+            return
+        except (RedisError, OSError) as e:
+            if burst:
+                raise
+            _log.warning("the queue server is unreachable (%s); trying again in %.1f s", type(e).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        else:
+            delay = 0.5
+
+
+async def _renew_leases(app: WorkerContext, redis: ArqRedis) -> None:
+    """Keep the in-progress key of every job this process runs at `JOB_LEASE_S` (see there)."""
+    while True:
+        running = list(app.cancelled)
+        if running:
+            try:
+                async with redis.pipeline(transaction=False) as pipe:
+                    for job_id in running:
+                        pipe.pexpire(in_progress_key_prefix + job_id, JOB_LEASE_S * 1000)
+                    await pipe.execute()
+            except (RedisError, OSError):
+                pass  # the server is away: the leases are renewed once it is back
+        await asyncio.sleep(JOB_LEASE_S / 5)
+
+
 async def _announce(redis: ArqRedis) -> None:
     key = f"{WORKER_KEY_PREFIX}{socket.gethostname()}:{os.getpid()}"
     while True:
-        await redis.set(key, str(time.time()), ex=_READY_TTL_S)
+        try:
+            await redis.set(key, str(time.time()), ex=_READY_TTL_S)
+        except (RedisError, OSError):
+            pass
         await asyncio.sleep(_READY_TTL_S / 3)
