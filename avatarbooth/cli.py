@@ -17,7 +17,7 @@ from avatarbooth.models import add_pull_arguments, pull, with_base_model
 
 if TYPE_CHECKING:
     from avatarbooth.runtime import Running
-    from bot.service import Reply, UserRef
+    from bot.service import Reply, ResumedWork, UserRef
 
 _log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ def _pull(config: AppConfig, *, antelopev2_zip: Path | None) -> int:
 async def _serve_platforms(config: AppConfig) -> int:
     """Telegram and Discord together, on one service, until SIGINT/SIGTERM."""
     from avatarbooth.runtime import serve_chat
+    from bot.service import ResumedWork
 
     tokens = {
         name: secret(env, os.environ)
@@ -146,16 +147,26 @@ async def _serve_platforms(config: AppConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        resumed = await running.service.resume_all()
-        if resumed:
-            _log.warning("finished the interrupted jobs of %d user(s)", len(resumed))
+        # Serve at once; what a restart interrupted is finished meanwhile and sent as it is done.
+        resumed = ResumedWork()
+        resuming = asyncio.create_task(running.service.resume_all(deliver=resumed.put))
+        resuming.add_done_callback(_report_resumed)
         serving = (_platform(name, token, running, stop, resumed) for name, token in tokens.items())
-        await asyncio.gather(*serving)
+        try:
+            await asyncio.gather(*serving)
+        finally:
+            resuming.cancel()
+            await asyncio.gather(resuming, return_exceptions=True)
     return 0
 
 
+def _report_resumed(task: asyncio.Task[dict[UserRef, Reply]]) -> None:
+    if not task.cancelled() and task.exception() is None and task.result():
+        _log.warning("finished the interrupted jobs of %d user(s)", len(task.result()))
+
+
 async def _platform(
-    name: str, token: str | None, running: Running, stop: asyncio.Event, resumed: dict[UserRef, Reply]
+    name: str, token: str | None, running: Running, stop: asyncio.Event, resumed: ResumedWork
 ) -> None:
     """Serve one platform; a rejected token stops the start with a line saying which one."""
     assert token is not None

@@ -26,7 +26,7 @@ import asyncio
 import io
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -39,7 +39,7 @@ from PIL import Image, UnidentifiedImageError
 
 from bot import texts
 from bot.errors import BotError
-from bot.service import BotService, ImageOut, Reply, Upload, UserRef
+from bot.service import BotService, ImageOut, Reply, ResumedWork, Upload, UserRef
 from bot.settings import CLASS_WORD_CHOICES
 from engine.api import ASPECT_RATIOS, Refusal, TrainingMethod
 from engine.styles import STYLES
@@ -489,13 +489,13 @@ class AvatarBoothBot(commands.Bot):
         settings: DiscordSettings,
         *,
         progress_interval_s: float = 1.0,
-        resumed: Mapping[UserRef, Reply] | None = None,
+        resumed: ResumedWork | None = None,
         **options: Any,
     ) -> None:
         """`options` go to `discord.Client` (e.g. `proxy`, or a `connector` in tests).
 
-        ``resumed``: what `BotService.resume_all` finished at start-up; Discord users get theirs by
-        direct message once the bot has logged in (the interactions they came from have expired).
+        ``resumed``: what `BotService.resume_all` finishes after a restart; Discord users get theirs
+        by direct message, from when the bot has logged in (the interactions they came from expired).
         """
         super().__init__(
             command_prefix=commands.when_mentioned,
@@ -508,11 +508,8 @@ class AvatarBoothBot(commands.Bot):
         self.settings = settings
         self.progress_interval_s = progress_interval_s
         self._conversations: set[asyncio.Task[Any]] = set()  # commands still running
-        self._resumed = {
-            int(user.platform_user_id): reply
-            for user, reply in (resumed or {}).items()
-            if user.platform == PLATFORM and user.platform_user_id.isdigit()
-        }
+        self._resumed = resumed
+        self._delivering: asyncio.Task[None] | None = None
         self.tree.error(self._on_command_error)
 
     async def setup_hook(self) -> None:
@@ -521,8 +518,14 @@ class AvatarBoothBot(commands.Bot):
         self.add_dynamic_items(ImageButton, AgreeButton)
         await self.add_cog(_Commands(self))
         await self._sync_commands()
-        for user_id, reply in self._resumed.items():
-            task = asyncio.create_task(self._deliver_resumed(user_id, reply))
+        if self._resumed is not None:
+            self._delivering = asyncio.create_task(self._deliver_all_resumed(self._resumed))
+
+    async def _deliver_all_resumed(self, resumed: ResumedWork) -> None:
+        async for user, reply in resumed.replies(PLATFORM):
+            if not user.platform_user_id.isdigit():
+                continue
+            task = asyncio.create_task(self._deliver_resumed(int(user.platform_user_id), reply))
             self._conversations.add(task)
             task.add_done_callback(self._conversations.discard)
 
@@ -541,6 +544,9 @@ class AvatarBoothBot(commands.Bot):
 
     async def close(self) -> None:
         """Stop commands still running (each tells its user), then disconnect."""
+        if self._delivering is not None:
+            self._delivering.cancel()
+            await asyncio.gather(self._delivering, return_exceptions=True)
         running = [task for task in self._conversations if not task.done()]
         for task in running:
             task.cancel()

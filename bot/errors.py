@@ -144,11 +144,23 @@ class JobFailed(BotError):
 
     @classmethod
     def lost(cls, what: str) -> JobFailed:
-        return cls(texts.JOB_LOST.format(what=what))
+        return JobLost(texts.JOB_LOST.format(what=what))
 
     @classmethod
     def unreadable(cls, what: str) -> JobFailed:
         return cls(texts.JOB_BROKEN_RESULT.format(what=what))
+
+
+class JobLost(JobFailed):
+    """The queue holds the job neither as waiting, running nor done (a queue server that lost its
+    data): the service submits it again under the same id, a few times, before it says so."""
+
+
+class ResultNotSaved(BotError):
+    """A job finished but its result could not be written to the database, even after retries."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(texts.RESULT_NOT_SAVED.format(what=what))
 
 
 class ErasedMeanwhile(BotError):

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import job_key_prefix, result_key_prefix, retry_key_prefix
+from arq.constants import (
+    abort_jobs_ss,
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
 from arq.jobs import DeserializationError, ResultNotFound, SerializationError, deserialize_result
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from bot import texts
 from bot.errors import JobFailed, QueueUnavailable
@@ -28,6 +35,7 @@ from engine.api import (
     PreviewRequest,
     TrainRequest,
     deserialize_job,
+    erased_key,
     progress_key,
     serialize_job,
 )
@@ -38,6 +46,8 @@ JobRequest = CheckPhotoRequest | PreviewRequest | TrainRequest | DrawRequest
 ProgressFields = dict[str, str]
 """A worker's progress hash, decoded: step, total, loss, eta_s, stage (each optional)."""
 ProgressSink = Callable[[ProgressFields], Awaitable[None]]
+StateSink = Callable[[str], Awaitable[None]]
+"""Told "running" when a worker holds the job (its lease is alive), "queued" when none does."""
 
 
 def job_name_of(job_id: str) -> JobName:
@@ -55,15 +65,21 @@ def job_name_of(job_id: str) -> JobName:
 class JobClient:
     """Enqueue jobs for the workers and wait for their results over an arq `ArqRedis` pool."""
 
-    def __init__(self, redis: ArqRedis, *, poll_delay: float = 0.25) -> None:
+    def __init__(self, redis: ArqRedis, *, poll_delay: float = 0.25, outage_grace_s: float = 120.0) -> None:
         self._redis = redis
         self._poll_delay = poll_delay
+        self._outage_grace_s = outage_grace_s
         self._waiters: set[_Waiter] = set()
         self._watcher: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
-        cls, redis_url: str, *, poll_delay: float = 0.25, conn_retries: int = 2
+        cls,
+        redis_url: str,
+        *,
+        poll_delay: float = 0.25,
+        conn_retries: int = 2,
+        outage_grace_s: float = 120.0,
     ) -> JobClient:
         """Open a pool to the Redis/Valkey at `redis_url` with the contract's msgpack serializers."""
         settings = RedisSettings.from_dsn(redis_url)
@@ -74,7 +90,7 @@ class JobClient:
             )
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"cannot connect to {settings.host}:{settings.port}: {exc}") from exc
-        return cls(redis, poll_delay=poll_delay)
+        return cls(redis, poll_delay=poll_delay, outage_grace_s=outage_grace_s)
 
     async def close(self) -> None:
         if self._watcher is not None:
@@ -139,6 +155,83 @@ class JobClient:
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"forget jobs: {exc}") from exc
 
+    async def abort(self, job_ids: Iterable[str]) -> None:
+        """Ask the workers to stop these jobs (arq's abort: a running one is cancelled, and stops at
+        its next step; a queued one is dropped when a worker would start it)."""
+        ids = list(job_ids)
+        if not ids:
+            return
+        now_ms = int(time.time() * 1000)
+        try:
+            await self._redis.zadd(abort_jobs_ss, {job_id: now_ms for job_id in ids})
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(f"abort jobs: {exc}") from exc
+
+    async def mark_erased(self, owner: str, ttl_s: float) -> None:
+        """Tell the workers that ``owner`` was erased (``engine.api.erased_key``)."""
+        try:
+            await self._redis.set(erased_key(owner), "1", px=int(ttl_s * 1000))
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(f"mark erased: {exc}") from exc
+
+    async def unsettled(self, job_ids: Iterable[str]) -> list[str]:
+        """Those of the jobs a worker still runs, or whose kept result or entry is still stored."""
+        ids = list(job_ids)
+        if not ids:
+            return []
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.exists(
+                        in_progress_key_prefix + job_id, job_key_prefix + job_id, result_key_prefix + job_id
+                    )
+                    pipe.zscore(JOB_QUEUES[job_name_of(job_id)], job_id)
+                replies: list[Any] = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(f"job states: {exc}") from exc
+        return [
+            job_id
+            for job_id, stored, queued in zip(ids, replies[::2], replies[1::2])
+            if stored or queued is not None
+        ]
+
+    async def running(self, job_ids: Iterable[str]) -> list[str]:
+        """Those of the jobs a worker holds right now (its lease is alive)."""
+        ids = list(job_ids)
+        if not ids:
+            return []
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.exists(in_progress_key_prefix + job_id)
+                replies: list[Any] = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(f"job states: {exc}") from exc
+        return [job_id for job_id, held in zip(ids, replies) if held]
+
+    async def compact_log(self, timeout_s: float = 60.0) -> bool:
+        """Have a server with an append-only file rewrite it from what it holds now, so that deleted
+        entries are gone from its disk too; wait for the rewrite. False when it did not finish (or
+        the server refuses): the caller tries again later. True at once without an append-only file."""
+        try:
+            info: dict[str, Any] = await self._redis.info("persistence")
+            if not int(info.get("aof_enabled", 0)):
+                return True
+            try:
+                await self._redis.bgrewriteaof()  # type: ignore[no-untyped-call]
+            except ResponseError:
+                pass  # one is already running; the scheduled one below picks up what we deleted
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                info = await self._redis.info("persistence")
+                busy = int(info.get("aof_rewrite_in_progress", 0)) or int(info.get("aof_rewrite_scheduled", 0))
+                if not busy and str(info.get("aof_last_bgrewrite_status", "ok")) == "ok":
+                    return True
+        except (RedisError, OSError) as exc:
+            _log.warning("the queue server's append-only file was not rewritten: %s", exc)
+        return False
+
     async def read_progress(self, job_id: str) -> ProgressFields:
         """The job's progress hash as strings (empty until the worker reports)."""
         try:
@@ -148,12 +241,20 @@ class JobClient:
         return {_text(k): _text(v) for k, v in raw.items()}
 
     async def wait(
-        self, job_id: str, *, timeout: float, on_progress: ProgressSink | None = None
+        self,
+        job_id: str,
+        *,
+        timeout: float,
+        on_progress: ProgressSink | None = None,
+        on_state: StateSink | None = None,
     ) -> dict[str, Any]:
-        """Wait for the job's result dict, forwarding each change of its progress hash.
+        """Wait for the job's result dict, forwarding each change of its progress hash and of
+        whether a worker holds it.
 
-        Raises `JobFailed` on timeout, a lost job or an unreadable result, and `QueueUnavailable`
-        when Redis cannot be reached. A worker's `JobFailure` dict is returned like any result.
+        Raises `JobFailed` on timeout or an unreadable result, `JobLost` when the queue lost the
+        job, and `QueueUnavailable` when Redis stayed unreachable for ``outage_grace_s`` (a shorter
+        outage, such as a restarting Valkey, is waited out). A worker's `JobFailure` dict is
+        returned like any result.
         """
         name = job_name_of(job_id)
         what = texts.job_label(name)
@@ -162,6 +263,7 @@ class JobClient:
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.create_task(self._watch(), name="avatarbooth-job-watcher")
         last: ProgressFields = {}
+        last_state: str | None = None
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -170,6 +272,9 @@ class JobClient:
                     if on_progress is not None and waiter.progress and waiter.progress != last:
                         last = waiter.progress
                         await on_progress(last)
+                    if on_state is not None and waiter.state is not None and waiter.state != last_state:
+                        last_state = waiter.state
+                        await on_state(last_state)
                     if waiter.outcome.done():
                         result = waiter.outcome.result()
                         break
@@ -191,10 +296,12 @@ class JobClient:
         jobs wait. (arq's own `Job.result` polls per job: with hundreds of users enrolling at
         once, those polls took most of the chat process's time; bench/telegram_load.py.)"""
         round_ = 0
+        outage_since: float | None = None
         while self._waiters:
             waiters = list(self._waiters)
-            # Whether a job is still queued or running is only asked every few rounds: it only
-            # tells a lost job (a flushed Redis, an expired entry) from a slow one.
+            # Whether a job is still queued or running is only asked every few rounds: it tells a
+            # lost job (a flushed Redis, an expired entry) from a slow one, and /status whether a
+            # worker holds it.
             ask_queue = round_ % _QUEUE_CHECK_ROUNDS == 0
             try:
                 async with self._redis.pipeline(transaction=True) as pipe:
@@ -204,21 +311,34 @@ class JobClient:
                             pipe.hgetall(progress_key(w.job_id))
                         if ask_queue:
                             pipe.zscore(w.queue, w.job_id)
+                            pipe.exists(in_progress_key_prefix + w.job_id)
                     replies: list[Any] = await pipe.execute()
             except (RedisError, OSError) as exc:
-                for w in waiters:
-                    w.finish(exception=QueueUnavailable(f"waiting for {w.job_id}: {exc}"))
+                now = time.monotonic()
+                outage_since = outage_since or now
+                if now - outage_since >= self._outage_grace_s:
+                    for w in waiters:
+                        w.finish(exception=QueueUnavailable(f"waiting for {w.job_id}: {exc}"))
+                    outage_since = None
+                elif round_ % _QUEUE_CHECK_ROUNDS == 0:
+                    _log.warning("the queue server is unreachable (%s); still waiting", type(exc).__name__)
+                round_ += 1
+                await asyncio.sleep(self._poll_delay * 4)
+                continue
             except Exception as exc:  # a bug here must not leave every waiter to its timeout
                 _log.exception("the job watcher failed")
                 for w in waiters:
                     w.finish(exception=exc)
             else:
+                outage_since = None
                 answers = iter(replies[1:])
                 for w, stored in zip(waiters, replies[0]):
                     progress = next(answers) if w.wants_progress else None
-                    queued = next(answers) if ask_queue else True
+                    queued, held = (next(answers), next(answers)) if ask_queue else (True, None)
                     if progress:
                         w.report({_text(k): _text(v) for k, v in progress.items()})
+                    if held is not None:
+                        w.set_state("running" if held else "queued")
                     if stored:
                         w.finish(**_outcome(stored))
                     elif queued is None:
@@ -238,12 +358,18 @@ class _Waiter:
         self.queue = queue
         self.wants_progress = wants_progress
         self.progress: ProgressFields = {}
+        self.state: str | None = None
         self.outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.changed = asyncio.Event()
 
     def report(self, progress: ProgressFields) -> None:
         if progress != self.progress:
             self.progress = progress
+            self.changed.set()
+
+    def set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
             self.changed.set()
 
     def finish(self, *, result: Any = None, exception: BaseException | None = None) -> None:

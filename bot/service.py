@@ -30,7 +30,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +42,7 @@ from bot.errors import (
     EmptyPrompt,
     ErasedMeanwhile,
     JobFailed,
+    JobLost,
     MethodNotEnabled,
     NotYourImage,
     NotEnoughPhotos,
@@ -49,6 +50,7 @@ from bot.errors import (
     PromptTooLong,
     QueueUnavailable,
     RateLimited,
+    ResultNotSaved,
     TooManyPhotos,
     TrainingAlreadyRunning,
     UnknownAspect,
@@ -61,6 +63,7 @@ from bot.settings import AUTO_CLASS_WORD, CLASS_WORD_CHOICES, BotSettings
 from bot.uploads import RefusedUpload, accept_upload
 from engine.api import (
     ASPECT_RATIOS,
+    JOB_TRIES,
     ApparentGender,
     JOB_QUEUES,
     CheckPhotoRequest,
@@ -80,8 +83,8 @@ from engine.api import (
 from engine.safety import PromptBlocklist
 from engine.styles import STYLES, UnknownStyle, apply_style, style_names
 from storage.blobs import BlobStore, owner_for
-from storage.db import Database, GeneratedImage, Job, PersonalModel, Photo, User
-from storage.errors import InvalidBlobKey, RecordNotFound
+from storage.db import Database, Erasure, GeneratedImage, Job, PersonalModel, Photo, User
+from storage.errors import InvalidBlobKey, RecordNotFound, StorageError
 
 _log = logging.getLogger(__name__)
 
@@ -97,6 +100,9 @@ _REQUEST_TYPES: dict[JobName, _RequestType] = {
     JobName.DRAW: DrawRequest,
 }
 _Result = TypeVar("_Result", CheckPhotoResult, TrainResult, ImagesResult)
+_T = TypeVar("_T")
+_SAVE_RETRIES_S = (0.2, 1.0, 3.0)
+"""Waits between attempts to record a finished job (a busy or briefly failing database)."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,38 @@ class Reply:
     job_ids: list[str] = field(default_factory=list)
 
 
+class ResumedWork:
+    """What `BotService.resume_all` finishes after a restart, handed to the adapters as each
+    user's jobs are done: the bot serves new commands meanwhile, and each adapter sends the replies
+    of its platform's users (``replies``) from when it is ready."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, asyncio.Queue[tuple[UserRef, Reply]]] = {}
+
+    @classmethod
+    def of(cls, replies: dict[UserRef, Reply]) -> ResumedWork:
+        """Work already finished (a caller that awaited `resume_all` itself)."""
+        work = cls()
+        for user, reply in replies.items():
+            work.put_nowait(user, reply)
+        return work
+
+    def _queue(self, platform: str) -> asyncio.Queue[tuple[UserRef, Reply]]:
+        return self._queues.setdefault(platform, asyncio.Queue())
+
+    def put_nowait(self, user: UserRef, reply: Reply) -> None:
+        self._queue(user.platform).put_nowait((user, reply))
+
+    async def put(self, user: UserRef, reply: Reply) -> None:
+        self.put_nowait(user, reply)
+
+    async def replies(self, platform: str) -> AsyncIterator[tuple[UserRef, Reply]]:
+        """The platform's finished work, as it comes; never ends (cancel the task reading it)."""
+        queue = self._queue(platform)
+        while True:
+            yield await queue.get()
+
+
 class BotService:
     """The conversation, over the database, the blob store and the job queue."""
 
@@ -155,6 +193,7 @@ class BotService:
         self._preset_name = preset_name
         self._clock = clock
         self._in_flight: set[int] = set()  # database job ids this process is waiting on
+        self._background: set[asyncio.Task[None]] = set()  # writes retried after their command ended
         self._user_locks: dict[int, asyncio.Lock] = {}
         self._quota_locks: dict[int, asyncio.Lock] = {}  # a user's quota check and job creation, as one
 
@@ -613,16 +652,13 @@ class BotService:
     async def _finish_training(self, job: Job, on_progress: ProgressCallback | None) -> Reply:
         result = await self._run(job, TrainResult, on_progress)
         await self._require_owned(job, [result.adapter_key])
-        model = await self._db.add_model(
-            job.user_id,
-            result.method,
-            result.base_preset,
-            result.adapter_key,
-            result.token,
-            result.class_word,
-            job.id,
+        model = await self._saved(
+            job,
+            lambda: self._db.finish_training(
+                job.id, result.method, result.base_preset, result.adapter_key, result.token,
+                result.class_word, result.to_dict(),
+            ),
         )
-        await self._db.update_job(job.id, state="done", progress=1.0, result=result.to_dict())
         lines = [texts.TRAINING_DONE.format(method=model.method, version=model.version)]
         if self._preset_name == "tiny":
             lines.append(texts.TINY_NOTE)
@@ -643,6 +679,8 @@ class BotService:
         """Photos, models (with versions) and running jobs."""
         account = await self._account(user)
         if not await self._db.has_consent(account.id):
+            if await self.erasure_pending(user):
+                return Reply(texts.FORGET_PENDING)
             return Reply(texts.STATUS_NOT_CONSENTED)
         photos = await self._db.list_photos(account.id)
         counts = {s: sum(p.status == s for p in photos) for s in ("accepted", "pending", "refused")}
@@ -658,19 +696,67 @@ class BotService:
         return Reply("\n".join(lines))
 
     async def forget(self, user: UserRef) -> Reply:
-        """Erase every row of the user (the user row keeps no platform id) and every blob and queue entry."""
+        """Erase every row of the user (the user row keeps no platform id), then every blob, queue
+        entry and running job. The rows go at once, in one transaction; what cannot be removed yet
+        (a job still stopping, an unwritable blob folder, an unreachable queue) stays a pending
+        `Erasure` that `settle_erasures` finishes, and the reply says so."""
         account = await self._account(user)
         jobs = await self._db.list_jobs(account.id)
         had_data = await self._db.has_consent(account.id) or bool(jobs)
-        await self._db.erase_user(account.id)
-        removed = await asyncio.to_thread(self._blobs.delete_owner, owner_for(account.id))
-        try:
-            await self._jobs.forget_jobs(arq_job_id(j.kind, j.id) for j in jobs)
-        except QueueUnavailable as exc:  # erasure must not depend on the queue; results expire
-            _log.warning("could not drop queue entries of user %d: %s", account.id, exc.detail)
+        erasure = await self._db.erase_user(account.id, [arq_job_id(j.kind, j.id) for j in jobs])
+        removed = await self._settle(erasure)
+        if removed is None:
+            return Reply(texts.FORGET_PENDING)
         if not had_data and not removed:
             return Reply(texts.FORGOTTEN_NOTHING)
         return Reply(texts.FORGOTTEN.format(blobs=removed))
+
+    async def erasure_pending(self, user: UserRef) -> bool:
+        """Whether this person's /forget is still being completed."""
+        return await self._db.erasure_pending_for(user.platform, user.platform_user_id)
+
+    async def settle_erasures(self) -> int:
+        """Try again to finish every pending erasure; returns how many are still pending."""
+        left = 0
+        for erasure in await self._db.pending_erasures():
+            if await self._settle(erasure) is None:
+                left += 1
+        return left
+
+    async def _settle(self, erasure: Erasure) -> int | None:
+        """One attempt at finishing an erasure: the number of blobs removed once it is done, None
+        while something is left (said in the log without any personal data)."""
+        owner = owner_for(erasure.user_id)
+        left: list[str] = []
+        try:
+            # Workers stop the owner's jobs and keep nothing they write from now on.
+            await self._jobs.mark_erased(owner, JOB_TRIES * self._timeout(JobName.TRAIN) + 3600)
+            await self._jobs.abort(erasure.job_ids)
+            await self._jobs.forget_jobs(erasure.job_ids)
+            if await self._jobs.running(erasure.job_ids):
+                left.append("a job still stopping")
+        except QueueUnavailable:
+            left.append("the queue unreachable")
+        try:
+            removed = await asyncio.to_thread(self._blobs.delete_owner, owner)
+        except (OSError, StorageError) as exc:
+            removed = 0
+            left.append(f"blobs not deletable ({type(exc).__name__})")
+        if not left:
+            try:
+                await self._jobs.forget_jobs(erasure.job_ids)  # results an aborted job left after it
+                if await self._jobs.unsettled(erasure.job_ids):
+                    left.append("queue entries")
+                elif not await self._jobs.compact_log():
+                    left.append("the queue's append-only file not rewritten")
+            except QueueUnavailable:
+                left.append("the queue unreachable")
+        if left:
+            _log.warning("erasure of user %d not finished yet: %s", erasure.user_id, ", ".join(left))
+            return None
+        await self._db.erasure_done(erasure.user_id)
+        _log.info("erasure of user %d finished", erasure.user_id)
+        return removed
 
     async def resume_pending(
         self, user: UserRef, on_progress: ProgressCallback | None = None
@@ -695,25 +781,34 @@ class BotService:
         reply.text = "\n".join(lines)
         return reply
 
-    async def resume_all(self) -> dict[UserRef, Reply]:
-        """``resume_pending`` for every user with unfinished jobs (a restarted chat side calls this).
+    async def resume_all(
+        self, deliver: Callable[[UserRef, Reply], Awaitable[None]] | None = None
+    ) -> dict[UserRef, Reply]:
+        """``resume_pending`` for every user with unfinished jobs (a restarted chat side calls this,
+        in the background: it serves new commands meanwhile).
 
-        Results are recorded for each user; the replies are returned so an adapter that can reach
-        those users may deliver them. Each user is finished on their own: one failure stops no other.
+        Results are recorded for each user, and each user's reply goes to ``deliver`` as soon as
+        their jobs are done (an adapter that can reach them sends it); all replies are returned too.
+        Users are finished side by side, each on their own: one failure stops no other.
         """
         replies: dict[UserRef, Reply] = {}
-        for user_id in await self._db.users_with_active_jobs():
+
+        async def one(user_id: int) -> None:
             account = await self._db.get_user(user_id)
             if account is None:
-                continue
+                return
             user = UserRef(account.platform, account.platform_user_id)
             try:
                 reply = await self.resume_pending(user)
             except BotError as e:
                 _log.warning("resuming the jobs of user %d failed: %s", user_id, e)
-                continue
+                return
             if reply is not None:
                 replies[user] = reply
+                if deliver is not None:
+                    await deliver(user, reply)
+
+        await asyncio.gather(*(one(user_id) for user_id in await self._db.users_with_active_jobs()))
         return replies
 
     # --- the inbox: platform events received but not yet handled -------------------------------
@@ -780,16 +875,28 @@ class BotService:
             raise await self._fail(job, JobFailed(texts.job_failed(what, "invalid_request"))) from exc
         self._in_flight.add(job.id)
         try:
-            await self._jobs.submit(name, request, queue_id)
-            await self._db.update_job(job.id, state="running", attempts_delta=1)
-            raw = await self._jobs.wait(
-                queue_id,
-                timeout=self._timeout(name),
-                on_progress=self._progress_sink(job, on_progress),
-            )
+            for attempt in range(1, JOB_TRIES + 1):
+                await self._jobs.submit(name, request, queue_id)
+                await self._db.update_job(job.id, state="queued", attempts_delta=1)
+                try:
+                    raw = await self._jobs.wait(
+                        queue_id,
+                        # A job a dead worker left is taken up again (engine.api.JOB_LEASE_S): as
+                        # many times as arq tries it, each within the job timeout.
+                        timeout=JOB_TRIES * self._timeout(name) + 60,
+                        on_progress=self._progress_sink(job, on_progress),
+                        on_state=self._state_sink(job),
+                    )
+                    break
+                except JobLost:  # the queue server lost it (restarted without its data): again
+                    if attempt == JOB_TRIES:
+                        raise
+                    _log.warning("job %s was lost by the queue; submitting it again", queue_id)
         except RecordNotFound as exc:  # /forget erased the row in the meantime
             raise ErasedMeanwhile() from exc
         except (JobFailed, QueueUnavailable) as exc:
+            if not await self._still_there(job):  # /forget aborted it: not a failure to report
+                raise ErasedMeanwhile() from exc
             await self._fail(job, exc)
             raise
         finally:
@@ -819,10 +926,14 @@ class BotService:
             pass
         return error
 
+    async def _still_there(self, job: Job) -> bool:
+        """Whether the job's row still exists (and is this job's: not erased by /forget)."""
+        current = await self._db.get_job(job.id)
+        return current is not None and current.created_at == job.created_at and current.kind == job.kind
+
     async def _check_not_erased(self, job: Job, raw: dict[str, Any]) -> None:
         """If the user used /forget while the job ran, delete what the worker wrote and stop."""
-        current = await self._db.get_job(job.id)
-        if current is not None and current.created_at == job.created_at and current.kind == job.kind:
+        if await self._still_there(job):
             return
         for key in _blob_keys(raw):
             try:
@@ -842,6 +953,57 @@ class BotService:
             return float(self.settings.training_timeout_s)
         return float(self.settings.interactive_timeout_s)
 
+    def _state_sink(self, job: Job) -> Callable[[str], Awaitable[None]]:
+        """Keep the row's state as the queue sees it: "running" only while a worker holds the job,
+        so /status never says running for a worker that died."""
+
+        async def sink(state: str) -> None:
+            try:
+                await self._db.update_job(job.id, state=state)
+            except RecordNotFound:
+                return  # erased meanwhile
+            except StorageError as exc:  # a busy database: the next change is written instead
+                _log.warning("job %d: state not written (%s)", job.id, type(exc).__name__)
+
+        return sink
+
+    async def _saved(self, job: Job, write: Callable[[], Awaitable[_T]]) -> _T:
+        """Record a finished job's result, trying again while the database is busy or failing; if
+        it still fails, the job is marked failed (so nothing waits on it) and the user told."""
+        for delay in _SAVE_RETRIES_S:
+            try:
+                return await write()
+            except RecordNotFound as exc:
+                raise ErasedMeanwhile() from exc
+            except StorageError as exc:
+                _log.warning("recording the result of job %d failed (%s); trying again", job.id, type(exc).__name__)
+                await asyncio.sleep(delay)
+        try:
+            return await write()
+        except RecordNotFound as exc:
+            raise ErasedMeanwhile() from exc
+        except StorageError as exc:
+            _log.error("recording the result of job %d failed for good: %s", job.id, exc)
+            if not await self._marked_failed(job):  # the database is still busy: keep at it
+                task = asyncio.create_task(self._mark_failed_later(job))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            raise ResultNotSaved(texts.job_label(job.kind)) from exc
+
+    async def _marked_failed(self, job: Job) -> bool:
+        try:
+            await self._db.update_job(job.id, state="failed", error="the result could not be saved")
+        except RecordNotFound:
+            return True
+        except StorageError:
+            return False
+        return True
+
+    async def _mark_failed_later(self, job: Job) -> None:
+        """Until the row says failed: a job left "queued" or "running" would block /train for good."""
+        while not await self._marked_failed(job):
+            await asyncio.sleep(_SAVE_RETRIES_S[-1])
+
     def _progress_sink(
         self, job: Job, on_progress: ProgressCallback | None
     ) -> Callable[[ProgressFields], Awaitable[None]]:
@@ -853,6 +1015,8 @@ class BotService:
                 await self._db.update_job(job.id, progress=_fraction(fields), message=line)
             except RecordNotFound:
                 return  # erased meanwhile: the result will be discarded
+            except StorageError as exc:  # a busy database must not stop the job: /status lags a step
+                _log.warning("job %d: progress not written (%s)", job.id, type(exc).__name__)
             if on_progress is not None:
                 await on_progress(line)
 

@@ -33,7 +33,7 @@ import io
 import logging
 import secrets
 import urllib.parse
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -71,7 +71,7 @@ from telegram.ext import (
 from bot import texts
 from bot.errors import BotError
 from bot.options import parse_options, parse_train_words
-from bot.service import BotService, ProgressCallback, Reply, Upload, UserRef
+from bot.service import BotService, ProgressCallback, Reply, ResumedWork, Upload, UserRef
 from bot.settings import BotSettings
 from bot.telegram_http import AiohttpRequest
 from engine.api import Refusal
@@ -167,12 +167,12 @@ async def serve_telegram(
     *,
     stop: asyncio.Event,
     webhook_secret: str | None = None,
-    resumed: Mapping[UserRef, Reply] | None = None,
+    resumed: ResumedWork | None = None,
 ) -> None:
     """Serve Telegram until ``stop`` is set, then stop gracefully.
 
-    ``resumed``: what `BotService.resume_all` finished at start-up; Telegram users get theirs in
-    their private chat. Cancelling the task stops at once instead: whatever uploads were not yet
+    ``resumed``: what `BotService.resume_all` finishes after a restart; Telegram users get theirs in
+    their private chat as it comes. Cancelling the task stops at once instead: whatever uploads were not yet
     handled are fetched again by the next start. Raises `TelegramStartError` when Telegram rejects
     the token.
     """
@@ -207,7 +207,7 @@ class TelegramAdapter:
         token: str,
         *,
         webhook_secret: str | None = None,
-        resumed: Mapping[UserRef, Reply] | None = None,
+        resumed: ResumedWork | None = None,
     ) -> None:
         if not token or token != token.strip():
             raise ValueError("telegram: the bot token is empty or has spaces; set TELEGRAM_TOKEN")
@@ -225,11 +225,8 @@ class TelegramAdapter:
         self._kept: set[int] = set()
         self._seen: set[int] = set()
         self._albums = _Albums(settings.album_wait_s, self._tasks)
-        self._resumed = {
-            int(user.platform_user_id): reply
-            for user, reply in (resumed or {}).items()
-            if user.platform == PLATFORM and user.platform_user_id.lstrip("-").isdigit()
-        }
+        self._resumed = resumed
+        self._delivering: asyncio.Task[None] | None = None
         self._app: _App | None = None
         self._intake: asyncio.Task[None] | None = None
         self._commands = self._command_table()
@@ -267,8 +264,8 @@ class TelegramAdapter:
         else:
             await self._start_webhook()
             self._intake = asyncio.create_task(self._pump(), name="telegram-webhook")
-        for user_id, reply in self._resumed.items():
-            self._tasks.spawn(self._deliver_resumed(self._app.bot, user_id, reply))
+        if self._resumed is not None:
+            self._delivering = asyncio.create_task(self._deliver_all_resumed(self._app.bot, self._resumed))
         _log.info("serving Telegram as @%s", self._app.bot.username)
 
     async def stop(self) -> None:
@@ -276,6 +273,7 @@ class TelegramAdapter:
         ``shutdown_grace_s``), confirm what was handled to Telegram, and disconnect."""
         app = self._require_app()
         await self._stop_intake()
+        await self._stop_delivering()
         self._albums.flush_all()
         await self._tasks.drain(self._settings.shutdown_grace_s)
         if self._settings.webhook_url is None:
@@ -285,6 +283,7 @@ class TelegramAdapter:
     async def abort(self) -> None:
         """Stop at once; uploads not yet answered are fetched again by the next start."""
         await self._stop_intake()
+        await self._stop_delivering()
         await self._tasks.cancel_all()
         await self._close()
 
@@ -826,6 +825,16 @@ class TelegramAdapter:
         if not private:
             return _Channel(bot, chat.id, message_id, interval=interval)
         return _Channel(bot, user.id, None, interval=interval, group=(chat.id, message_id))
+
+    async def _deliver_all_resumed(self, bot: Bot, resumed: ResumedWork) -> None:
+        async for user, reply in resumed.replies(PLATFORM):
+            if user.platform_user_id.lstrip("-").isdigit():
+                self._tasks.spawn(self._deliver_resumed(bot, int(user.platform_user_id), reply))
+
+    async def _stop_delivering(self) -> None:
+        if self._delivering is not None:
+            self._delivering.cancel()
+            await asyncio.gather(self._delivering, return_exceptions=True)
 
     async def _deliver_resumed(self, bot: Bot, user_id: int, reply: Reply) -> None:
         """Send what a restart's `BotService.resume_all` finished for one user, privately."""

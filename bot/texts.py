@@ -137,6 +137,9 @@ _ERROR_CODES: dict[ErrorCode, str] = {
         "the image server's GPU has too little memory for this kind of model. Try /train lora; "
         "the bot's operator can find the setting to change in the worker's log."
     ),
+    ErrorCode.ERASED: (
+        "you used /forget meanwhile, so nothing it made was kept. Send /start to begin again."
+    ),
     ErrorCode.INTERNAL: (
         "something broke on the image server. Try again; if it keeps happening, "
         "tell the bot's operator."
@@ -373,6 +376,15 @@ CONSOLE_STORAGE_FAILED = (
 )
 CONSOLE_FORGOTTEN_FILES = "I also deleted the {count} images I had saved in {folder}."
 FORGOTTEN_NOTHING = "There was nothing stored about you. Send /start to begin."
+FORGET_PENDING = (
+    "I erased your photos, models, images and job records from the database, but some files or "
+    "queue entries could not be removed yet (a job still stopping, or a storage problem). I keep "
+    "trying until they are gone, without anything else from you; /status says when it is finished."
+)
+RESULT_NOT_SAVED = (
+    "The {what} finished, but I could not save its result (the bot's storage failed). "
+    "Send the command again in a minute; if it keeps happening, tell the bot's operator."
+)
 ERASED_MEANWHILE = "You used /forget while this was running, so its result was discarded."
 RESUMED = "Finished work that was interrupted by a restart:"
 

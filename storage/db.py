@@ -112,6 +112,17 @@ class PersonalModel:
 
 
 @dataclass(frozen=True)
+class Erasure:
+    """A /forget whose rows are erased and whose files and queue entries are being removed."""
+
+    user_id: int
+    platform: str
+    platform_user_id: str
+    job_ids: list[str]
+    requested_at: float
+
+
+@dataclass(frozen=True)
 class GeneratedImage:
     """An image rendered for a user."""
 
@@ -226,6 +237,21 @@ MIGRATIONS: list[Migration] = [
         # "woman", "person") is the majority of the user's. Older rows stay NULL: unknown.
         """
         ALTER TABLE photos ADD COLUMN apparent_gender TEXT CHECK (apparent_gender IN ('female', 'male'));
+        """,
+    ),
+    (
+        4,
+        # An erasure whose rows are gone but whose blobs, queue entries or running jobs may not be
+        # yet: kept (with the identity, so the person can be told it is not finished) until done.
+        """
+        CREATE TABLE erasures (
+            user_id INTEGER PRIMARY KEY REFERENCES users (id),
+            platform TEXT NOT NULL,
+            platform_user_id TEXT NOT NULL,
+            job_ids TEXT NOT NULL CHECK (json_valid(job_ids)),
+            requested_at REAL NOT NULL
+        );
+        CREATE INDEX erasures_by_identity ON erasures (platform, platform_user_id);
         """,
     ),
 ]
@@ -539,6 +565,41 @@ class Database:
         )
         return PersonalModel(**_fields(_present(row)))
 
+    async def finish_training(
+        self,
+        job_id: int,
+        method: str,
+        base_preset: str,
+        blob_key: str,
+        token: str,
+        class_word: str,
+        result: dict[str, Any],
+    ) -> PersonalModel:
+        """Record the model a training job made and mark the job done, in one transaction; a second
+        call for the same job returns the model the first recorded (a retried write adds nothing)."""
+        _require_text("model method", method)
+        encoded = _encode_json("job result", result)
+        now = self._clock()
+        async with self._write() as conn:
+            job = await _fetch_one(conn, "SELECT user_id FROM jobs WHERE id = ?", (job_id,))
+            if job is None:
+                raise RecordNotFound(f"job {job_id} does not exist; it may have been erased with its user")
+            row = await _fetch_one(conn, f"SELECT {_MODEL} FROM models WHERE job_id = ?", (job_id,))
+            if row is None:
+                row = await _fetch_one(
+                    conn,
+                    "INSERT INTO models (user_id, method, version, base_preset, blob_key, token,"
+                    " class_word, job_id, created_at)"
+                    " SELECT ?, ?, COALESCE(MAX(version), 0) + 1, ?, ?, ?, ?, ?, ?"
+                    f" FROM models WHERE user_id = ? RETURNING {_MODEL}",
+                    (job[0], method, base_preset, blob_key, token, class_word, job_id, now, job[0]),
+                )
+            await conn.execute(
+                "UPDATE jobs SET state = 'done', progress = 1, result = ?, updated_at = ? WHERE id = ?",
+                (encoded, now, job_id),
+            )
+        return PersonalModel(**_fields(_present(row)))
+
     async def latest_model(self, user_id: int) -> PersonalModel | None:
         """The user's highest-version model, or None."""
         row = await self._read_one(
@@ -636,25 +697,69 @@ class Database:
 
     # -- erasure -------------------------------------------------------------------------------
 
-    async def erase_user(self, user_id: int) -> None:
-        """Delete all of the user's rows and their platform id, in one transaction.
+    async def erase_user(self, user_id: int, job_ids: Sequence[str] = ()) -> Erasure:
+        """Delete all of the user's rows and their platform id, in one transaction, and record the
+        erasure as pending (`Erasure`): the caller removes blobs and queue entries (``job_ids``),
+        then calls `erasure_done`, which drops the last of the identity.
 
         The user row stays as a tombstone without the identity (``platform_user_id`` becomes
         ``erased:<id>``): writes of work still in flight for the id keep a row to refer to, and the
         returning person gets a new row, a new id (AUTOINCREMENT never reuses one) and so a new blob
         folder. Blobs are not touched here: the caller removes them with `BlobStore.delete_owner`.
         """
+        now = self._clock()
         async with self._write() as conn:
+            user = await _fetch_one(conn, "SELECT platform, platform_user_id FROM users WHERE id = ?", (user_id,))
+            if user is None:
+                raise RecordNotFound(f"user {user_id} does not exist")
             # Children first, although SET NULL references would cope with any order.
             for table in ("images", "models", "jobs", "photos", "consents"):
                 await conn.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
             await conn.execute(
                 "UPDATE users SET platform_user_id = ? WHERE id = ?", (f"{ERASED_PREFIX}{user_id}", user_id)
             )
+            pending = await _fetch_one(conn, "SELECT job_ids FROM erasures WHERE user_id = ?", (user_id,))
+            identity = (str(user[0]), str(user[1]))
+            if pending is not None:  # erased again before the first finished: one erasure, all jobs
+                job_ids = sorted({*json.loads(pending[0]), *job_ids})
+            if not identity[1].startswith(ERASED_PREFIX):
+                await conn.execute(
+                    "INSERT INTO erasures (user_id, platform, platform_user_id, job_ids, requested_at)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET job_ids = excluded.job_ids",
+                    (user_id, *identity, json.dumps(list(job_ids)), now),
+                )
+            else:
+                await conn.execute(
+                    "UPDATE erasures SET job_ids = ? WHERE user_id = ?", (json.dumps(list(job_ids)), user_id)
+                )
         # secure_delete (every connection) zeroed the freed space; the WAL still holds the pages as
         # they were before the delete until a checkpoint copies the new ones back and empties it.
         await self.checkpoint_wal()
-        _log.info("erased all data of user %d", user_id)
+        _log.info("erased all rows of user %d", user_id)
+        erasure = await self.pending_erasure(user_id)
+        assert erasure is not None
+        return erasure
+
+    async def pending_erasure(self, user_id: int) -> Erasure | None:
+        row = await self._read_one(f"SELECT {_ERASURE} FROM erasures WHERE user_id = ?", (user_id,))
+        return None if row is None else _erasure(row)
+
+    async def pending_erasures(self) -> list[Erasure]:
+        """Erasures not yet done, oldest first."""
+        rows = await self._read_all(f"SELECT {_ERASURE} FROM erasures ORDER BY requested_at", ())
+        return [_erasure(row) for row in rows]
+
+    async def erasure_pending_for(self, platform: str, platform_user_id: str) -> bool:
+        """Whether this person's /forget is still being completed."""
+        row = await self._read_one(
+            "SELECT 1 FROM erasures WHERE platform = ? AND platform_user_id = ?", (platform, platform_user_id)
+        )
+        return row is not None
+
+    async def erasure_done(self, user_id: int) -> None:
+        """The erasure's files and queue entries are gone: drop its row (and with it the identity)."""
+        await self._write_one("DELETE FROM erasures WHERE user_id = ?", (user_id,))
+        await self.checkpoint_wal()
 
     async def checkpoint_wal(self) -> None:
         """Copy the WAL into the database file and truncate it (what erasure needs to be complete)."""
@@ -831,6 +936,15 @@ def _present(row: sqlite3.Row | None) -> sqlite3.Row:
     if row is None:
         raise StorageError("the database returned no row where one was expected; report this bug")
     return row
+
+
+_ERASURE = "user_id, platform, platform_user_id, job_ids, requested_at"
+
+
+def _erasure(row: sqlite3.Row) -> Erasure:
+    fields = _fields(row)
+    fields["job_ids"] = [str(j) for j in json.loads(fields["job_ids"])]
+    return Erasure(**fields)
 
 
 def _job(row: sqlite3.Row) -> Job:

@@ -27,7 +27,7 @@ from PIL import Image
 from bot import texts
 from bot.discord_adapter import DiscordSettings, fit_under, serve_discord
 from bot.jobs import JobClient
-from bot.service import BotService, Reply, Upload, UserRef
+from bot.service import BotService, Reply, ResumedWork, Upload, UserRef
 from bot.settings import BotSettings
 from engine.api import ASPECT_RATIOS, Refusal
 from engine.styles import STYLES
@@ -111,7 +111,7 @@ async def serving(
     place: Place,
     *,
     dm_uploads: bool = True,
-    resumed: dict[UserRef, Reply] | None = None,
+    resumed: ResumedWork | None = None,
 ) -> AsyncIterator[None]:
     """`serve_discord` (the entry point `avatarbooth run` uses) connected to the fake, until exit."""
     stop = asyncio.Event()
@@ -384,7 +384,7 @@ async def test_work_finished_while_the_bot_was_down_reaches_its_user_by_dm(
     assert list(resumed) == [ref]
 
     dm = f"/channels/{alice.dm_channel_id}/messages"
-    async with serving(fake, stack.service, place, resumed=resumed):
+    async with serving(fake, stack.service, place, resumed=ResumedWork.of(resumed)):
         sent = await fake.wait_for(lambda r: r.method == "POST" and r.path == dm)
     assert texts.RESUMED in sent.json["content"]
     (image,) = sent.files
@@ -499,8 +499,8 @@ async def test_the_defer_goes_out_before_any_slow_call_and_a_stop_is_announced(
         assert acknowledged.acknowledged_at - acknowledged.dispatched_at < 3.0
         account = await stack.db.get_or_create_user("discord", str(alice.id))
         async with asyncio.timeout(5):
-            while not await stack.db.list_jobs(account.id, states=("running",)):
-                await asyncio.sleep(0.02)  # the slow call began after the acknowledgement
+            while not any(job.attempts for job in await stack.db.list_jobs(account.id)):
+                await asyncio.sleep(0.02)  # the slow call (submitted, no worker) began after the acknowledgement
         assert not any(edit_of(draw)(r) for r in fake.requests)
     # Stopping the bot tells the user instead of leaving "thinking..." up.
     await fake.wait_for(edit_of(draw, texts.DISCORD_INTERRUPTED), timeout=1)

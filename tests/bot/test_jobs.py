@@ -189,17 +189,20 @@ async def test_an_unreachable_queue_is_reported_readably(valkey_url: str) -> Non
     assert caught.value.__cause__ is not None
 
 
-async def test_losing_the_server_while_waiting_is_reported(tmp_path: Path) -> None:
+async def test_losing_the_server_for_longer_than_the_grace_is_reported(tmp_path: Path) -> None:
+    """A short outage (a restarting Valkey) is waited out; one past ``outage_grace_s`` is said."""
     server = ValkeyServer(port=None, data_dir=tmp_path / "lost")
     server.start()
-    jobs = await JobClient.connect(f"redis://127.0.0.1:{server.port}", poll_delay=0.02)
+    jobs = await JobClient.connect(f"redis://127.0.0.1:{server.port}", poll_delay=0.02, outage_grace_s=1.0)
     try:
         await jobs.submit(JobName.CHECK_PHOTO, check_request("check_photo-15"), "check_photo-15")
         waiting = asyncio.ensure_future(jobs.wait("check_photo-15", timeout=10))
         await asyncio.sleep(0.1)
         server.stop()
+        await asyncio.sleep(0.6)
+        assert not waiting.done()  # still within the grace
         with pytest.raises(QueueUnavailable):
-            await waiting
+            await asyncio.wait_for(waiting, 3)
     finally:
         await jobs.close()
 

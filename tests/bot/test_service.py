@@ -8,11 +8,13 @@ worker; their accepted photos are database rows as a finished check records them
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from safetensors import safe_open
 
 from bot import texts
 from bot.errors import (
+    ResultNotSaved,
     ConsentRequired,
     EmptyPrompt,
     MethodNotEnabled,
@@ -158,10 +161,10 @@ def is_png_of_side(path: Path, side: int) -> bool:
         return image.format == "PNG" and image.size == (side, side)
 
 
-async def wait_for_state(db: Database, user_id: int, state: str) -> None:
-    """Wait until one of the user's jobs has reached `state` (the service submitted it)."""
+async def wait_for_submitted(db: Database, user_id: int) -> None:
+    """Wait until the service has put one of the user's jobs on the queue (its row counts a try)."""
     async with asyncio.timeout(10):
-        while not await db.list_jobs(user_id, states=(state,)):
+        while not any(job.attempts for job in await db.list_jobs(user_id)):
             await asyncio.sleep(0.02)
 
 
@@ -338,7 +341,7 @@ async def test_a_failed_check_keeps_nothing_of_the_photo(
 ) -> None:
     user_id = await consented(service, db)
     adding = asyncio.ensure_future(service.add_photos(ALICE, [Upload("me.jpg", face_photo(0))]))
-    await wait_for_state(db, user_id, "running")  # stored and queued; no worker has run it yet
+    await wait_for_submitted(db, user_id)  # stored and queued; no worker has run it yet
     (photo,) = await db.list_photos(user_id)
     blobs.delete(photo.blob_key)  # lost before the check ran: the worker cannot read it
     async with running_worker(valkey_url, blobs_dir, tiny_preset_dir.parent):
@@ -370,7 +373,7 @@ async def test_a_restart_loses_no_photo(
     first = make_service(db, blobs, jobs, clock)
     user_id = await consented(first, db)
     adding = asyncio.ensure_future(first.add_photos(ALICE, [Upload("me.jpg", face_photo(0))]))
-    await wait_for_state(db, user_id, "running")  # stored and queued; no worker has run it yet
+    await wait_for_submitted(db, user_id)  # stored and queued; no worker has run it yet
     adding.cancel()  # the chat process dies
     await asyncio.gather(adding, return_exceptions=True)
     (pending,) = await db.list_photos(user_id)
@@ -425,7 +428,7 @@ async def submitted_class_word(service: BotService, db: Database, user: UserRef 
     user_id = (await db.get_or_create_user(user.platform, user.platform_user_id)).id
     training = asyncio.ensure_future(service.train(user, **train))
     try:
-        await wait_for_state(db, user_id, "running")
+        await wait_for_submitted(db, user_id)
     finally:
         training.cancel()
     (job,) = await db.list_jobs(user_id)
@@ -535,6 +538,60 @@ async def test_train_then_draw_with_the_new_model_then_forget_it_all(
     assert await db.count_images_since(user_id, 0) == 0
     for queue_id in (*trained.job_ids, *drawn.job_ids):
         assert not await jobs.redis.exists(result_key_prefix + queue_id, progress_key(queue_id))
+
+
+@contextlib.contextmanager
+def write_locked(path: Path) -> Iterator[sqlite3.Connection]:
+    """Another process's view of a busy database: a connection holding its write lock."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield other
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("released", [True, False], ids=["released-during-retries", "held-throughout"])
+async def test_a_busy_database_when_the_model_is_recorded_is_retried_then_said(
+    tmp_path: Path, blobs: LocalBlobStore, jobs: JobClient, clock: FakeClock, worker: None,
+    monkeypatch: pytest.MonkeyPatch, released: bool,
+) -> None:
+    """A finished training whose model row could not be written used to stay "running" for good and
+    block /train until a restart."""
+    monkeypatch.setattr("storage.db.BUSY_TIMEOUT_MS", 300)  # so that a write gives up in 0.3 s
+    path = tmp_path / "busy.sqlite3"
+    async with Database.open(path, clock=clock) as db:
+        service = make_service(db, blobs, jobs, clock)
+        user_id = await consented(service, db)
+        await enrol(service, 3)
+        training = asyncio.create_task(service.train(ALICE))
+        async with asyncio.timeout(10):
+            while not (trains := [j for j in await db.list_jobs(user_id) if j.kind == "train" and j.attempts]):
+                await asyncio.sleep(0.02)
+        with write_locked(path):
+            async with asyncio.timeout(60):
+                while not await jobs.redis.exists(result_key_prefix + f"train-{trains[0].id}"):
+                    await asyncio.sleep(0.02)  # the worker is done; the chat side now fails to write
+            if released:
+                await asyncio.sleep(0.5)  # past the first attempt, before the last
+            else:
+                with pytest.raises(ResultNotSaved) as said:
+                    await training
+        if released:
+            reply = await training
+            assert "lora model v1 is ready" in reply.text
+            assert [m.version for m in await db.list_models(user_id)] == [1]  # recorded once
+            assert (await db.list_jobs(user_id))[-1].state == "done"
+            return
+        assert said.value.user_message == texts.RESULT_NOT_SAVED.format(what="training")
+        assert await db.list_models(user_id) == []
+        async with asyncio.timeout(10):  # once the database takes writes again, the row says failed
+            while await db.active_job(user_id, "train") is not None:
+                await asyncio.sleep(0.1)
+        (train,) = [j for j in await db.list_jobs(user_id) if j.kind == "train"]
+        assert (train.state, train.error) == ("failed", "the result could not be saved")
 
 
 @pytest.mark.slow

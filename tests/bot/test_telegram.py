@@ -21,7 +21,7 @@ from telegram import Bot
 
 from bot import texts
 from bot.jobs import JobClient
-from bot.service import BotService, Upload, UserRef
+from bot.service import BotService, ResumedWork, Upload, UserRef
 from bot.settings import BotSettings
 from bot.telegram_adapter import (
     TELEGRAM_DOWNLOAD_LIMIT,
@@ -308,9 +308,39 @@ async def test_work_finished_at_start_up_reaches_its_user(
 
     resumed = await service.resume_all()  # what `avatarbooth run` does before serving
     assert list(resumed) == [ann_ref]
-    async with serving(service, telegram_settings(tg), resumed=resumed):
+    async with serving(service, telegram_settings(tg), resumed=ResumedWork.of(resumed)):
         await tg.wait_text(ann.id, texts.RESUMED)
         await tg.wait_for(lambda: photos_in(tg, ann.id))
+
+
+async def test_a_restarted_bot_answers_at_once_and_sends_interrupted_work_when_it_is_done(
+    tg: FakeTelegram, service: BotService, db: Database, valkey_url: str, blobs_dir: Path, tiny_preset_dir: Path
+) -> None:
+    """Start-up used to wait for every interrupted job before answering anyone (hours with real
+    training): now the resume runs beside the adapter, which sends each result as it comes."""
+    ann, bob = tg.user(1001, "Ann"), tg.user(1002, "Bob")
+    ann_ref = UserRef("telegram", str(ann.id))
+    await service.agree(ann_ref)
+    tg.send_text(ann, "/help")  # Ann's private chat is open
+    # A photo check whose process "died" while no worker ran: its row stays queued, as after a crash.
+    interrupted = asyncio.create_task(service.add_photos(ann_ref, [Upload(None, face_photo(0))]))
+    uid = await user_id(db, ann)
+    while not any(job.attempts for job in await db.list_jobs(uid)):
+        await asyncio.sleep(0.02)
+    interrupted.cancel()
+    await asyncio.gather(interrupted, return_exceptions=True)
+
+    resumed = ResumedWork()
+    resuming = asyncio.create_task(service.resume_all(deliver=resumed.put))  # as `avatarbooth run` does
+    async with serving(service, telegram_settings(tg), resumed=resumed):
+        tg.send_text(bob, "/start")
+        await tg.wait_text(bob.id, "Welcome")  # answered while Ann's check still waits for a worker
+        assert not resuming.done() and not any(texts.RESUMED in t for t in tg.texts_in(ann.id))
+        async with running_worker(valkey_url, blobs_dir, tiny_preset_dir.parent):
+            await tg.wait_text(ann.id, texts.RESUMED)
+            await asyncio.wait_for(resuming, 30)
+    (photo,) = await db.list_photos(uid)
+    assert photo.status == "accepted"
 
 
 async def test_a_button_pressed_by_another_user_does_nothing(
