@@ -106,8 +106,8 @@ def write_config(folder: Path, tg: FakeTelegram, args: argparse.Namespace) -> Pa
 
 
 @asynccontextmanager
-async def bot_process(config: Path, tg: FakeTelegram, log: Path) -> AsyncIterator[None]:
-    """`avatarbooth run` serving the fake server; yields once it polls, stops it with SIGTERM."""
+async def bot_process(config: Path, tg: FakeTelegram, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`avatarbooth run` serving the fake server; yields it once it polls, stops it with SIGTERM."""
     env = {
         **os.environ,
         "TELEGRAM_TOKEN": TOKEN,
@@ -121,12 +121,13 @@ async def bot_process(config: Path, tg: FakeTelegram, log: Path) -> AsyncIterato
             sys.executable, "-m", "avatarbooth", "run", "--config", str(config),
             cwd=ROOT, env=env, stdout=output, stderr=output,
         )
+    polls = len(tg.calls_of("getUpdates"))  # a second bot on the same server: its own first poll
     try:
-        while not tg.calls_of("getUpdates"):
+        while len(tg.calls_of("getUpdates")) <= polls:
             if process.returncode is not None:
                 raise RuntimeError(f"the bot stopped while starting:\n{log.read_text()[-3000:]}")
             await asyncio.sleep(0.1)
-        yield
+        yield process
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
