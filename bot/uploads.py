@@ -2,7 +2,9 @@
 before anything is stored or sent to a worker (``accept_upload``).
 
 Order matters: byte size first, then the header (format and pixel count) without decoding, and only
-then a full decode, so a decompression bomb or a huge file is refused without being unpacked.
+then a read of every byte of the picture, so a decompression bomb or a huge file is refused without
+being unpacked. That read keeps memory small whatever the size (``_decode_fully``), and PNGs and most
+JPEGs lose their metadata without being decoded at all.
 Truncated files are refused: Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +59,7 @@ def inspect_upload(data: bytes, settings: BotSettings) -> CheckedImage | Refused
     if isinstance(header, RefusedUpload):
         return header
     image_format, width, height = header
-    loaded = _decode_fully(data)
+    loaded = _decode_fully(data, image_format)
     if loaded is not None:
         return loaded
     if min(width, height) < settings.min_side:
@@ -86,13 +89,86 @@ def _read_header(data: bytes, settings: BotSettings) -> tuple[str, int, int] | R
     return image_format, width, height
 
 
-def _decode_fully(data: bytes) -> RefusedUpload | None:
-    """Decode every pixel: a truncated or corrupt file fails here (it would fail later anyway)."""
+def _decode_fully(data: bytes, image_format: str) -> RefusedUpload | None:
+    """Read every byte of the picture: a truncated or corrupt file fails here (it would fail later
+    anyway). Memory stays small for any size the header allowed: a JPEG is decoded at 1/8 scale
+    (every coefficient is still read), a PNG's compressed stream is inflated and counted, not kept.
+    A 40-MP PNG took the chat process 366 MB when it was decoded whole."""
     try:
+        if image_format == "PNG":
+            problem = _png_stream_problem(data)
+            return None if problem is None else RefusedUpload(Refusal.TRUNCATED, problem)
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
+            if image_format == "JPEG":
+                image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         return RefusedUpload(Refusal.TRUNCATED, f"{type(exc).__name__}: {exc}")
+    return None
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel by colour type
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_INFLATE_STEP = 1 << 20
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]] | str:
+    """The PNG's chunks (type, body) up to IEND, CRCs checked; a string saying what is wrong else."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return "no PNG signature"
+    chunks, i = [], len(_PNG_SIGNATURE)
+    while i + 12 <= len(data):
+        length = int.from_bytes(data[i : i + 4], "big")
+        kind, body = data[i + 4 : i + 8], data[i + 8 : i + 8 + length]
+        crc = data[i + 8 + length : i + 12 + length]
+        if len(body) != length or len(crc) != 4:
+            return f"chunk {kind!r} cut off"
+        if zlib.crc32(kind + body).to_bytes(4, "big") != crc:
+            return f"chunk {kind!r} is corrupt (CRC)"
+        chunks.append((kind, body))
+        i += 12 + length
+        if kind == b"IEND":
+            return chunks
+    return "no IEND chunk: the file is cut off"
+
+
+def _png_stream_problem(data: bytes) -> str | None:
+    """What is wrong with the PNG's pixel stream, or None: it inflates to exactly the size its
+    header implies. The output is counted in 1 MiB steps and dropped."""
+    chunks = _png_chunks(data)
+    if isinstance(chunks, str):
+        return chunks
+    if not chunks or chunks[0][0] != b"IHDR" or len(chunks[0][1]) != 13:
+        return "no IHDR chunk first"
+    header = chunks[0][1]
+    width, height = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
+    depth, colour, interlace = header[8], header[9], header[12]
+    if colour not in _PNG_SAMPLES:
+        return f"unknown colour type {colour}"
+    bits = depth * _PNG_SAMPLES[colour]
+    passes = _ADAM7 if interlace == 1 else ((0, 0, 1, 1),)
+    expected = 0
+    for x0, y0, dx, dy in passes:
+        pass_width, pass_height = (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy
+        if pass_width > 0 and pass_height > 0:
+            expected += pass_height * (1 + (pass_width * bits + 7) // 8)
+    inflater, produced = zlib.decompressobj(), 0
+    try:
+        for kind, body in chunks:
+            if kind != b"IDAT":
+                continue
+            pending = body
+            while pending:
+                produced += len(inflater.decompress(pending, _INFLATE_STEP))
+                pending = inflater.unconsumed_tail
+                if produced > expected:
+                    return "more pixel data than the header says"
+        produced += len(inflater.flush())  # every input byte is consumed: what is left is small
+    except zlib.error as exc:
+        return f"pixel data corrupt: {exc}"
+    if not inflater.eof or produced != expected:
+        return f"pixel data cut off ({produced} of {expected} bytes)"
     return None
 
 
@@ -124,7 +200,29 @@ def strip_metadata(data: bytes, image_format: str) -> bytes:
         stripped = _strip_jpeg(data)
         if stripped is not None:
             return stripped
+    if image_format == "PNG":
+        stripped = _strip_png(data)
+        if stripped is not None:
+            return stripped
     return _reencode(data, image_format)
+
+
+_PNG_KEPT = {b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"sBIT", b"bKGD"}
+"""What a PNG keeps: its pixels and how to show their colours. Text (tEXt, zTXt, iTXt: where XMP
+lives), EXIF, times, physical size and anything else are dropped, and so is whatever follows IEND."""
+
+
+def _strip_png(data: bytes) -> bytes | None:
+    """The PNG's chunks but metadata, copied without decoding; None when it has an EXIF chunk
+    (its orientation is applied by re-encoding instead)."""
+    chunks = _png_chunks(data)
+    if isinstance(chunks, str) or any(kind == b"eXIf" for kind, _ in chunks):
+        return None
+    out = bytearray(_PNG_SIGNATURE)
+    for kind, body in chunks:
+        if kind in _PNG_KEPT:
+            out += len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+    return bytes(out)
 
 
 def _orientation(data: bytes) -> int:

@@ -6,8 +6,11 @@ import hashlib
 import io
 import os
 import struct
+import subprocess
+import sys
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 from PIL import ExifTags, Image, ImageFile, PngImagePlugin
@@ -17,6 +20,8 @@ from bot.settings import BotSettings
 from bot.uploads import CheckedImage, RefusedUpload, accept_upload, inspect_upload, strip_metadata
 from engine.api import ErrorCode, Refusal
 from tests.support import face_photo, gps_jpeg, pixels
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SETTINGS = BotSettings()
 
@@ -158,6 +163,65 @@ def test_metadata_is_stripped_from_every_format() -> None:
     assert b"Location" not in png and b"eXIf" not in png and b"PhoneCo" not in png
     assert pixels(png) == pixels(out.getvalue())
 
+
+
+def test_a_png_without_exif_loses_its_text_and_trailing_bytes_without_being_re_encoded() -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Location", "52.5200 N, 13.4050 E")
+    info.add_itxt("XML:com.adobe.xmp", "<x:xmpmeta>GPS</x:xmpmeta>")
+    out = io.BytesIO()
+    with Image.open(io.BytesIO(face_photo(2))) as image:
+        image.save(out, format="PNG", pnginfo=info)
+    tainted = out.getvalue() + b"PK\x03\x04appended.zip"
+    png = strip_metadata(tainted, "PNG")
+    assert b"Location" not in png and b"xmpmeta" not in png and b"PK\x03\x04" not in png
+    assert pixels(png) == pixels(out.getvalue())
+    idat = out.getvalue().index(b"IDAT")
+    assert out.getvalue()[idat : idat + 4096] in png  # the compressed pixels copied as they were
+
+
+def _png(width: int, height: int, rows: bytes | None = None, *, crc_ok_but_corrupt: bool = False) -> bytes:
+    """An RGB PNG, its zero rows compressed as a stream (never whole in memory)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer = zlib.compressobj(9)
+    row = rows if rows is not None else b"\x00" * (1 + 3 * width)
+    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    if crc_ok_but_corrupt:  # damaged before the CRC was computed: only inflating finds it
+        body = body[:20] + bytes(b ^ 0x5A for b in body[20:40]) + body[40:]
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def test_a_png_whose_pixel_stream_is_corrupt_or_short_is_truncated() -> None:
+    assert not isinstance(inspect_upload(_png(640, 480), SETTINGS), RefusedUpload)
+    corrupt = inspect_upload(_png(640, 480, crc_ok_but_corrupt=True), SETTINGS)
+    assert isinstance(corrupt, RefusedUpload) and corrupt.refusal is Refusal.TRUNCATED
+    short_row = inspect_upload(_png(640, 480, b"\x00" * (3 * 640)), SETTINGS)  # a byte short per row
+    assert isinstance(short_row, RefusedUpload) and short_row.refusal is Refusal.TRUNCATED
+
+
+def test_a_40_megapixel_png_costs_the_chat_side_little_memory(tmp_path: Path) -> None:
+    """A 40-MP PNG of a few hundred kB used to take the chat process 366 MB (decoded to check it,
+    decoded again to strip it). Measured in a fresh process: its peak resident size."""
+    script = (
+        "import resource, sys; sys.path.insert(0, sys.argv[1])\n"
+        "from tests.bot.test_uploads import _png, SETTINGS\n"
+        "from bot.uploads import accept_upload, RefusedUpload\n"
+        "data = _png(7000, 5700)\n"
+        "accept_upload(_png(640, 480), SETTINGS)  # imports and Pillow warmed up\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "result = accept_upload(data, SETTINGS)\n"
+        "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+        "print(isinstance(result, RefusedUpload), len(data), grown)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(ROOT)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    refused, size, grown_kib = done.stdout.split()
+    assert refused == "False" and int(size) < 1_000_000
+    assert int(grown_kib) < 48 * 1024, f"{int(grown_kib) / 1024:.0f} MiB for one upload"
 
 
 def test_accepting_an_upload_strips_it_and_hashes_what_is_kept() -> None:
