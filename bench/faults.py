@@ -89,7 +89,8 @@ def write_config(data: Path, models: Path, tg: FakeTelegram) -> Path:
     return config
 
 
-async def enrol(tg: FakeTelegram, user: FakeUser) -> None:
+async def agree_and_send_album(tg: FakeTelegram, user: FakeUser) -> None:
+    """/start, the consent button, then an album of 3 selfies (not waiting for its answer)."""
     tg.send_text(user, "/start")
     consent = await tg.wait_text(user.id, "Welcome to AvatarBooth", timeout=120)
     agree = next(b["callback_data"] for row in consent["reply_markup"]["inline_keyboard"] for b in row)
@@ -97,6 +98,10 @@ async def enrol(tg: FakeTelegram, user: FakeUser) -> None:
     await tg.wait_text(user.id, "consent is recorded", timeout=120)
     for n in range(3):
         tg.send_photo(user, face_photo(n), media_group_id=f"album-{user.id}")
+
+
+async def enrol(tg: FakeTelegram, user: FakeUser) -> None:
+    await agree_and_send_album(tg, user)
     await tg.wait_text(user.id, "3 of 3 photos", timeout=120)
 
 
@@ -149,7 +154,7 @@ def photos_sent(tg: FakeTelegram, user: FakeUser) -> int:
     return sum(1 for message in tg.sent_to(user.id) if message.get("photo"))
 
 
-def tally(accepted: int, delivered_counts: list[int]) -> dict[str, int]:
+def tally(accepted: int, delivered_counts: list[int]) -> dict[str, Any]:
     return {
         "accepted": accepted,
         "delivered": sum(1 for c in delivered_counts if c >= 1),
@@ -186,13 +191,7 @@ async def bot_killed(tg: FakeTelegram, data: Path, models: Path, *, mid_album: b
     user = tg.user(5002, "Bo")
     async with bot_process(config, tg, data / "bot.log") as process:
         if mid_album:
-            tg.send_text(user, "/start")
-            consent = await tg.wait_text(user.id, "Welcome to AvatarBooth", timeout=120)
-            agree = next(b["callback_data"] for row in consent["reply_markup"]["inline_keyboard"] for b in row)
-            tg.press(user, consent, agree)
-            await tg.wait_text(user.id, "consent is recorded", timeout=120)
-            for n in range(3):
-                tg.send_photo(user, face_photo(n), media_group_id=f"album-{user.id}")
+            await agree_and_send_album(tg, user)
             await until(lambda: tg.pending_updates() == 0, 30, "the album fetched")
         else:
             await enrol(tg, user)

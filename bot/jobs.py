@@ -176,38 +176,34 @@ class JobClient:
 
     async def unsettled(self, job_ids: Iterable[str]) -> list[str]:
         """Those of the jobs a worker still runs, or whose kept result or entry is still stored."""
-        ids = list(job_ids)
-        if not ids:
-            return []
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for job_id in ids:
-                    pipe.exists(
-                        in_progress_key_prefix + job_id, job_key_prefix + job_id, result_key_prefix + job_id
-                    )
-                    pipe.zscore(JOB_QUEUES[job_name_of(job_id)], job_id)
-                replies: list[Any] = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise QueueUnavailable(f"job states: {exc}") from exc
-        return [
-            job_id
-            for job_id, stored, queued in zip(ids, replies[::2], replies[1::2])
-            if stored or queued is not None
-        ]
+
+        def ask(pipe: Any, job_id: str) -> None:
+            pipe.exists(in_progress_key_prefix + job_id, job_key_prefix + job_id, result_key_prefix + job_id)
+            pipe.zscore(JOB_QUEUES[job_name_of(job_id)], job_id)
+
+        answers = await self._ask_each(job_ids, ask, per_job=2)
+        return [job_id for job_id, (stored, queued) in answers if stored or queued is not None]
 
     async def running(self, job_ids: Iterable[str]) -> list[str]:
         """Those of the jobs a worker holds right now (its lease is alive)."""
+        answers = await self._ask_each(job_ids, lambda pipe, job_id: pipe.exists(in_progress_key_prefix + job_id))
+        return [job_id for job_id, (held,) in answers if held]
+
+    async def _ask_each(
+        self, job_ids: Iterable[str], ask: Callable[[Any, str], Any], *, per_job: int = 1
+    ) -> list[tuple[str, tuple[Any, ...]]]:
+        """One pipeline round asking ``ask``'s ``per_job`` commands of every job; each job's replies."""
         ids = list(job_ids)
         if not ids:
             return []
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for job_id in ids:
-                    pipe.exists(in_progress_key_prefix + job_id)
+                    ask(pipe, job_id)
                 replies: list[Any] = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"job states: {exc}") from exc
-        return [job_id for job_id, held in zip(ids, replies) if held]
+        return [(job_id, tuple(replies[n * per_job : (n + 1) * per_job])) for n, job_id in enumerate(ids)]
 
     async def compact_log(self, timeout_s: float = 60.0) -> bool:
         """Have a server with an append-only file rewrite it from what it holds now, so that deleted

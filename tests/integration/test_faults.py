@@ -132,6 +132,17 @@ async def killed_mid_training(running: Running, victim: str) -> dict[str, float]
     return {"recovered_s": time.monotonic() - killed_at, "running_without_worker_s": running_without_worker}
 
 
+async def assert_one_model_then_a_drawing(running: Running) -> None:
+    """The user has exactly one model (the training ran to its end once), and it draws."""
+    db = await user_db(running)
+    account = await db.get_or_create_user(ALICE.platform, ALICE.platform_user_id)
+    assert [(m.method, m.version) for m in await db.list_models(account.id)] == [("lora", 1)]
+    (train,) = [j for j in await db.list_jobs(account.id) if j.kind == "train"]
+    assert train.state == "done"
+    drawn = await running.service.draw(ALICE, PROMPT)
+    assert "Drawn by your lora model v1" in drawn.text and drawn.images
+
+
 async def test_a_worker_killed_mid_training_is_replaced_and_the_model_arrives_once(
     tmp_path: Path, tiny_preset_dir: Path
 ) -> None:
@@ -139,13 +150,7 @@ async def test_a_worker_killed_mid_training_is_replaced_and_the_model_arrives_on
         await enrolled(running)
         measured = await killed_mid_training(running, "worker")
         assert measured["running_without_worker_s"] < 30, measured
-        db = await user_db(running)
-        account = await db.get_or_create_user(ALICE.platform, ALICE.platform_user_id)
-        assert [(m.method, m.version) for m in await db.list_models(account.id)] == [("lora", 1)]
-        (train,) = [j for j in await db.list_jobs(account.id) if j.kind == "train"]
-        assert train.state == "done"
-        drawn = await running.service.draw(ALICE, PROMPT)  # the replacement worker draws from it
-        assert "Drawn by your lora model v1" in drawn.text and drawn.images
+        await assert_one_model_then_a_drawing(running)  # the replacement worker draws from it
 
 
 async def test_valkey_killed_mid_training_comes_back_with_its_queue_and_the_model_arrives_once(
@@ -154,12 +159,8 @@ async def test_valkey_killed_mid_training_comes_back_with_its_queue_and_the_mode
     async with chat_side(tmp_path, tiny_preset_dir) as running:
         await enrolled(running)
         measured = await killed_mid_training(running, "valkey")
-        db = await user_db(running)
-        account = await db.get_or_create_user(ALICE.platform, ALICE.platform_user_id)
-        assert [(m.method, m.version) for m in await db.list_models(account.id)] == [("lora", 1)]
         assert measured["recovered_s"] < 120
-        drawn = await running.service.draw(ALICE, PROMPT)
-        assert "Drawn by your lora model v1" in drawn.text and drawn.images
+        await assert_one_model_then_a_drawing(running)
 
 
 def test_a_killed_chat_process_takes_its_worker_and_valkey_with_it(tmp_path: Path, tiny_preset_dir: Path) -> None:
