@@ -889,7 +889,9 @@ class BotService:
                     )
                     break
                 except JobLost:  # the queue server lost it (restarted without its data): again
-                    if attempt == JOB_TRIES:
+                    # Unless /forget dropped it: submitting it again would put the user's data
+                    # back on the queue after the erasure finished.
+                    if attempt == JOB_TRIES or not await self._still_there(job):
                         raise
                     _log.warning("job %s was lost by the queue; submitting it again", queue_id)
         except RecordNotFound as exc:  # /forget erased the row in the meantime
