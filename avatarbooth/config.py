@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from bot.discord_adapter import DiscordSettings
 from bot.settings import BotSettings
 from bot.telegram_adapter import TelegramSettings
-from engine.safety import BlocklistFileError, PromptBlocklist, load_blocklist
+from bot.safety import BlocklistFileError, PromptBlocklist, load_blocklist
 from engine.settings import EngineSettings
 
 DEFAULT_CONFIG = Path("config.toml")

@@ -571,15 +571,16 @@ def bench_lora_step(setup: Setup, pipe: Any, lock: threading.Lock) -> dict[str, 
     from peft import LoraConfig
 
     from engine import train_lora as ours
+    from engine import training_stages as stages
 
     resolution = _resolution(pipe)
     settings = ours.LoraTrainSettings(rank=setup.lora_rank, alpha=setup.lora_rank, resolution=resolution, steps=10**9)
     crops = _crops(resolution)
-    pixels = ours.prepare_data(crops, resolution)
-    latents = ours.encode_latents(pipe, lock, pixels)
-    conditioning = ours.encode_instance_prompt(pipe, lock, ours.instance_prompt("sks", "person"), resolution)
+    pixels = stages.prepare_data(crops, resolution)
+    latents = stages.encode_latents(pipe, lock, pixels)
+    conditioning = stages.encode_instance_prompt(pipe, lock, stages.instance_prompt("sks", "person"), resolution)
     state = ours.start_training(ours.build_trainable(pipe, lock, settings), settings)
-    scheduler = ours.noise_scheduler_for(pipe)
+    scheduler = stages.noise_scheduler_for(pipe)
     def ours_step() -> None:
         ours.training_step(state, latents, conditioning, scheduler, lock, settings)
 
@@ -603,7 +604,7 @@ def bench_lora_step(setup: Setup, pipe: Any, lock: threading.Lock) -> dict[str, 
         p.data = p.data.float()
     unet.train()
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
-    vae, noise_scheduler = pipe.vae, ours.noise_scheduler_for(pipe)
+    vae, noise_scheduler = pipe.vae, stages.noise_scheduler_for(pipe)
     embeds = conditioning.prompt_embeds
     extra = {}
     if conditioning.pooled_embeds is not None and conditioning.time_ids is not None:
@@ -633,16 +634,16 @@ def bench_lora_step(setup: Setup, pipe: Any, lock: threading.Lock) -> dict[str, 
 
 def bench_ti_step(setup: Setup, pipe: Any, lock: threading.Lock) -> dict[str, Any]:
     """One Textual Inversion step: engine.train_ti's stages vs diffusers' textual_inversion example."""
-    from engine import train_lora, train_ti
+    from engine import train_ti, training_stages
 
     resolution = _resolution(pipe)
     settings = train_ti.TiTrainSettings(steps=10**9, resolution=resolution)
     crops = _crops(resolution)
-    pixels = train_lora.prepare_data(crops, resolution)
-    latents = train_lora.encode_latents(pipe, lock, pixels)
+    pixels = training_stages.prepare_data(crops, resolution)
+    latents = training_stages.encode_latents(pipe, lock, pixels)
     trainable = train_ti.build_trainable(pipe, lock, "<u1>", "person", settings.vectors_per_token)
     state = train_ti.start_training(trainable, settings)
-    scheduler = train_lora.noise_scheduler_for(pipe)
+    scheduler = training_stages.noise_scheduler_for(pipe)
     def ours_step() -> None:
         train_ti.training_step(state, latents, "person", scheduler, lock, settings, resolution)
 

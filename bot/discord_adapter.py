@@ -42,7 +42,7 @@ from bot.errors import BotError
 from bot.service import BotService, ImageOut, Reply, ResumedWork, Upload, UserRef
 from bot.settings import CLASS_WORD_CHOICES
 from engine.api import ASPECT_RATIOS, Refusal, TrainingMethod
-from engine.styles import STYLES
+from bot.styles import STYLES
 
 _log = logging.getLogger(__name__)
 

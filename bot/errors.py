@@ -112,6 +112,12 @@ class MissingOptionValue(BotError):
         self.option = option
 
 
+class RepeatedOption(BotError):
+    def __init__(self, option: str) -> None:
+        super().__init__(texts.REPEATED_OPTION.format(option=option))
+        self.option = option
+
+
 class PromptTooLong(BotError):
     def __init__(self, length: int, limit: int) -> None:
         super().__init__(texts.PROMPT_TOO_LONG.format(length=length, limit=limit))

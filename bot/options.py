@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from bot.errors import MissingOptionValue, UnknownOption
+from bot.errors import MissingOptionValue, RepeatedOption, UnknownOption
 from bot.settings import CLASS_WORD_CHOICES
 
 
@@ -31,17 +31,22 @@ def parse_options(rest: str, allowed: Collection[str] = PROMPT_OPTIONS) -> Promp
     >>> parse_options("--ar 3:4 --boost me as an astronaut")
     PromptOptions(prompt='me as an astronaut', style=None, aspect='3:4', boost=True)
 
-    Raises ``UnknownOption`` for an option not in ``allowed`` and ``MissingOptionValue`` for a
-    value option with nothing after it.
+    Raises ``UnknownOption`` for an option not in ``allowed``, ``MissingOptionValue`` for a
+    value option with nothing after it and ``RepeatedOption`` for one given twice (which value was
+    meant is the user's to say, not ours to guess).
     """
     values: dict[str, str] = {}
     boost = False
+    seen: set[str] = set()
     remaining = rest.strip()
     while remaining.startswith("--"):
         word, remaining = _next_word(remaining)
         name, has_value, value = word.partition("=")
         if name not in allowed or (name in _FLAG_OPTIONS and has_value):
             raise UnknownOption(word)
+        if name in seen:
+            raise RepeatedOption(name)
+        seen.add(name)
         if name in _FLAG_OPTIONS:
             boost = True
             continue

@@ -56,10 +56,11 @@ from bot.errors import (
     UnknownAspect,
     UnknownClassWord,
     UnknownMethod,
-    UnknownStyleName,
 )
 from bot.jobs import JobClient, JobRequest, ProgressFields
+from bot.safety import PromptBlocklist
 from bot.settings import AUTO_CLASS_WORD, CLASS_WORD_CHOICES, BotSettings
+from bot.styles import STYLES, apply_style
 from bot.uploads import RefusedUpload, accept_upload
 from engine.api import (
     ASPECT_RATIOS,
@@ -80,8 +81,6 @@ from engine.api import (
     arq_job_id,
     parse_result,
 )
-from engine.safety import PromptBlocklist
-from engine.styles import STYLES, UnknownStyle, apply_style, style_names
 from storage.blobs import BlobStore, owner_for
 from storage.db import Database, Erasure, GeneratedImage, Job, PersonalModel, Photo, User
 from storage.errors import InvalidBlobKey, RecordNotFound, StorageError
@@ -549,10 +548,7 @@ class BotService:
         """The prompt wrapped in a style preset, and that style's negative prompt."""
         if style is None:
             return text, ""
-        try:
-            return apply_style(style.lower(), text)
-        except UnknownStyle:
-            raise UnknownStyleName(style, style_names()) from None
+        return apply_style(style, text)
 
     async def styles(self) -> Reply:
         """The style presets /preview and /draw accept."""

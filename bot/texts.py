@@ -88,6 +88,7 @@ UNKNOWN_OPTION = (
     "takes --boost. Options go before the prompt."
 )
 MISSING_OPTION_VALUE = "The option {option} needs a value, e.g. {example}."
+REPEATED_OPTION = "You gave {option} twice. Give it once, with the value you want, and send it again."
 UNKNOWN_STYLE = "There is no style called {style!r}. Choose one of: {names} (see /styles)."
 
 

@@ -29,7 +29,7 @@ from storage.blobs import LocalBlobStore
 from storage.errors import BlobNotFound
 
 if TYPE_CHECKING:
-    from engine.train_lora import TrainingState
+    from engine.training_stages import TrainingState
 
 _log = logging.getLogger(__name__)
 

@@ -28,10 +28,11 @@ import torch
 from PIL import Image
 
 from engine.faces import DetectedFace, FaceAnalyzer, cosine
+from engine.training_stages import training_autocast
 
 if TYPE_CHECKING:
     from engine.base import TextToImagePipeline
-    from engine.train_lora import TrainingState
+    from engine.training_stages import TrainingState
 
 _log = logging.getLogger(__name__)
 
@@ -94,8 +95,6 @@ class BestByLikeness:
 
     def draw(self, state: TrainingState) -> list[Image.Image]:
         """``LIKENESS_PROMPTS`` drawn with the run's own (training) modules, one seeded image each."""
-        from engine.train_dreambooth import training_autocast
-
         view = self.view_for(state) if self.view_for is not None else _module_view(self.pipe, state)
         images = []
         # Autocast on a GPU: DreamBooth's copy is float32 beside the resident float16 parts.

@@ -1,13 +1,14 @@
 """DreamBooth: a full fine-tune of the resident UNet (SDXL or SD1.5) with prior preservation, as named stages.
 
-1. ``prepare_latents``  instance crops and class images → VAE posteriors (``train_lora``'s data stages),
-   once, under the lock; class images in small chunks, as there are hundreds.
+1. ``prepare_latents``  instance crops and class images → VAE posteriors, once, under the lock; class
+   images in small chunks, as there are hundreds (``engine.training_stages``, shared with LoRA).
 2. ``prepare_prompts``  the instance prompt ("a photo of sks person") and the class prompt ("a photo of a
-   person"): encoded once by the frozen text encoders, or kept as token ids when the encoders train.
+   person"): encoded once by the frozen text encoders, or kept as token ids when the encoders train
+   (``engine.training_stages``).
 3. ``build_trainable``  float32 deep copies of the UNet (and, opt-in, the text encoders); every weight in
    them trains, and the resident modules keep serving draws.
 4. ``dreambooth_step``  instance loss + ``prior_loss_weight`` × class loss, then the optimizer (AdamW, or
-   Adafactor where memory is short), under the lock.
+   Adafactor where memory is short: ``make_optimizer``), under the lock (``engine.training_stages``).
 5. ``write_weights``    the trained modules' full state dicts as one safetensors file, keys prefixed by
    module (``"unet.conv_in.weight"``, ``"text_encoder.…"``), streamed tensor by tensor (an SDXL UNet is
    ~5 GB in float16: it is never held whole in memory).
@@ -35,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -44,39 +45,27 @@ from engine.checkpoints import Checkpointing, CheckpointStore
 from engine.errors import EngineError
 from engine.likeness import BestByLikeness, Judge
 from engine.progress import ProgressSink
-from engine.train_lora import (
-    InstanceLatents,
-    PromptConditioning,
+from engine.training_stages import (
+    TEXT_ENCODERS,
     TrainingInputError,
     TrainingState,
-    _denoising_loss,
-    _sample_batch,
-    encode_crops,
-    encode_instance_prompt,
-    encode_latents,
-    instance_prompt,
     noise_scheduler_for,
-    prepare_data,
+    prepare_latents,
+    prepare_prompts,
+    remove_adapters,
     run_steps,
-    sdxl_time_ids,
+    text_encoder_names,
 )
-from engine.prior import class_prompt
 
 if TYPE_CHECKING:
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     from engine.base import TextToImagePipeline
 
 _log = logging.getLogger(__name__)
 
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-"""The text encoders' pipeline attribute names (and key prefixes in a weights file), in order."""
-
 WEIGHTS_FORMAT = "avatarbooth-dreambooth/1"
 """The ``format`` metadata of a DreamBooth weights file."""
-
-_CLASS_CHUNK = 4  # class images encoded per VAE call: hundreds at 1024² at once would not fit in memory
-
 
 class DreamBoothWeightsError(EngineError):
     """A weights file that does not fit the resident base (another base, or not a DreamBooth file)."""
@@ -142,27 +131,6 @@ OPTIMIZERS = ("adamw", "adafactor")
 """``DreamBoothSettings.optimizer`` values (config.toml ``[training] dreambooth_optimizer``)."""
 
 
-class PriorTrainingSettings(Protocol):
-    """The settings the shared stages read; ``DreamBoothSettings`` and ``LoraTrainSettings`` have them."""
-
-    @property
-    def resolution(self) -> int: ...
-    @property
-    def batch_size(self) -> int: ...
-    @property
-    def prior_loss_weight(self) -> float: ...
-    @property
-    def with_prior(self) -> bool: ...
-    @property
-    def train_text_encoder(self) -> bool: ...
-    @property
-    def random_flip(self) -> bool: ...
-    @property
-    def mixed_precision(self) -> bool: ...
-    @property
-    def max_grad_norm(self) -> float: ...
-
-
 @dataclass(frozen=True, eq=False)
 class DreamBoothOutcome:
     """What a finished run produced: the trained modules (written out by ``write``), the last step's
@@ -190,145 +158,6 @@ class DreamBoothState(TrainingState):
     """A DreamBooth run's ``TrainingState`` (its ``text_encoders`` are full copies when they train)."""
 
 
-@dataclass(frozen=True)
-class TrainingLatents:
-    """The instance crops' latents, and the class images' (None without prior preservation)."""
-
-    instance: InstanceLatents
-    classes: InstanceLatents | None
-
-
-class StepPrompts(Protocol):
-    """The instance and class conditioning of one step (class: None without prior preservation)."""
-
-    def for_step(self, state: TrainingState) -> tuple[PromptConditioning, PromptConditioning | None]: ...
-
-
-# --- stage 1: data ---------------------------------------------------------------------------------
-
-
-def prepare_latents(
-    pipe: TextToImagePipeline,
-    lock: threading.Lock,
-    crops: list[Image.Image],
-    class_images: list[Image.Image],
-    settings: PriorTrainingSettings,
-) -> TrainingLatents:
-    """Encode the crops and (with prior preservation) the class images with the resident VAE."""
-    instance = encode_crops(pipe, lock, crops, settings.resolution, flip=settings.random_flip)
-    if not settings.with_prior:
-        return TrainingLatents(instance, None)
-    if not class_images:
-        raise TrainingInputError("prior preservation needs class images (engine.prior.class_images)")
-    return TrainingLatents(
-        instance, encode_in_chunks(pipe, lock, class_images, settings.resolution, flip=settings.random_flip)
-    )
-
-
-def encode_in_chunks(
-    pipe: TextToImagePipeline, lock: threading.Lock, images: list[Image.Image], resolution: int,
-    *, flip: bool = False,
-) -> InstanceLatents:
-    """``encode_latents`` over chunks, concatenated (the rows' order does not matter: they are sampled)."""
-    parts = [
-        encode_latents(pipe, lock, prepare_data(images[i : i + _CLASS_CHUNK], resolution), flip=flip)
-        for i in range(0, len(images), _CLASS_CHUNK)
-    ]
-    return InstanceLatents(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]))
-
-
-# --- stage 2: prompts ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FixedPrompts:
-    """Conditioning from the frozen resident text encoders, encoded once."""
-
-    instance: PromptConditioning
-    classes: PromptConditioning | None
-
-    def for_step(self, state: TrainingState) -> tuple[PromptConditioning, PromptConditioning | None]:
-        return self.instance, self.classes
-
-
-@dataclass(frozen=True)
-class TrainablePrompts:
-    """Token ids, encoded every step by the run's own (training) copies of the text encoders."""
-
-    instance_ids: list[torch.Tensor]  # one per text encoder
-    class_ids: list[torch.Tensor] | None
-    time_ids: torch.Tensor | None  # SDXL's micro-conditioning; None for SD1.5
-
-    def for_step(self, state: TrainingState) -> tuple[PromptConditioning, PromptConditioning | None]:
-        encoders = list(state.text_encoders.values())
-        instance = encode_tokens(encoders, self.instance_ids, self.time_ids)
-        classes = None if self.class_ids is None else encode_tokens(encoders, self.class_ids, self.time_ids)
-        return instance, classes
-
-
-def prepare_prompts(
-    pipe: TextToImagePipeline,
-    lock: threading.Lock,
-    token: str,
-    class_word: str,
-    settings: PriorTrainingSettings,
-) -> StepPrompts:
-    """The instance prompt, and the class prompt with prior preservation, ready for every step."""
-    prompts = [instance_prompt(token, class_word), class_prompt(class_word) if settings.with_prior else None]
-    if settings.train_text_encoder:
-        ids = [None if p is None else tokenize(pipe, p) for p in prompts]
-        assert ids[0] is not None
-        return TrainablePrompts(ids[0], ids[1], _time_ids(pipe, settings.resolution))
-    encoded = [None if p is None else encode_instance_prompt(pipe, lock, p, settings.resolution) for p in prompts]
-    assert encoded[0] is not None
-    return FixedPrompts(encoded[0], encoded[1])
-
-
-def text_encoder_names(pipe: TextToImagePipeline) -> list[str]:
-    """The pipeline's text encoders by attribute name: two for SDXL, one for SD1.5."""
-    return [name for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None]
-
-
-def tokenize(pipe: TextToImagePipeline, prompt: str) -> list[torch.Tensor]:
-    """Token ids of ``prompt`` for each text encoder, padded as the pipelines pad them."""
-    tokenizers = [getattr(pipe, name.replace("text_encoder", "tokenizer")) for name in text_encoder_names(pipe)]
-    return [
-        t(prompt, padding="max_length", max_length=t.model_max_length, truncation=True, return_tensors="pt").input_ids
-        for t in tokenizers
-    ]
-
-
-def _time_ids(pipe: TextToImagePipeline, resolution: int) -> torch.Tensor | None:
-    if pipe.unet.config.addition_embed_type != "text_time":  # SD1.5: no size micro-conditioning
-        return None
-    size = (resolution, resolution)
-    return sdxl_time_ids(size, (0, 0), size).to(pipe.device)
-
-
-def encode_tokens(
-    encoders: list[torch.nn.Module], ids: list[torch.Tensor], time_ids: torch.Tensor | None
-) -> PromptConditioning:
-    """What the pipeline's ``encode_prompt`` computes, on the given (trainable) encoders.
-
-    SDXL (``time_ids`` given): penultimate hidden states of both encoders side by side, and the pooled
-    embedding of the first that has one (``text_encoder_2``'s projection). SD1.5: the last hidden state.
-    """
-    if time_ids is None:
-        (encoder,), (tokens,) = encoders, ids
-        return PromptConditioning(encoder(tokens.to(_device(encoder)))[0])
-    hidden, pooled = [], None
-    for encoder, tokens in zip(encoders, ids, strict=True):
-        out = encoder(tokens.to(_device(encoder)), output_hidden_states=True)
-        if pooled is None and out[0].ndim == 2:
-            pooled = out[0]
-        hidden.append(out.hidden_states[-2])
-    return PromptConditioning(torch.cat(hidden, dim=-1), pooled, time_ids)
-
-
-def _device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
 # --- stage 3: the trainable copies -------------------------------------------------------------------
 
 
@@ -351,23 +180,6 @@ def build_trainable(
         for encoder in encoders.values():
             encoder.gradient_checkpointing_enable()
     return unet, encoders
-
-
-def remove_adapters(module: torch.nn.Module) -> None:
-    """Strip every peft LoRA layer (and the adapter bookkeeping) from ``module``, a private copy.
-
-    Looks for the layers, not only ``peft_config``: once the renderer has deleted every adapter that
-    attribute can be gone while the (disabled) wrapper layers stay.
-    """
-    from diffusers.utils import recurse_remove_peft_layers
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    if any(isinstance(m, BaseTunerLayer) for m in module.modules()):
-        recurse_remove_peft_layers(module)
-    if hasattr(module, "peft_config"):
-        del module.peft_config
-    if getattr(module, "_hf_peft_config_loaded", False):  # transformers' flag: add_adapter starts afresh
-        module._hf_peft_config_loaded = False
 
 
 def start_training(
@@ -396,44 +208,6 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: DreamBoothSetting
             scale_parameter=False, relative_step=False, warmup_init=False, beta1=None,
         )
     return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-
-
-# --- stage 4: one step ---------------------------------------------------------------------------------
-
-
-def dreambooth_step(
-    state: TrainingState,
-    latents: TrainingLatents,
-    prompts: StepPrompts,
-    scheduler: DDPMScheduler,
-    lock: threading.Lock,
-    settings: PriorTrainingSettings,
-) -> float:
-    """One step: instance loss + ``prior_loss_weight`` × class loss → AdamW. Returns the loss."""
-    instance = _sample_batch(state, latents.instance, scheduler, settings.batch_size)
-    classes = None if latents.classes is None else _sample_batch(state, latents.classes, scheduler, settings.batch_size)
-    params = [p for group in state.optimizer.param_groups for p in group["params"]]
-    with lock:
-        with training_autocast(state.unet, settings.mixed_precision):
-            instance_cond, class_cond = prompts.for_step(state)
-            loss = _denoising_loss(state.unet, scheduler, instance_cond, *instance)
-            if classes is not None and class_cond is not None:
-                loss = loss + settings.prior_loss_weight * _denoising_loss(state.unet, scheduler, class_cond, *classes)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        state.optimizer.step()
-        state.optimizer.zero_grad(set_to_none=True)
-    state.step += 1
-    value = float(loss.detach())
-    state.losses.append(value)
-    return value
-
-
-def training_autocast(unet: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager[object]:
-    """bf16 autocast when the UNet is on a GPU; float32 throughout on the CPU."""
-    if enabled and _device(unet).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # --- stage 5: save -----------------------------------------------------------------------------------
@@ -511,9 +285,9 @@ def train_dreambooth(
     if checkpointing is not None:
         checkpointing.resume(state, state.modules())
     _log.info("DreamBooth: %d crops, %d steps from step %d", len(crops), settings.steps, state.step)
-    # The loop is LoRA's own (train_lora.run_steps): the same stages, with the prior loss in each step.
+    # The loop is LoRA's too (training_stages.run_steps): the same stages, with the prior loss in each step.
     best = BestByLikeness.for_run(pipe, lock, likeness, f"{token} {class_word}", settings)
-    loss = run_steps(state, latents, prompts, noise_scheduler_for(pipe), lock, settings, on_progress, checkpointing, best)  # type: ignore[arg-type]
+    loss = run_steps(state, latents, prompts, noise_scheduler_for(pipe), lock, settings, on_progress, checkpointing, best)
     return DreamBoothOutcome(state.modules(), settings.save_dtype or pipe.unet.dtype, loss, state.step)
 
 

@@ -4,8 +4,8 @@ Textual Inversion learns new token embeddings ("words") for a user and changes n
 SDXL a word has one embedding per text encoder (CLIP ViT-L and OpenCLIP ViT-bigG); a word may be
 several vectors (``<tok>``, ``<tok>_1``, ...), the way diffusers' loader expands multi-vector tokens.
 
-1. ``encode_crops`` (train_lora's): crops → cached VAE posteriors (with mirrors when flipping), each
-   with its crop's SDXL original size.
+1. ``encode_crops`` (``engine.training_stages``): crops → cached VAE posteriors (with mirrors when
+   flipping), each with its crop's SDXL original size.
 2. ``build_trainable``  copies of the tokenizer(s) and text encoder(s); the copies learn the new tokens,
    whose rows start as the init word's embedding. The resident pipeline is only read, so it keeps
    serving other users' draws while this one trains.
@@ -36,12 +36,12 @@ from engine.checkpoints import Checkpointing, CheckpointStore
 from engine.errors import EngineError
 from engine.likeness import BestByLikeness, Judge
 from engine.progress import ProgressClock, ProgressSink
-from engine.train_lora import (
+from engine.training_stages import (
     InstanceLatents,
+    NoisedBatch,
     PromptConditioning,
     TrainingInputError,
-    NoisedBatch,
-    _denoising_loss,  # noise-prediction MSE for either family; shared so both trainers mean the same loss
+    denoising_loss,  # noise-prediction MSE for either family; shared so every trainer means the same loss
     encode_crops,
     noise_scheduler_for,
     sdxl_time_ids,
@@ -327,7 +327,7 @@ def training_step(
     params = state.trainable.parameters()
     with lock:
         conditioning = encode_prompts(state.trainable, prompts, resolution)
-        loss = _denoising_loss(state.trainable.view.unet, scheduler, conditioning, *batch)
+        loss = denoising_loss(state.trainable.view.unet, scheduler, conditioning, *batch)
         loss.backward(inputs=params)  # only the new rows: no gradient lands on the resident UNet
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)

@@ -77,10 +77,10 @@ from engine.render import (
     expand_me,
 )
 from engine.settings import EngineSettings
-from engine.train_lora import TrainingInputError
 from engine.likeness import judge_by_faces
 from engine.memory import GIB, MemoryPlan, NotEnoughGpuMemory, TrainingShape, check_fits, plan_training
 from engine.training import TrainingRun, UnknownTrainingMethod, memory_shape, train_personal_model
+from engine.training_stages import TrainingInputError
 from storage.blobs import LocalBlobStore
 from storage.errors import BlobNotFound
 

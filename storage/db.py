@@ -1,8 +1,10 @@
 """The chat side's SQLite database: users, consent, photos, jobs, personal models, images.
 
 `Database` is the only way in: callers use its typed async methods and get frozen dataclasses back;
-no SQL lives outside this module. The schema is built by versioned migrations recorded in the
-`schema_version` table, so opening a database brings it up to date and never applies a step twice.
+no SQL lives outside this module and `storage.migrations`. The schema is built by versioned
+migrations (`storage.migrations`) recorded in the `schema_version` table, so opening a database
+brings it up to date and never applies a step twice. The rows come back as the dataclasses of
+`storage.records`, re-exported here.
 
 Only the chat side opens the database; workers are stateless and get ids and blob keys instead.
 """
@@ -17,7 +19,7 @@ import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -30,238 +32,47 @@ from storage.errors import (
     RecordNotFound,
     StorageError,
 )
+from storage.migrations import (
+    MIGRATIONS,
+    SCHEMA_VERSION_TABLE,
+    Migration,
+    check_migrations,
+    split_statements,
+)
+from storage.records import (
+    APPARENT_GENDERS,
+    ERASED_PREFIX,
+    JOB_STATES,
+    PHOTO_STATUSES,
+    Erasure,
+    GeneratedImage,
+    Job,
+    PersonalModel,
+    Photo,
+    User,
+)
+
+# The records and the migrations are re-exported: callers import them from here.
+__all__ = [
+    "BUSY_TIMEOUT_MS",
+    "MIGRATIONS",
+    "Clock",
+    "Database",
+    "Erasure",
+    "GeneratedImage",
+    "Job",
+    "Migration",
+    "PersonalModel",
+    "Photo",
+    "User",
+]
 
 _log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-Migration = tuple[int, str]
-
-PHOTO_STATUSES = ("pending", "accepted", "refused")
-APPARENT_GENDERS = ("female", "male")  # engine.api.ApparentGender's values
-ERASED_PREFIX = "erased:"
-"""The ``platform_user_id`` of an erased user's tombstone row, before its id."""
-
-JOB_STATES = ("queued", "running", "done", "failed")
-ACTIVE_JOB_STATES = ("queued", "running")
 
 # How long a write waits for another process's write lock before failing with "database is locked".
 BUSY_TIMEOUT_MS = 5000
-
-
-@dataclass(frozen=True)
-class User:
-    """A person on one chat platform."""
-
-    id: int
-    platform: str
-    platform_user_id: str
-    created_at: float
-
-
-@dataclass(frozen=True)
-class Photo:
-    """An uploaded selfie and the result of its face check."""
-
-    id: int
-    user_id: int
-    blob_key: str
-    sha256: str
-    status: str
-    refusal: str | None
-    embedding_key: str | None
-    crop_key: str | None
-    created_at: float
-    updated_at: float
-    # What the face check read of the face (for the class word); erased with the row by /forget.
-    apparent_gender: str | None = None
-
-
-@dataclass(frozen=True)
-class Job:
-    """A unit of engine work; its arq job id is ``f"{kind}-{id}"``."""
-
-    id: int
-    user_id: int
-    kind: str
-    queue: str
-    state: str
-    attempts: int
-    progress: float
-    message: str | None
-    error: str | None
-    payload: dict[str, Any] | None
-    result: dict[str, Any] | None
-    created_at: float
-    updated_at: float
-
-
-@dataclass(frozen=True)
-class PersonalModel:
-    """A trained personal model (LoRA, textual inversion, ...); versions count up per user."""
-
-    id: int
-    user_id: int
-    method: str
-    version: int
-    base_preset: str
-    blob_key: str
-    token: str
-    class_word: str
-    job_id: int | None
-    created_at: float
-
-
-@dataclass(frozen=True)
-class Erasure:
-    """A /forget whose rows are erased and whose files and queue entries are being removed."""
-
-    user_id: int
-    platform: str
-    platform_user_id: str
-    job_ids: list[str]
-    requested_at: float
-
-
-@dataclass(frozen=True)
-class GeneratedImage:
-    """An image rendered for a user."""
-
-    id: int
-    user_id: int
-    job_id: int | None
-    model_id: int | None
-    blob_key: str
-    prompt: str
-    seed: int
-    score: float | None
-    created_at: float
-
-
-# Each migration runs in its own transaction; end every statement at the end of a line.
-MIGRATIONS: list[Migration] = [
-    (
-        1,
-        """
-        CREATE TABLE users (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            platform TEXT NOT NULL CHECK (platform <> ''),
-            platform_user_id TEXT NOT NULL CHECK (platform_user_id <> ''),
-            created_at REAL NOT NULL,
-            UNIQUE (platform, platform_user_id)
-        );
-        CREATE TABLE consents (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
-            text_version TEXT NOT NULL,
-            given_at REAL NOT NULL
-        );
-        CREATE INDEX consents_by_user ON consents (user_id);
-        CREATE TABLE photos (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
-            blob_key TEXT NOT NULL,
-            sha256 TEXT NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ('pending', 'accepted', 'refused')),
-            refusal TEXT,
-            embedding_key TEXT,
-            crop_key TEXT,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL
-        );
-        CREATE INDEX photos_by_user_sha ON photos (user_id, sha256);
-        CREATE TABLE jobs (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
-            kind TEXT NOT NULL,
-            queue TEXT NOT NULL,
-            state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')),
-            attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
-            progress REAL NOT NULL DEFAULT 0 CHECK (progress BETWEEN 0 AND 1),
-            message TEXT,
-            error TEXT,
-            payload TEXT CHECK (payload IS NULL OR json_valid(payload)),
-            result TEXT CHECK (result IS NULL OR json_valid(result)),
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL
-        );
-        CREATE INDEX jobs_by_user_kind_state ON jobs (user_id, kind, state);
-        CREATE TABLE models (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
-            method TEXT NOT NULL,
-            version INTEGER NOT NULL CHECK (version >= 1),
-            base_preset TEXT NOT NULL,
-            blob_key TEXT NOT NULL,
-            token TEXT NOT NULL,
-            class_word TEXT NOT NULL,
-            job_id INTEGER REFERENCES jobs (id) ON DELETE SET NULL,
-            created_at REAL NOT NULL,
-            UNIQUE (user_id, version)
-        );
-        CREATE INDEX models_by_job ON models (job_id);
-        CREATE TABLE images (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
-            job_id INTEGER REFERENCES jobs (id) ON DELETE SET NULL,
-            model_id INTEGER REFERENCES models (id) ON DELETE SET NULL,
-            blob_key TEXT NOT NULL,
-            prompt TEXT NOT NULL,
-            seed INTEGER NOT NULL,
-            score REAL,
-            created_at REAL NOT NULL
-        );
-        CREATE INDEX images_by_user_time ON images (user_id, created_at);
-        CREATE INDEX images_by_job ON images (job_id);
-        CREATE INDEX images_by_model ON images (model_id);
-        """,
-    ),
-    (
-        2,
-        # Events a chat platform delivered that the bot has not finished handling (a Telegram
-        # upload, as the Update's JSON): kept here so the platform can be told "received" at
-        # once, and replayed after a crash. No images, only the platform's ids and metadata.
-        """
-        CREATE TABLE inbox (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            platform TEXT NOT NULL,
-            event_key TEXT NOT NULL,
-            payload TEXT NOT NULL CHECK (json_valid(payload)),
-            received_at REAL NOT NULL,
-            UNIQUE (platform, event_key)
-        );
-        """,
-    ),
-    (
-        3,
-        # The apparent gender the face check read from an accepted photo; the class word ("man",
-        # "woman", "person") is the majority of the user's. Older rows stay NULL: unknown.
-        """
-        ALTER TABLE photos ADD COLUMN apparent_gender TEXT CHECK (apparent_gender IN ('female', 'male'));
-        """,
-    ),
-    (
-        4,
-        # An erasure whose rows are gone but whose blobs, queue entries or running jobs may not be
-        # yet: kept (with the identity, so the person can be told it is not finished) until done.
-        """
-        CREATE TABLE erasures (
-            user_id INTEGER PRIMARY KEY REFERENCES users (id),
-            platform TEXT NOT NULL,
-            platform_user_id TEXT NOT NULL,
-            job_ids TEXT NOT NULL CHECK (json_valid(job_ids)),
-            requested_at REAL NOT NULL
-        );
-        CREATE INDEX erasures_by_identity ON erasures (platform, platform_user_id);
-        """,
-    ),
-]
-
-_SCHEMA_VERSION_TABLE = """
-    CREATE TABLE IF NOT EXISTS schema_version (
-        version INTEGER PRIMARY KEY,
-        applied_at REAL NOT NULL
-    )
-"""
 
 
 def _columns(row_type: type[Any]) -> str:
@@ -776,8 +587,8 @@ class Database:
             _log.warning("SQLite refused WAL mode (got %r); concurrent access will be slower", row)
 
     async def _migrate(self, migrations: Sequence[Migration]) -> None:
-        _check_migrations(migrations)
-        await self._conn.execute(_SCHEMA_VERSION_TABLE)
+        check_migrations(migrations)
+        await self._conn.execute(SCHEMA_VERSION_TABLE)
         current = await self._schema_version()
         newest = migrations[-1][0] if migrations else 0
         if current > newest:
@@ -795,7 +606,7 @@ class Database:
                 # Another process may have applied it while this one waited for the lock.
                 if await self._schema_version() >= version:
                     return
-                for statement in _split_statements(sql):
+                for statement in split_statements(sql):
                     await self._conn.execute(statement)
                 await self._conn.execute(
                     "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
@@ -903,28 +714,6 @@ def _translate_errors() -> Iterator[None]:
         raise StorageError(
             f"database error: {exc}; check that the data folder is writable and has free space"
         ) from exc
-
-
-def _check_migrations(migrations: Sequence[Migration]) -> None:
-    versions = [version for version, _ in migrations]
-    if any(v < 1 for v in versions) or versions != sorted(set(versions)):
-        raise MigrationError(
-            f"migration versions must be positive and strictly increasing, got {versions}"
-        )
-
-
-def _split_statements(script: str) -> list[str]:
-    """Split a migration into statements; `executescript` would commit our transaction."""
-    statements: list[str] = []
-    pending = ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            statements.append(pending.strip())
-            pending = ""
-    if pending.strip():
-        raise MigrationError(f"migration ends with an incomplete statement: {pending.strip()!r}")
-    return statements
 
 
 def _fields(row: sqlite3.Row) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from bot.jobs import JobClient
 from bot.service import BotService, Reply, ResumedWork, Upload, UserRef
 from bot.settings import BotSettings
 from engine.api import ASPECT_RATIOS, Refusal
-from engine.styles import STYLES
+from bot.styles import STYLES
 from storage.blobs import LocalBlobStore
 from storage.db import Database
 from tests.bot.discord_http import (

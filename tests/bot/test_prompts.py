@@ -10,7 +10,7 @@ from bot.console import ConsoleAdapter
 from bot.options import PromptOptions, parse_options
 from bot.errors import PromptBlocked, UnknownStyleName
 from bot.service import BotService, UserRef
-from engine.styles import STYLES
+from bot.styles import STYLES
 from storage.db import Database
 from tests.bot.test_service import (  # noqa: F401  (fixtures)
     ALICE,

@@ -15,7 +15,7 @@ from engine.checkpoints import (
     capture,
     restore,
 )
-from engine.train_lora import TrainingState
+from engine.training_stages import TrainingState
 from storage.blobs import LocalBlobStore
 
 OWNER = "u7"

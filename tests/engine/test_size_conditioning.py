@@ -24,22 +24,19 @@ from engine.prior import class_images
 from engine.train_dreambooth import (
     DreamBoothSettings,
     build_trainable as build_dreambooth,
-    dreambooth_step,
-    prepare_latents,
-    prepare_prompts,
     start_training as start_dreambooth,
 )
-from engine.train_lora import (
-    LoraTrainSettings,
-    _sample_batch,
-    build_trainable,
+from engine.train_lora import LoraTrainSettings, build_trainable, start_training, train_lora
+from engine.train_ti import TiTrainSettings, train_textual_inversion
+from engine.training_stages import (
     crop_source_side,
+    dreambooth_step,
     encode_crops,
     noise_scheduler_for,
-    start_training,
-    train_lora,
+    prepare_latents,
+    prepare_prompts,
+    sample_batch,
 )
-from engine.train_ti import TiTrainSettings, train_textual_inversion
 from tests.support import noise_crops
 
 pytestmark = pytest.mark.slow
@@ -109,7 +106,7 @@ def test_flipped_rows_share_their_crops_size_and_sampled_rows_keep_their_own(
                      std=torch.zeros_like(latents.std))
     state = start_training(build_trainable(pipe, lock, LORA), LORA)
     for _ in range(5):
-        batch = _sample_batch(state, marked, noise_scheduler_for(pipe), 4)
+        batch = sample_batch(state, marked, noise_scheduler_for(pipe), 4)
         picked = batch.clean[:, 0, 0, 0].long()
         assert batch.original_sizes is not None
         assert torch.equal(batch.original_sizes, latents.original_sizes[picked])

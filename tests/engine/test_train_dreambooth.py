@@ -25,15 +25,19 @@ from engine.train_dreambooth import (
     WEIGHTS_FORMAT,
     DreamBoothSettings,
     DreamBoothWeightsError,
-    TrainablePrompts,
     WeightSwapper,
     build_trainable,
-    encode_tokens,
-    prepare_prompts,
     swap_unet_weights,
     train_dreambooth,
 )
-from engine.train_lora import LoraTrainSettings, TrainingInputError, encode_instance_prompt, train_lora
+from engine.train_lora import LoraTrainSettings, train_lora
+from engine.training_stages import (
+    TrainablePrompts,
+    TrainingInputError,
+    encode_instance_prompt,
+    encode_tokens,
+    prepare_prompts,
+)
 from storage.blobs import LocalBlobStore
 from tests.support import noise_crops
 

@@ -23,15 +23,12 @@ from engine.render import AdapterRef, Renderer
 from engine.train_lora import (
     LoraTrainOutcome,
     LoraTrainSettings,
-    TrainingInputError,
-    TrainingState,
     build_trainable,
     build_trainable_text_encoders,
-    encode_latents,
-    prepare_data,
     start_training,
     train_lora,
 )
+from engine.training_stages import TrainingInputError, TrainingState, encode_latents, prepare_data
 from tests.support import noise_crops
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,6 @@ from safetensors.torch import load, save
 
 from engine.progress import TrainingProgress
 from engine.tiny import IMAGE_SIZE
-from engine.train_lora import TrainingInputError
 from engine.train_ti import (
     SDXL_KEYS,
     TextualInversionFileError,
@@ -38,6 +37,7 @@ from engine.train_ti import (
     train_textual_inversion,
     unload_ti,
 )
+from engine.training_stages import TrainingInputError
 from tests.support import noise_crops
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from bot.options import parse_options
-from bot.errors import MissingOptionValue, UnknownAspect, UnknownOption
+from bot.errors import MissingOptionValue, RepeatedOption, UnknownAspect, UnknownOption
 from bot.jobs import JobClient
 from bot.service import BotService, Upload, UserRef
 from bot.settings import BotSettings
@@ -128,6 +128,13 @@ def test_prompt_options_are_parsed_before_the_prompt() -> None:
         parse_options("--ar")
     with pytest.raises(UnknownOption, match="--boost"):
         parse_options("--boost me", allowed=("--style", "--ar"))
+
+
+def test_an_option_given_twice_is_refused_not_silently_last_wins() -> None:
+    for line in ("--ar 3:4 --ar 1:1 me", "--style anime --ar 3:4 --style=photo me", "--boost --boost me"):
+        option = line.split()[0].partition("=")[0]
+        with pytest.raises(RepeatedOption, match=f"{option} twice"):
+            parse_options(line)
 
 
 async def test_the_service_validates_the_aspect_and_redraws_keep_it(

@@ -1,6 +1,6 @@
 """Prompt safety: a blocklist of words a draw prompt may not contain.
 
-Light on purpose (standard library and ``engine.errors`` only): the chat side refuses a prompt before
+Prompt policy belongs to the chat side (standard library only): it refuses a prompt before
 anything is queued. The image-side check (a CLIP-based NSFW classifier) lives in ``engine.nsfw``.
 
 Matching is on whole words, so "Essex", "Scunthorpe", "grapes" or "therapist" never match "sex",
@@ -24,7 +24,7 @@ import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from engine.errors import EngineError
+from bot.errors import PromptBlocked
 
 # Left out on purpose, for their everyday meanings in prompts: "cum" (magna cum laude), "gore" (Al Gore),
 # "dick" (Philip K. Dick), "cock" (a rooster), "corpse" (zombie costumes).
@@ -63,15 +63,7 @@ _SPLIT = re.compile(r"[\s.\-_*·•,'`~^/\\]+")  # what people put between the l
 _MIN_JOINED = 3  # "a b" is two words; "n u d e" is one
 
 
-class PromptBlocked(EngineError):
-    """A prompt holds a blocked term. ``term`` is the entry of the list that matched."""
-
-    def __init__(self, term: str) -> None:
-        super().__init__(f"The prompt contains a blocked word ({term!r}); please rephrase it.")
-        self.term = term
-
-
-class BlocklistFileError(EngineError):
+class BlocklistFileError(Exception):
     """A blocklist file that cannot be read; the message names the file."""
 
 

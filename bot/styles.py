@@ -1,6 +1,6 @@
 """Style presets for ``/draw``: a prompt template around the user's words and a negative prompt.
 
-Light on purpose (standard library and ``engine.errors`` only): the chat side lists the styles and
+Prompt policy belongs to the chat side (standard library only): it lists the styles and
 checks a chosen name before it queues anything, without loading torch.
 
 >>> apply_style("watercolor", "me in a meadow")[0]
@@ -13,17 +13,13 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
-from engine.errors import EngineError
+from bot.errors import UnknownStyleName
 
 PLACEHOLDER = "{prompt}"
 """Where the user's words go in a template."""
 
 # Artefacts every style wants to avoid; each style adds what contradicts its own look.
 _COMMON_NEGATIVE = "blurry, lowres, jpeg artifacts, deformed face, extra fingers, watermark, signature, text"
-
-
-class UnknownStyle(EngineError):
-    """A style name that is not one of ``style_names()``."""
 
 
 @dataclass(frozen=True)
@@ -138,10 +134,10 @@ def style_names() -> list[str]:
 
 
 def get_style(name: str) -> Style:
-    """The style called ``name`` (case and surrounding spaces ignored); ``UnknownStyle`` lists the choices."""
+    """The style called ``name`` (case and surrounding spaces ignored); ``UnknownStyleName`` lists the choices."""
     style = STYLES.get(name.strip().lower())
     if style is None:
-        raise UnknownStyle(f"There is no style {name!r}; choose one of: {', '.join(style_names())}.")
+        raise UnknownStyleName(name, style_names())
     return style
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import EngineError
-from engine.styles import PLACEHOLDER, STYLES, UnknownStyle, apply_style, get_style, style_names
+from bot.errors import UnknownStyleName
+from bot.styles import PLACEHOLDER, STYLES, apply_style, get_style, style_names
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +25,7 @@ def test_there_are_at_least_ten_styles_each_with_one_placeholder_and_a_negative(
 
 def test_templates_leave_me_to_the_user_and_pass_the_blocklist() -> None:
     from engine.render import expand_me
-    from engine.safety import PromptBlocklist
+    from bot.safety import PromptBlocklist
 
     blocklist = PromptBlocklist.default()
     for style in STYLES.values():
@@ -51,17 +51,16 @@ def test_names_are_matched_without_regard_to_case_or_spaces() -> None:
     assert get_style(" Anime ") is STYLES["anime"]
 
 
-def test_an_unknown_style_is_an_engine_error_that_lists_the_styles() -> None:
-    with pytest.raises(UnknownStyle) as caught:
+def test_an_unknown_style_is_refused_with_a_message_that_lists_the_styles() -> None:
+    with pytest.raises(UnknownStyleName) as caught:
         apply_style("vaporwave", "me")
-    assert isinstance(caught.value, EngineError)
-    message = str(caught.value)
+    message = caught.value.user_message
     assert "'vaporwave'" in message
     assert all(name in message for name in style_names())
 
 
 def test_a_template_without_the_placeholder_is_refused() -> None:
-    from engine.styles import Style
+    from bot.styles import Style
 
     with pytest.raises(ValueError, match="exactly once"):
         Style("broken", "Broken", "a photo", "blurry")
@@ -69,7 +68,7 @@ def test_a_template_without_the_placeholder_is_refused() -> None:
 
 def test_styles_and_the_blocklist_import_without_ml_libraries() -> None:
     code = (
-        "import sys, engine.styles, engine.safety\n"
+        "import sys, bot.styles, bot.safety\n"
         "print(','.join(m for m in ('torch', 'diffusers', 'transformers', 'numpy', 'PIL') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
