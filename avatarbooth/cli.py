@@ -174,7 +174,7 @@ async def _platform(
 
     service, config = running.service, running.config
     if name == "telegram":
-        from bot.telegram_adapter import TelegramStartError, serve_telegram
+        from bot.telegram.adapter import TelegramStartError, serve_telegram
 
         try:
             await serve_telegram(
@@ -186,7 +186,7 @@ async def _platform(
     else:
         from discord import LoginFailure
 
-        from bot.discord_adapter import serve_discord
+        from bot.discord.bot import serve_discord
 
         try:
             await serve_discord(service, config.discord, token, stop=stop, resumed=resumed)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bot.discord_adapter import DiscordSettings
+from bot.discord.settings import DiscordSettings
 from bot.settings import BotSettings
-from bot.telegram_adapter import TelegramSettings
+from bot.telegram.settings import TelegramSettings
 from bot.safety import BlocklistFileError, PromptBlocklist, load_blocklist
 from engine.settings import EngineSettings
 

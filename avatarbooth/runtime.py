@@ -27,6 +27,7 @@ from avatarbooth.config import AppConfig
 from avatarbooth.orphans import guarded
 from avatarbooth.valkey import EmbeddedValkey
 from bot.jobs import JobClient
+from bot.runner import JobRunner
 from bot.service import BotService
 from engine.api import WORKER_KEY_PREFIX
 from storage.blobs import LocalBlobStore
@@ -74,7 +75,13 @@ async def serve_chat(
         jobs = await stack.enter_async_context(await JobClient.connect(url))
         blobs = LocalBlobStore(config.engine.blobs_dir)
         service = BotService(
-            db, blobs, jobs, config.bot, preset_name=config.engine.preset, blocklist=config.blocklist
+            db,
+            blobs,
+            jobs,
+            config.bot,
+            preset_name=config.engine.preset,
+            blocklist=config.blocklist,
+            runner=JobRunner(db, blobs, jobs, config.bot),
         )
         settling = asyncio.create_task(_settle_erasures(service), name="avatarbooth-erasures")
         try:

@@ -1,7 +1,8 @@
 """The platform-agnostic conversation: consent, enrolment, preview, training, drawing, erasure.
 
 Adapters (console, Discord, Telegram) turn platform events into calls on `BotService` and its
-`Reply` objects back into messages; a `BotError` carries the message for a refused command.
+`Reply` objects (`bot.replies`) back into messages; a `BotError` carries the message for a refused
+command. Running a job (its row, the queue, the result) is `bot.runner.JobRunner`'s.
 
 A user's states (derived from the database, never stored as such)::
 
@@ -30,10 +31,9 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from bot import texts
 from bot.errors import (
@@ -42,7 +42,6 @@ from bot.errors import (
     EmptyPrompt,
     ErasedMeanwhile,
     JobFailed,
-    JobLost,
     MethodNotEnabled,
     NotYourImage,
     NotEnoughPhotos,
@@ -50,14 +49,15 @@ from bot.errors import (
     PromptTooLong,
     QueueUnavailable,
     RateLimited,
-    ResultNotSaved,
     TooManyPhotos,
     TrainingAlreadyRunning,
     UnknownAspect,
     UnknownClassWord,
     UnknownMethod,
 )
-from bot.jobs import JobClient, JobRequest, ProgressFields
+from bot.jobs import JobClient
+from bot.replies import ImageOut, Reply, ResumedWork, Upload, UserRef
+from bot.runner import JobRunner, ProgressCallback
 from bot.safety import PromptBlocklist
 from bot.settings import AUTO_CLASS_WORD, CLASS_WORD_CHOICES, BotSettings
 from bot.styles import STYLES, apply_style
@@ -66,108 +66,22 @@ from engine.api import (
     ASPECT_RATIOS,
     JOB_TRIES,
     ApparentGender,
-    JOB_QUEUES,
-    CheckPhotoRequest,
     CheckPhotoResult,
-    DrawRequest,
     ImagesResult,
-    JobFailure,
     JobName,
-    PreviewRequest,
     Refusal,
     TrainingMethod,
-    TrainRequest,
     TrainResult,
     arq_job_id,
-    parse_result,
 )
 from storage.blobs import BlobStore, owner_for
 from storage.db import Database, Erasure, GeneratedImage, Job, PersonalModel, Photo, User
-from storage.errors import InvalidBlobKey, RecordNotFound, StorageError
+from storage.errors import StorageError
 
 _log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str], Awaitable[None]]
-"""Receives already-formatted progress lines (see `bot.texts.progress`)."""
 
 _HOUR_S = 3600.0
-_RequestType = type[CheckPhotoRequest] | type[PreviewRequest] | type[TrainRequest] | type[DrawRequest]
-_REQUEST_TYPES: dict[JobName, _RequestType] = {
-    JobName.CHECK_PHOTO: CheckPhotoRequest,
-    JobName.PREVIEW: PreviewRequest,
-    JobName.TRAIN: TrainRequest,
-    JobName.DRAW: DrawRequest,
-}
-_Result = TypeVar("_Result", CheckPhotoResult, TrainResult, ImagesResult)
-_T = TypeVar("_T")
-_SAVE_RETRIES_S = (0.2, 1.0, 3.0)
-"""Waits between attempts to record a finished job (a busy or briefly failing database)."""
-
-
-@dataclass(frozen=True)
-class UserRef:
-    """Who is talking: a platform name ("console", "discord", ...) and that platform's user id."""
-
-    platform: str
-    platform_user_id: str
-
-
-@dataclass(frozen=True)
-class Upload:
-    """One file a user sent, as bytes; `filename` only labels the reply."""
-
-    filename: str | None
-    data: bytes
-
-
-@dataclass(frozen=True)
-class ImageOut:
-    """A generated image to send: a local file (do not modify it), its face score, its row id."""
-
-    path: Path
-    score: float | None
-    image_id: int
-
-
-@dataclass
-class Reply:
-    """What to send back: text, images, and the queue job ids the command ran (for logs/demos)."""
-
-    text: str
-    images: list[ImageOut] = field(default_factory=list)
-    job_ids: list[str] = field(default_factory=list)
-
-
-class ResumedWork:
-    """What `BotService.resume_all` finishes after a restart, handed to the adapters as each
-    user's jobs are done: the bot serves new commands meanwhile, and each adapter sends the replies
-    of its platform's users (``replies``) from when it is ready."""
-
-    def __init__(self) -> None:
-        self._queues: dict[str, asyncio.Queue[tuple[UserRef, Reply]]] = {}
-
-    @classmethod
-    def of(cls, replies: dict[UserRef, Reply]) -> ResumedWork:
-        """Work already finished (a caller that awaited `resume_all` itself)."""
-        work = cls()
-        for user, reply in replies.items():
-            work.put_nowait(user, reply)
-        return work
-
-    def _queue(self, platform: str) -> asyncio.Queue[tuple[UserRef, Reply]]:
-        return self._queues.setdefault(platform, asyncio.Queue())
-
-    def put_nowait(self, user: UserRef, reply: Reply) -> None:
-        self._queue(user.platform).put_nowait((user, reply))
-
-    async def put(self, user: UserRef, reply: Reply) -> None:
-        self.put_nowait(user, reply)
-
-    async def replies(self, platform: str) -> AsyncIterator[tuple[UserRef, Reply]]:
-        """The platform's finished work, as it comes; never ends (cancel the task reading it)."""
-        queue = self._queue(platform)
-        while True:
-            yield await queue.get()
 
 
 class BotService:
@@ -183,6 +97,7 @@ class BotService:
         preset_name: str,
         clock: Callable[[], float] = time.time,
         blocklist: PromptBlocklist | None = None,
+        runner: JobRunner | None = None,
     ) -> None:
         self._db = db
         self._blocklist = blocklist if blocklist is not None else PromptBlocklist.default()
@@ -191,8 +106,7 @@ class BotService:
         self.settings = settings
         self._preset_name = preset_name
         self._clock = clock
-        self._in_flight: set[int] = set()  # database job ids this process is waiting on
-        self._background: set[asyncio.Task[None]] = set()  # writes retried after their command ended
+        self._runner = runner if runner is not None else JobRunner(db, blobs, jobs, settings)
         self._user_locks: dict[int, asyncio.Lock] = {}
         self._quota_locks: dict[int, asyncio.Lock] = {}  # a user's quota check and job creation, as one
 
@@ -293,7 +207,7 @@ class BotService:
         key = await asyncio.to_thread(self._blobs.put, owner, "photos", data, checked.suffix)
         photo = await self._db.add_photo(account.id, key, checked.sha256)
         references = [p.embedding_key for p in kept if p.status == "accepted" and p.embedding_key]
-        job = await self._create_job(
+        job = await self._runner.create(
             account,
             JobName.CHECK_PHOTO,
             {"owner": owner, "photo_key": key, "reference_embedding_keys": references},
@@ -307,10 +221,10 @@ class BotService:
     ) -> str:
         """Wait for a photo check and record it; a photo whose check failed is not kept."""
         try:
-            result = await self._run(job, CheckPhotoResult, on_progress)
-            await self._require_owned(job, [result.embedding_key, result.crop_key])
+            result = await self._runner.run(job, CheckPhotoResult, on_progress)
+            await self._runner.require_owned(job, [result.embedding_key, result.crop_key])
             if result.accepted and not (result.embedding_key and result.crop_key):
-                raise await self._fail(job, JobFailed.unreadable(texts.job_label(job.kind)))
+                raise await self._runner.fail(job, JobFailed.unreadable(texts.job_label(job.kind)))
         except (JobFailed, QueueUnavailable) as exc:
             await self._drop_photo(photo)
             if isinstance(exc, QueueUnavailable):
@@ -501,8 +415,8 @@ class BotService:
 
     async def _finish_images(self, job: Job, on_progress: ProgressCallback | None) -> Reply:
         """Wait for a preview or draw, record its images, and say which model drew them."""
-        result = await self._run(job, ImagesResult, on_progress)
-        await self._require_owned(job, result.image_keys)
+        result = await self._runner.run(job, ImagesResult, on_progress)
+        await self._runner.require_owned(job, result.image_keys)
         meta = _meta(job)
         images: list[ImageOut] = []
         lines = [_drawn_by(job.kind, meta)]
@@ -562,7 +476,7 @@ class BotService:
         so draws sent at once cannot all pass on an empty count."""
         async with self._quota_locks.setdefault(account.id, asyncio.Lock()):
             await self._check_rate(account.id, int(fields["num_images"]))
-            return await self._create_job(account, name, fields, meta)
+            return await self._runner.create(account, name, fields, meta)
 
     async def _check_rate(self, user_id: int, wanted: int) -> None:
         """Allow at most draws_per_hour images in any rolling hour, counting those that queued and
@@ -640,15 +554,15 @@ class BotService:
                 "token": self.settings.token,
                 "class_word": named_word or await self._class_word(account.id),
             }
-            job = await self._create_job(account, JobName.TRAIN, fields, {"method": chosen})
+            job = await self._runner.create(account, JobName.TRAIN, fields, {"method": chosen})
         if on_progress is not None:
             await on_progress(texts.TRAINING_STARTED.format(method=chosen, count=len(accepted)))
         return await self._finish_training(job, on_progress)
 
     async def _finish_training(self, job: Job, on_progress: ProgressCallback | None) -> Reply:
-        result = await self._run(job, TrainResult, on_progress)
-        await self._require_owned(job, [result.adapter_key])
-        model = await self._saved(
+        result = await self._runner.run(job, TrainResult, on_progress)
+        await self._runner.require_owned(job, [result.adapter_key])
+        model = await self._runner.saved(
             job,
             lambda: self._db.finish_training(
                 job.id, result.method, result.base_preset, result.adapter_key, result.token,
@@ -726,7 +640,7 @@ class BotService:
         left: list[str] = []
         try:
             # Workers stop the owner's jobs and keep nothing they write from now on.
-            await self._jobs.mark_erased(owner, JOB_TRIES * self._timeout(JobName.TRAIN) + 3600)
+            await self._jobs.mark_erased(owner, JOB_TRIES * self._runner.timeout(JobName.TRAIN) + 3600)
             await self._jobs.abort(erasure.job_ids)
             await self._jobs.forget_jobs(erasure.job_ids)
             if await self._jobs.running(erasure.job_ids):
@@ -766,7 +680,7 @@ class BotService:
         stale = [
             job
             for job in await self._db.list_jobs(account.id, states=("queued", "running"))
-            if job.id not in self._in_flight
+            if job.id not in self._runner.in_flight
         ]
         if not stale:
             return None
@@ -848,178 +762,6 @@ class BotService:
             return texts.photo_failed(label, texts.ERASED_MEANWHILE)
         return await self._finish_check(job, photo, label, on_progress)
 
-    # --- jobs -----------------------------------------------------------------------------------
-
-    async def _create_job(
-        self, account: User, name: JobName, fields: dict[str, Any], meta: dict[str, Any]
-    ) -> Job:
-        """A job row whose payload holds the request (less its row-derived id) and reply context."""
-        return await self._db.create_job(
-            account.id, str(name), JOB_QUEUES[name], {"request": fields, "meta": meta}
-        )
-
-    async def _run(
-        self, job: Job, result_type: type[_Result], on_progress: ProgressCallback | None
-    ) -> _Result:
-        """Submit (idempotently), wait with progress, and parse the result of a job row."""
-        name = JobName(job.kind)
-        queue_id = arq_job_id(job.kind, job.id)
-        try:
-            request = _request_for(job, queue_id)
-        except (TypeError, ValueError) as exc:  # a row written by an incompatible version
-            what = texts.job_label(job.kind)
-            raise await self._fail(job, JobFailed(texts.job_failed(what, "invalid_request"))) from exc
-        self._in_flight.add(job.id)
-        try:
-            for attempt in range(1, JOB_TRIES + 1):
-                await self._jobs.submit(name, request, queue_id)
-                await self._db.update_job(job.id, state="queued", attempts_delta=1)
-                try:
-                    raw = await self._jobs.wait(
-                        queue_id,
-                        # A job a dead worker left is taken up again (engine.api.JOB_LEASE_S): as
-                        # many times as arq tries it, each within the job timeout.
-                        timeout=JOB_TRIES * self._timeout(name) + 60,
-                        on_progress=self._progress_sink(job, on_progress),
-                        on_state=self._state_sink(job),
-                    )
-                    break
-                except JobLost:  # the queue server lost it (restarted without its data): again
-                    # Unless /forget dropped it: submitting it again would put the user's data
-                    # back on the queue after the erasure finished.
-                    if attempt == JOB_TRIES or not await self._still_there(job):
-                        raise
-                    _log.warning("job %s was lost by the queue; submitting it again", queue_id)
-        except RecordNotFound as exc:  # /forget erased the row in the meantime
-            raise ErasedMeanwhile() from exc
-        except (JobFailed, QueueUnavailable) as exc:
-            if not await self._still_there(job):  # /forget aborted it: not a failure to report
-                raise ErasedMeanwhile() from exc
-            await self._fail(job, exc)
-            raise
-        finally:
-            self._in_flight.discard(job.id)
-        await self._check_not_erased(job, raw)
-        return await self._parse(job, raw, result_type)
-
-    async def _parse(self, job: Job, raw: dict[str, Any], result_type: type[_Result]) -> _Result:
-        what = texts.job_label(job.kind)
-        try:
-            parsed = parse_result(raw, result_type)
-        except (TypeError, ValueError) as exc:
-            raise await self._fail(job, JobFailed.unreadable(what)) from exc
-        if isinstance(parsed, JobFailure):
-            failure = JobFailed.from_failure(what, parsed)
-            await self._db.update_job(
-                job.id, state="failed", error=f"{parsed.code}: {parsed.detail}", result=raw
-            )
-            raise failure
-        return parsed
-
-    async def _fail(self, job: Job, error: BotError) -> BotError:
-        """Mark the job failed (if it still exists) and hand back the error to raise."""
-        try:
-            await self._db.update_job(job.id, state="failed", error=error.user_message)
-        except RecordNotFound:
-            pass
-        return error
-
-    async def _still_there(self, job: Job) -> bool:
-        """Whether the job's row still exists (and is this job's: not erased by /forget)."""
-        current = await self._db.get_job(job.id)
-        return current is not None and current.created_at == job.created_at and current.kind == job.kind
-
-    async def _check_not_erased(self, job: Job, raw: dict[str, Any]) -> None:
-        """If the user used /forget while the job ran, delete what the worker wrote and stop."""
-        if await self._still_there(job):
-            return
-        for key in _blob_keys(raw):
-            try:
-                await asyncio.to_thread(self._blobs.delete, key)
-            except InvalidBlobKey:
-                _log.warning("job %s returned an invalid blob key %r", job.id, key)
-        raise ErasedMeanwhile()
-
-    async def _require_owned(self, job: Job, keys: Iterable[str | None]) -> None:
-        """A result may only name blobs of the job's own user."""
-        prefix = owner_for(job.user_id) + "/"
-        if any(key is not None and not key.startswith(prefix) for key in keys):
-            raise await self._fail(job, JobFailed.unreadable(texts.job_label(job.kind)))
-
-    def _timeout(self, name: JobName) -> float:
-        if name == JobName.TRAIN:
-            return float(self.settings.training_timeout_s)
-        return float(self.settings.interactive_timeout_s)
-
-    def _state_sink(self, job: Job) -> Callable[[str], Awaitable[None]]:
-        """Keep the row's state as the queue sees it: "running" only while a worker holds the job,
-        so /status never says running for a worker that died."""
-
-        async def sink(state: str) -> None:
-            try:
-                await self._db.update_job(job.id, state=state)
-            except RecordNotFound:
-                return  # erased meanwhile
-            except StorageError as exc:  # a busy database: the next change is written instead
-                _log.warning("job %d: state not written (%s)", job.id, type(exc).__name__)
-
-        return sink
-
-    async def _saved(self, job: Job, write: Callable[[], Awaitable[_T]]) -> _T:
-        """Record a finished job's result, trying again while the database is busy or failing; if
-        it still fails, the job is marked failed (so nothing waits on it) and the user told."""
-        for delay in _SAVE_RETRIES_S:
-            try:
-                return await write()
-            except RecordNotFound as exc:
-                raise ErasedMeanwhile() from exc
-            except StorageError as exc:
-                _log.warning("recording the result of job %d failed (%s); trying again", job.id, type(exc).__name__)
-                await asyncio.sleep(delay)
-        try:
-            return await write()
-        except RecordNotFound as exc:
-            raise ErasedMeanwhile() from exc
-        except StorageError as exc:
-            _log.error("recording the result of job %d failed for good: %s", job.id, exc)
-            if not await self._marked_failed(job):  # the database is still busy: keep at it
-                task = asyncio.create_task(self._mark_failed_later(job))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-            raise ResultNotSaved(texts.job_label(job.kind)) from exc
-
-    async def _marked_failed(self, job: Job) -> bool:
-        try:
-            await self._db.update_job(job.id, state="failed", error="the result could not be saved")
-        except RecordNotFound:
-            return True
-        except StorageError:
-            return False
-        return True
-
-    async def _mark_failed_later(self, job: Job) -> None:
-        """Until the row says failed: a job left "queued" or "running" would block /train for good."""
-        while not await self._marked_failed(job):
-            await asyncio.sleep(_SAVE_RETRIES_S[-1])
-
-    def _progress_sink(
-        self, job: Job, on_progress: ProgressCallback | None
-    ) -> Callable[[ProgressFields], Awaitable[None]]:
-        what = texts.job_label(job.kind)
-
-        async def sink(fields: ProgressFields) -> None:
-            line = texts.progress(what, fields)
-            try:
-                await self._db.update_job(job.id, progress=_fraction(fields), message=line)
-            except RecordNotFound:
-                return  # erased meanwhile: the result will be discarded
-            except StorageError as exc:  # a busy database must not stop the job: /status lags a step
-                _log.warning("job %d: progress not written (%s)", job.id, type(exc).__name__)
-            if on_progress is not None:
-                await on_progress(line)
-
-        return sink
-
     # --- users ----------------------------------------------------------------------------------
 
     async def _account(self, user: UserRef) -> User:
@@ -1065,11 +807,6 @@ def _check_class_word(word: str | None) -> str | None:
     return named
 
 
-def _request_for(job: Job, queue_id: str) -> JobRequest:
-    """Rebuild a job's request from its row: the stored fields plus the row-derived id."""
-    fields = dict((job.payload or {}).get("request", {}))
-    request: JobRequest = _REQUEST_TYPES[JobName(job.kind)](job_id=queue_id, **fields)
-    return request
 
 
 def _meta(job: Job) -> dict[str, Any]:
@@ -1085,19 +822,8 @@ def _drawn_by(kind: str, meta: dict[str, Any]) -> str:
     return texts.DRAWN_BY_INSTANTID
 
 
-def _fraction(fields: ProgressFields) -> float | None:
-    try:
-        step, total = float(fields["step"]), float(fields["total"])
-    except (KeyError, ValueError):
-        return None
-    return min(max(step / total, 0.0), 1.0) if total > 0 else None
 
 
-def _blob_keys(raw: dict[str, Any]) -> list[str]:
-    """Every blob key a worker result names (for discarding the results of an erased user)."""
-    keys = [raw.get(name) for name in ("embedding_key", "crop_key", "adapter_key")]
-    keys += list(raw.get("image_keys") or [])
-    return [key for key in keys if isinstance(key, str)]
 
 
 def _aspect_fields(aspect: str | None) -> dict[str, Any]:
@@ -1118,6 +844,7 @@ __all__ = [
     "ImageOut",
     "ProgressCallback",
     "Reply",
+    "ResumedWork",
     "Upload",
     "UserRef",
 ]

@@ -89,6 +89,10 @@ UNKNOWN_OPTION = (
 )
 MISSING_OPTION_VALUE = "The option {option} needs a value, e.g. {example}."
 REPEATED_OPTION = "You gave {option} twice. Give it once, with the value you want, and send it again."
+SOMETHING_BROKE = (
+    "Something went wrong on my side. Try again in a minute; if it keeps happening, "
+    "tell the bot's operator."
+)
 UNKNOWN_STYLE = "There is no style called {style!r}. Choose one of: {names} (see /styles)."
 
 
@@ -469,10 +473,6 @@ TELEGRAM_NOT_YOUR_BUTTON = "This button belongs to someone else. Send /start to 
 TELEGRAM_UNKNOWN_BUTTON = (
     "This button no longer works. Send the command again, e.g. /draw me as an astronaut."
 )
-TELEGRAM_SOMETHING_BROKE = (
-    "Something went wrong on my side. Try again in a minute; if it keeps happening, "
-    "tell the bot's operator."
-)
 
 # --- Discord ---------------------------------------------------------------------------------------
 # Only what Discord needs beyond the texts above (slash commands with attachment options, buttons).
@@ -546,8 +546,4 @@ DISCORD_BAD_OPTION = "I couldn't read one of the command's options. Check them w
 DISCORD_INTERRUPTED = (
     "I was stopped (probably restarted) while working on this. Send the command again in a minute; "
     "/status shows what was kept."
-)
-DISCORD_SOMETHING_BROKE = (
-    "Something went wrong on my side. Try again in a minute; if it keeps happening, "
-    "tell the bot's operator."
 )

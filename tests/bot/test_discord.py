@@ -25,7 +25,9 @@ import pytest
 from PIL import Image
 
 from bot import texts
-from bot.discord_adapter import DiscordSettings, fit_under, serve_discord
+from bot.discord.bot import serve_discord
+from bot.discord.replies import fit_under
+from bot.discord.settings import DiscordSettings
 from bot.jobs import JobClient
 from bot.service import BotService, Reply, ResumedWork, Upload, UserRef
 from bot.settings import BotSettings
@@ -590,7 +592,7 @@ def test_guild_ids_must_be_server_ids() -> None:
 
 
 def test_a_forged_button_id_beyond_64_bits_matches_no_button() -> None:
-    from bot.discord_adapter import ImageButton
+    from bot.discord.buttons import ImageButton
 
     template = ImageButton.__discord_ui_compiled_template__
     assert template.fullmatch("ab:delete:12:123456789012345678")  # a real image id and snowflake

@@ -23,12 +23,9 @@ from bot import texts
 from bot.jobs import JobClient
 from bot.service import BotService, ResumedWork, Upload, UserRef
 from bot.settings import BotSettings
-from bot.telegram_adapter import (
-    TELEGRAM_DOWNLOAD_LIMIT,
-    TelegramSettings,
-    _Channel,
-    serve_telegram,
-)
+from bot.telegram.adapter import serve_telegram
+from bot.telegram.channel import Channel
+from bot.telegram.settings import TELEGRAM_DOWNLOAD_LIMIT, TelegramSettings
 from storage.blobs import LocalBlobStore, owner_for
 from storage.db import Database
 from tests.bot.fake_telegram import TOKEN, FakeTelegram, FakeUser
@@ -236,7 +233,7 @@ async def test_the_whole_journey(
         folder = blobs_dir / owner_for(uid)
         assert not [p for p in folder.rglob("*") if p.is_file()]
 
-    assert not [m for m in tg.texts_in(ann.id) if m == texts.TELEGRAM_SOMETHING_BROKE]
+    assert not [m for m in tg.texts_in(ann.id) if m == texts.SOMETHING_BROKE]
     # The library logs its Bot API URL at DEBUG; the token in it is replaced, here and everywhere.
     assert "<TELEGRAM_TOKEN>" in caplog.text
     assert TOKEN not in caplog.text
@@ -412,7 +409,7 @@ async def test_progress_is_edited_at_most_once_per_interval(tg: FakeTelegram) ->
     ann = tg.user(1001)
     tg.send_text(ann, "hello")  # opens the private chat
     async with Bot(TOKEN, base_url=tg.base_url, base_file_url=tg.base_file_url) as bot:
-        channel = _Channel(bot, ann.id, None, interval=0.4)
+        channel = Channel(bot, ann.id, None, interval=0.4)
         progress = await channel.open_progress("drawing...")
         for step in range(1, 21):
             await progress.update(f"drawing: step {step}/20")

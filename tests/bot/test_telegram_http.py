@@ -16,7 +16,7 @@ from aiohttp import web
 from telegram import Bot, InputFile
 from telegram.error import BadRequest, NetworkError, TimedOut
 
-from bot.telegram_http import AiohttpRequest
+from bot.telegram.http import AiohttpRequest
 
 TOKEN = "123:transport"
 

@@ -10,43 +10,27 @@ ids if Telegram sends them again. Only if the database cannot keep an upload is 
 Telegram until answered, as a fallback; getUpdates returns at most 100 updates from the offset,
 so under a burst of such held uploads the offset moves past a full page anyway (logged).
 
-Albums come as one update per item with a shared ``media_group_id``; items are gathered until the
-album has been quiet for ``album_wait_s`` and answered with one message. Progress of previews,
-training and draws is edited into one message, at most every ``progress_interval_s``. Results come
-as photos with buttons (draw again, more like this, full size, delete) whose callback data carry
-the image id and the requester's Telegram id, so they keep working after a restart and do nothing
-for anyone else.
-
 In groups listed in ``allowed_chats`` the bot answers commands only, and answers them in the
 user's private chat: nobody sees another person's photos, images or model. Every `BotError`
 becomes a reply in `TelegramAdapter._guard`, the one place where errors meet users.
-
-The bot token is never logged: while the adapter runs, a filter rewrites it out of every record of
-python-telegram-bot, httpx, httpcore and tornado (they log request URLs, and Bot API URLs hold it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import io
 import logging
 import secrets
-import urllib.parse
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from telegram import (
     Bot,
     BotCommand,
     CallbackQuery,
     Chat,
-    InlineKeyboardButton,
     InlineKeyboardMarkup,
-    Message,
-    ReplyParameters,
     Update,
     User,
 )
@@ -54,7 +38,6 @@ from telegram.constants import ChatType
 from telegram.error import (
     BadRequest,
     Conflict,
-    Forbidden,
     InvalidToken,
     TelegramError,
     TimedOut,
@@ -72,92 +55,27 @@ from bot import texts
 from bot.errors import BotError
 from bot.options import parse_options, parse_train_words
 from bot.service import BotService, ProgressCallback, Reply, ResumedWork, Upload, UserRef
-from bot.settings import BotSettings
-from bot.telegram_http import AiohttpRequest
-from engine.api import Refusal
+from bot.telegram.buttons import Button
+from bot.telegram.channel import PHOTO_CHECK, Channel, ProgressMessage, Unreachable, acknowledge, quietly
+from bot.telegram.clock import wait_event
+from bot.telegram.http import AiohttpRequest
+from bot.telegram.intake import Albums, Holds, Item, Skip, SkipReason, Tasks, is_upload
+from bot.telegram.redaction import TokenRedaction
+from bot.telegram.settings import TELEGRAM_DOWNLOAD_LIMIT, TelegramSettings
 
 _log = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
-TELEGRAM_DOWNLOAD_LIMIT = 20 * 1024 * 1024
-"""The official Bot API server serves files up to 20 MB to bots; a self-hosted one has no limit."""
 ALLOWED_UPDATES = ("message", "callback_query")
 _PAGE = 100  # the most updates getUpdates returns at once
 _HELD_RETRY_S = 0.5  # how long to wait for a held upload to settle before polling again
 _HELD_POLL_S = 0.1  # the pace of polls while uploads are held (Telegram then answers at once)
-_CALLBACK_VERSION = "ab1"
-_ACTIONS = frozenset("armfd")  # agree, draw again (reroll), more like this, full size, delete
-_PHOTO_CHECK = texts.progress(texts.job_label("check_photo"), {})  # "photo check..."
 
 _App = Application[Any, Any, Any, Any, Any, Any]
-_T = TypeVar("_T")
 
 
 class TelegramStartError(RuntimeError):
     """Telegram could not be served: a rejected token, or a webhook that could not be set up."""
-
-
-@dataclass(frozen=True)
-class TelegramSettings:
-    """The ``[telegram]`` section of config.toml. The token is not here: only TELEGRAM_TOKEN has it.
-
-    ``base_url``/``base_file_url`` point the bot at a self-hosted Bot API server, e.g.
-    ``http://127.0.0.1:8081/bot`` and ``http://127.0.0.1:8081/file/bot`` (the token is appended);
-    such a server also lifts the 20 MB download limit. ``allowed_chats`` empty: every private
-    chat and no group; otherwise exactly the chats listed (private chat id = user id; groups are
-    negative). ``webhook_url`` set: Telegram posts updates to it (HTTPS), and the bot listens on
-    ``webhook_listen:webhook_port/webhook_path`` behind the proxy that terminates TLS.
-    """
-
-    enabled: bool = False
-    base_url: str | None = None
-    base_file_url: str | None = None
-    local_mode: bool = False  # the self-hosted server runs with --local (files by local path)
-    allowed_chats: tuple[int, ...] = ()
-    webhook_url: str | None = None
-    webhook_listen: str = "127.0.0.1"
-    webhook_port: int = 8443
-    webhook_path: str = "telegram"
-    max_download_bytes: int | None = None  # None: 20 MB on Telegram's server, none on your own
-    album_wait_s: float = 1.0
-    progress_interval_s: float = 3.0
-    poll_timeout_s: int = 30
-    messages_per_second: float = 30.0  # Telegram's limit for one bot; 429s are waited out as well
-    max_retries: int = 5  # retries of one request after a 429 (each after its retry_after)
-    connection_pool_size: int = 256
-    shutdown_grace_s: float = 10.0  # on stop, how long to let running commands finish
-
-    def __post_init__(self) -> None:
-        if (self.base_url is None) != (self.base_file_url is None):
-            raise ValueError(
-                "telegram: set both base_url and base_file_url for a self-hosted Bot API server "
-                "(e.g. http://127.0.0.1:8081/bot and http://127.0.0.1:8081/file/bot), or neither"
-            )
-        if self.webhook_url is not None and not self.webhook_url.startswith("https://"):
-            raise ValueError(f"telegram: webhook_url must be an https:// URL, not {self.webhook_url!r}")
-        if not 0 < self.webhook_port < 65536:
-            raise ValueError(f"telegram: webhook_port must be 1-65535, not {self.webhook_port}")
-        numbers = {
-            "album_wait_s": self.album_wait_s,
-            "progress_interval_s": self.progress_interval_s,
-            "shutdown_grace_s": self.shutdown_grace_s,
-            "max_retries": self.max_retries,
-        }
-        for name, value in numbers.items():
-            if value < 0:
-                raise ValueError(f"telegram: {name} must not be negative, not {value}")
-        if self.poll_timeout_s < 0 or self.connection_pool_size < 1 or self.messages_per_second <= 0:
-            raise ValueError(
-                "telegram: poll_timeout_s must be >= 0, connection_pool_size >= 1 and "
-                "messages_per_second > 0"
-            )
-
-    @property
-    def download_limit(self) -> int | None:
-        """The largest file the Bot API server lets the bot fetch; None when it has no limit."""
-        if self.max_download_bytes is not None:
-            return self.max_download_bytes
-        return TELEGRAM_DOWNLOAD_LIMIT if self.base_url is None else None
 
 
 async def serve_telegram(
@@ -217,14 +135,14 @@ class TelegramAdapter:
         # Telegram sends this in a header with every webhook request; a fresh one each start is
         # enough because start() registers it with setWebhook.
         self._webhook_secret = webhook_secret or secrets.token_urlsafe(32)
-        self._redaction = _TokenRedaction(token)
-        self._tasks = _Tasks()
-        self._holds = _Holds(on_release=self._released)
+        self._redaction = TokenRedaction(token)
+        self._tasks = Tasks()
+        self._holds = Holds(on_release=self._released)
         # Uploads kept in the service's inbox (so Telegram is told at once that they arrived),
         # dropped from it once answered; and the updates the poller must not handle twice.
         self._kept: set[int] = set()
         self._seen: set[int] = set()
-        self._albums = _Albums(settings.album_wait_s, self._tasks)
+        self._albums = Albums(settings.album_wait_s, self._tasks)
         self._resumed = resumed
         self._delivering: asyncio.Task[None] | None = None
         self._app: _App | None = None
@@ -299,7 +217,7 @@ class TelegramAdapter:
                     overall_max_rate=settings.messages_per_second, max_retries=settings.max_retries
                 )
             )
-            # aiohttp instead of PTB's httpx: see bot/telegram_http.py for why.
+            # aiohttp instead of PTB's httpx: see bot/telegram/http.py for why.
             .request(AiohttpRequest(pool_size=settings.connection_pool_size))
             .get_updates_request(AiohttpRequest(pool_size=1))
         )
@@ -356,7 +274,7 @@ class TelegramAdapter:
             for update in updates:  # replayed ones too: the offset moves past them
                 if update.update_id in fresh_ids:
                     self._seen.add(update.update_id)
-                    hold = _is_upload(update) and update.update_id not in kept
+                    hold = is_upload(update) and update.update_id not in kept
                     self._holds.fetched(update.update_id, hold=hold)
                     self._tasks.spawn(self._process(update))
                 else:
@@ -375,7 +293,7 @@ class TelegramAdapter:
             self._seen = {i for i in self._seen if i >= floor}
             if not fresh and updates:
                 # Only updates still being handled came back: wait for one to settle.
-                await _wait_event(self._holds.changed, _HELD_RETRY_S)
+                await wait_event(self._holds.changed, _HELD_RETRY_S)
             elif len(fresh) < len(updates):
                 # Unanswered uploads make Telegram answer at once instead of long polling:
                 # pace the polls rather than fetch the same updates in a tight loop.
@@ -416,7 +334,7 @@ class TelegramAdapter:
         replays them from the inbox at the next start. One that cannot be kept (the database
         failed) is held back from Telegram instead, as before there was an inbox.
         """
-        uploads = [u for u in updates if _is_upload(u)]
+        uploads = [u for u in updates if is_upload(u)]
         if not uploads:
             return set()
         results = await asyncio.gather(
@@ -535,7 +453,7 @@ class TelegramAdapter:
         if self._access(chat) is _Access.DENIED:
             await self._say(context.bot, chat.id, texts.TELEGRAM_NOT_ALLOWED, message.message_id)
             return
-        item = _Item.of(message, update.update_id)
+        item = Item.of(message, update.update_id)
         if item is None:
             return
         bot, chat_id = context.bot, chat.id
@@ -545,11 +463,11 @@ class TelegramAdapter:
         self._holds.claim(update.update_id)  # settled when the whole album has been answered
         interval = self._settings.progress_interval_s
 
-        def answer_album() -> Callable[[list[_Item]], Awaitable[None]]:
+        def answer_album() -> Callable[[list[Item]], Awaitable[None]]:
             # The answer's message opens with the first item, and gets the results when the
             # album is complete: one message per album, and no silence while it gathers.
-            channel = _Channel(bot, chat_id, item.message_id, interval=interval)
-            opening = self._tasks.spawn(_acknowledge(channel))
+            channel = Channel(bot, chat_id, item.message_id, interval=interval)
+            opening = self._tasks.spawn(acknowledge(channel))
             return lambda items: self._enrol_album(user, channel, opening, items)
 
         self._albums.add((chat_id, user.id, message.media_group_id), item, answer_album)
@@ -558,7 +476,7 @@ class TelegramAdapter:
         query = update.callback_query
         if query is None:
             return
-        button = _Button.parse(query.data)
+        button = Button.parse(query.data)
         if button is None:
             await self._answer(query, texts.TELEGRAM_UNKNOWN_BUTTON)
             return
@@ -573,7 +491,7 @@ class TelegramAdapter:
         presser = query.from_user.id
         message = query.message
         reply_to = message.message_id if message is not None and message.chat.id == presser else None
-        channel = _Channel(context.bot, presser, reply_to, interval=self._settings.progress_interval_s)
+        channel = Channel(context.bot, presser, reply_to, interval=self._settings.progress_interval_s)
         await self._guard(channel, self._press(channel, query, button))
 
     async def _on_other(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -593,11 +511,11 @@ class TelegramAdapter:
             chat_id = update.effective_chat.id
             if update.effective_chat.type != ChatType.PRIVATE and update.effective_user is not None:
                 chat_id = update.effective_user.id
-            await self._say(context.bot, chat_id, texts.TELEGRAM_SOMETHING_BROKE, None)
+            await self._say(context.bot, chat_id, texts.SOMETHING_BROKE, None)
 
     # --- commands -------------------------------------------------------------------------------
 
-    def _command_table(self) -> dict[str, Callable[[_Channel, User, str], Awaitable[None]]]:
+    def _command_table(self) -> dict[str, Callable[[Channel, User, str], Awaitable[None]]]:
         return {
             "start": self._start,
             "agree": self._plain(lambda u, _: self._service.agree(u)),
@@ -628,20 +546,20 @@ class TelegramAdapter:
             style=options.style, aspect=options.aspect, boost=options.boost,
         )
 
-    async def _start(self, channel: _Channel, user: User, rest: str) -> None:
+    async def _start(self, channel: Channel, user: User, rest: str) -> None:
         reply = await self._service.start(_ref(user))
         markup = None
         if reply.text == texts.CONSENT:  # not yet agreed
-            markup = InlineKeyboardMarkup([[_Button("a", user.id).button(texts.TELEGRAM_AGREE_BUTTON)]])
+            markup = InlineKeyboardMarkup([[Button("a", user.id).button(texts.TELEGRAM_AGREE_BUTTON)]])
         await channel.send(reply.text, markup)
 
-    async def _photo_hint(self, channel: _Channel, user: User, rest: str) -> None:
+    async def _photo_hint(self, channel: Channel, user: User, rest: str) -> None:
         await channel.send(texts.TELEGRAM_SEND_PHOTOS)
 
     def _plain(
         self, call: Callable[[UserRef, str], Awaitable[Reply]]
-    ) -> Callable[[_Channel, User, str], Awaitable[None]]:
-        async def command(channel: _Channel, user: User, rest: str) -> None:
+    ) -> Callable[[Channel, User, str], Awaitable[None]]:
+        async def command(channel: Channel, user: User, rest: str) -> None:
             reply = await call(_ref(user), rest)
             await channel.send(reply.text)
 
@@ -653,15 +571,15 @@ class TelegramAdapter:
         call: Callable[[UserRef, str, ProgressCallback], Awaitable[Reply]],
         *,
         notify: bool = False,
-    ) -> Callable[[_Channel, User, str], Awaitable[None]]:
-        async def command(channel: _Channel, user: User, rest: str) -> None:
+    ) -> Callable[[Channel, User, str], Awaitable[None]]:
+        async def command(channel: Channel, user: User, rest: str) -> None:
             await self._run_long(channel, user.id, what, lambda p: call(_ref(user), rest, p), notify=notify)
 
         return command
 
     async def _run_long(
         self,
-        channel: _Channel,
+        channel: Channel,
         owner_id: int,
         what: str,
         call: Callable[[ProgressCallback], Awaitable[Reply]],
@@ -682,18 +600,18 @@ class TelegramAdapter:
             await progress.finish(reply.text)
         await self._send_images(channel, reply, owner_id)
 
-    async def _send_images(self, channel: _Channel, reply: Reply, owner_id: int) -> None:
+    async def _send_images(self, channel: Channel, reply: Reply, owner_id: int) -> None:
         for index, image in enumerate(reply.images, start=1):
             data = await asyncio.to_thread(image.path.read_bytes)
             buttons = InlineKeyboardMarkup(
                 [
                     [
-                        _Button("r", owner_id, image.image_id).button(texts.TELEGRAM_REROLL_BUTTON),
-                        _Button("m", owner_id, image.image_id).button(texts.TELEGRAM_MORE_BUTTON),
+                        Button("r", owner_id, image.image_id).button(texts.TELEGRAM_REROLL_BUTTON),
+                        Button("m", owner_id, image.image_id).button(texts.TELEGRAM_MORE_BUTTON),
                     ],
                     [
-                        _Button("f", owner_id, image.image_id).button(texts.TELEGRAM_FULL_SIZE_BUTTON),
-                        _Button("d", owner_id, image.image_id).button(texts.TELEGRAM_DELETE_BUTTON),
+                        Button("f", owner_id, image.image_id).button(texts.TELEGRAM_FULL_SIZE_BUTTON),
+                        Button("d", owner_id, image.image_id).button(texts.TELEGRAM_DELETE_BUTTON),
                     ],
                 ]
             )
@@ -705,7 +623,7 @@ class TelegramAdapter:
                 _log.info("sending image %d as a document: %s", image.image_id, exc)
                 await channel.send_document(data, name, caption, buttons)
 
-    async def _press(self, channel: _Channel, query: CallbackQuery, button: _Button) -> None:
+    async def _press(self, channel: Channel, query: CallbackQuery, button: Button) -> None:
         user = _ref(query.from_user)
         service = self._service
         image_id = button.image_id
@@ -713,7 +631,7 @@ class TelegramAdapter:
             reply = await service.agree(user)
             await channel.send(reply.text)
             if query.message is not None and query.message.chat.id == channel.chat_id:
-                await _quietly(channel.remove_buttons(query.message.message_id))
+                await quietly(channel.remove_buttons(query.message.message_id))
         elif button.action == "r":
             await self._run_long(
                 channel, button.user_id, "drawing", lambda p: service.reroll(user, image_id, on_progress=p)
@@ -729,7 +647,7 @@ class TelegramAdapter:
         elif button.action == "d":
             reply = await service.delete_image(user, image_id)
             if query.message is not None and query.message.chat.id == channel.chat_id:
-                await _quietly(channel.delete(query.message.message_id))
+                await quietly(channel.delete(query.message.message_id))
             await channel.send(reply.text)
 
     # --- photos ---------------------------------------------------------------------------------
@@ -737,9 +655,9 @@ class TelegramAdapter:
     async def _enrol_album(
         self,
         user: User,
-        channel: _Channel,
-        opening: asyncio.Task[_ProgressMessage | None],
-        items: list[_Item],
+        channel: Channel,
+        opening: asyncio.Task[ProgressMessage | None],
+        items: list[Item],
     ) -> None:
         progress = await opening
         ordered = sorted(items, key=lambda item: item.message_id)
@@ -747,23 +665,23 @@ class TelegramAdapter:
         for item in items:  # not reached when cancelled: the album comes again after a restart
             self._holds.release(item.update_id)
 
-    async def _enrol(self, bot: Bot, user: User, chat_id: int, items: Sequence[_Item]) -> None:
+    async def _enrol(self, bot: Bot, user: User, chat_id: int, items: Sequence[Item]) -> None:
         """Answer one photo with one message: its line and where the user stands."""
-        channel = _Channel(bot, chat_id, items[0].message_id, interval=self._settings.progress_interval_s)
+        channel = Channel(bot, chat_id, items[0].message_id, interval=self._settings.progress_interval_s)
         await self._guard(channel, self._check_photos(channel, _ref(user), items, None))
 
     async def _check_photos(
         self,
-        channel: _Channel,
+        channel: Channel,
         user: UserRef,
-        items: Sequence[_Item],
-        progress: _ProgressMessage | None,
+        items: Sequence[Item],
+        progress: ProgressMessage | None,
     ) -> None:
         if progress is None:
-            progress = await channel.open_progress(_PHOTO_CHECK)
+            progress = await channel.open_progress(PHOTO_CHECK)
         fetched = await asyncio.gather(*(self._fetch(channel.bot, item) for item in items))
         uploads = [Upload(item.filename, got) for item, got in zip(items, fetched) if isinstance(got, bytes)]
-        skipped = [(item, got) for item, got in zip(items, fetched) if isinstance(got, _Skip)]
+        skipped = [(item, got) for item, got in zip(items, fetched) if isinstance(got, Skip)]
         lines = [
             skip.line(texts.photo_label(len(uploads) + number, item.filename), self._service.settings)
             for number, (item, skip) in enumerate(skipped, start=1)
@@ -774,42 +692,42 @@ class TelegramAdapter:
             lines = [*checked, *lines, standing]
         await progress.finish("\n".join(lines))
 
-    async def _fetch(self, bot: Bot, item: _Item) -> bytes | _Skip:
+    async def _fetch(self, bot: Bot, item: Item) -> bytes | Skip:
         """The file's bytes with their metadata removed, or why it was not fetched."""
         limit = self._settings.download_limit
         if item.size is not None and limit is not None and item.size > limit:
-            return _Skip(_SkipReason.TOO_BIG_FOR_TELEGRAM, limit)
+            return Skip(SkipReason.TOO_BIG_FOR_TELEGRAM, limit)
         if item.size is not None and item.size > self._service.settings.max_upload_bytes:
-            return _Skip(_SkipReason.TOO_LARGE)
+            return Skip(SkipReason.TOO_LARGE)
         try:
             remote = await bot.get_file(item.file_id)
             data = bytes(await remote.download_as_bytearray())
         except BadRequest as exc:
             if "too big" in exc.message.lower():
-                return _Skip(_SkipReason.TOO_BIG_FOR_TELEGRAM, limit or TELEGRAM_DOWNLOAD_LIMIT)
+                return Skip(SkipReason.TOO_BIG_FOR_TELEGRAM, limit or TELEGRAM_DOWNLOAD_LIMIT)
             _log.warning("could not fetch a file from Telegram: %s", exc)
-            return _Skip(_SkipReason.NOT_FETCHED)
+            return Skip(SkipReason.NOT_FETCHED)
         except TelegramError as exc:
             _log.warning("could not fetch a file from Telegram: %s", exc)
-            return _Skip(_SkipReason.NOT_FETCHED)
+            return Skip(SkipReason.NOT_FETCHED)
         return data  # the service strips its metadata at the one upload boundary (bot.uploads)
 
     # --- errors, access, resuming ---------------------------------------------------------------
 
-    async def _guard(self, channel: _Channel, work: Awaitable[None]) -> None:
+    async def _guard(self, channel: Channel, work: Awaitable[None]) -> None:
         """Run one command; its `BotError`, or any failure, becomes a reply. Never a silent drop."""
         try:
             await work
-        except _Unreachable:
+        except Unreachable:
             return
         except BotError as exc:
-            await _quietly(channel.fail(exc.user_message))
+            await quietly(channel.fail(exc.user_message))
         except TelegramError as exc:
             _log.warning("Telegram refused a request: %s", exc)
-            await _quietly(channel.fail(texts.TELEGRAM_SOMETHING_BROKE))
+            await quietly(channel.fail(texts.SOMETHING_BROKE))
         except Exception:
             _log.exception("a Telegram command failed")
-            await _quietly(channel.fail(texts.TELEGRAM_SOMETHING_BROKE))
+            await quietly(channel.fail(texts.SOMETHING_BROKE))
 
     def _access(self, chat: Chat) -> _Access:
         allowed = self._settings.allowed_chats
@@ -819,12 +737,12 @@ class TelegramAdapter:
             return _Access.GROUP if chat.id in allowed else _Access.PRIVATE_ONLY
         return _Access.DENIED
 
-    def _channel(self, bot: Bot, user: User, chat: Chat, message_id: int, *, private: bool) -> _Channel:
+    def _channel(self, bot: Bot, user: User, chat: Chat, message_id: int, *, private: bool) -> Channel:
         """Where a command's answers go: the chat itself, or for a group the user's private chat."""
         interval = self._settings.progress_interval_s
         if not private:
-            return _Channel(bot, chat.id, message_id, interval=interval)
-        return _Channel(bot, user.id, None, interval=interval, group=(chat.id, message_id))
+            return Channel(bot, chat.id, message_id, interval=interval)
+        return Channel(bot, user.id, None, interval=interval, group=(chat.id, message_id))
 
     async def _deliver_all_resumed(self, bot: Bot, resumed: ResumedWork) -> None:
         async for user, reply in resumed.replies(PLATFORM):
@@ -838,7 +756,7 @@ class TelegramAdapter:
 
     async def _deliver_resumed(self, bot: Bot, user_id: int, reply: Reply) -> None:
         """Send what a restart's `BotService.resume_all` finished for one user, privately."""
-        channel = _Channel(bot, user_id, None, interval=self._settings.progress_interval_s)
+        channel = Channel(bot, user_id, None, interval=self._settings.progress_interval_s)
         try:
             await channel.send(reply.text)
             await self._send_images(channel, reply, user_id)
@@ -846,220 +764,11 @@ class TelegramAdapter:
             _log.warning("could not deliver finished work to a Telegram user: %s", exc)
 
     async def _say(self, bot: Bot, chat_id: int, text: str, reply_to: int | None) -> None:
-        await _quietly(_Channel(bot, chat_id, reply_to, interval=0).send(text))
+        await quietly(Channel(bot, chat_id, reply_to, interval=0).send(text))
 
     @staticmethod
     async def _answer(query: CallbackQuery, text: str | None) -> None:
-        await _quietly(query.answer(text, show_alert=text is not None))
-
-
-# --- replies -----------------------------------------------------------------------------------------
-
-
-class _Unreachable(Exception):
-    """The user's private chat is closed to the bot; the group was told how to open it."""
-
-
-class _Channel:
-    """Where one command's answers go; for a group command, the user's private chat."""
-
-    def __init__(
-        self,
-        bot: Bot,
-        chat_id: int,
-        reply_to: int | None,
-        *,
-        interval: float,
-        group: tuple[int, int] | None = None,
-    ) -> None:
-        self.bot = bot
-        self.chat_id = chat_id
-        self._reply_to = reply_to
-        self._interval = interval
-        self._group = group  # (group chat id, command message id): where to point to the answer
-        self._pointed = False
-        self._progress: _ProgressMessage | None = None
-
-    async def send(self, text: str, markup: InlineKeyboardMarkup | None = None) -> Message:
-        return await self._deliver(
-            self.bot.send_message(self.chat_id, text, reply_markup=markup, reply_parameters=self._reply())
-        )
-
-    async def send_photo(
-        self, data: bytes, filename: str, caption: str, markup: InlineKeyboardMarkup | None
-    ) -> Message:
-        return await self._deliver(
-            self.bot.send_photo(
-                self.chat_id, data, caption=caption, filename=filename, reply_markup=markup,
-                reply_parameters=self._reply(),
-            )
-        )
-
-    async def send_document(
-        self, data: bytes, filename: str, caption: str | None, markup: InlineKeyboardMarkup | None
-    ) -> Message:
-        return await self._deliver(
-            self.bot.send_document(
-                self.chat_id, data, caption=caption, filename=filename, reply_markup=markup,
-                reply_parameters=self._reply(),
-            )
-        )
-
-    async def remove_buttons(self, message_id: int) -> None:
-        await self.bot.edit_message_reply_markup(self.chat_id, message_id, reply_markup=None)
-
-    async def delete(self, message_id: int) -> None:
-        await self.bot.delete_message(self.chat_id, message_id)
-
-    async def open_progress(self, text: str) -> _ProgressMessage:
-        self._progress = _ProgressMessage(self, self._interval)
-        await self._progress.open(text)
-        return self._progress
-
-    async def fail(self, text: str) -> None:
-        """Say what went wrong: in the open progress message if there is one, else anew."""
-        if self._progress is not None and not self._progress.closed:
-            await self._progress.finish(text)
-        else:
-            await self.send(text)
-
-    def _reply(self) -> ReplyParameters | None:
-        if self._reply_to is None:
-            return None
-        return ReplyParameters(self._reply_to, allow_sending_without_reply=True)
-
-    async def _deliver(self, sending: Awaitable[_T]) -> _T:
-        """Send; for a group command, point the group to the private answer (or to opening one)."""
-        try:
-            sent = await sending
-        except Forbidden:
-            if self._group is None:
-                raise
-            group_id, message_id = self._group
-            await self.bot.send_message(
-                group_id, texts.TELEGRAM_PRIVATE_ONLY,
-                reply_parameters=ReplyParameters(message_id, allow_sending_without_reply=True),
-            )
-            raise _Unreachable() from None
-        if self._group is not None and not self._pointed:
-            self._pointed = True
-            group_id, message_id = self._group
-            await _quietly(
-                self.bot.send_message(
-                    group_id, texts.TELEGRAM_ANSWERED_PRIVATELY,
-                    reply_parameters=ReplyParameters(message_id, allow_sending_without_reply=True),
-                )
-            )
-        return sent
-
-
-class _ProgressMessage:
-    """One message edited as progress lines come in, at most once per ``interval`` seconds.
-
-    `update` never waits on Telegram: the newest line is remembered and shown by a background
-    edit when the interval allows; lines in between are skipped. `finish` shows the final text.
-    """
-
-    def __init__(self, channel: _Channel, interval: float) -> None:
-        self._channel = channel
-        self._interval = interval
-        self._message: Message | None = None
-        self._shown = ""
-        self._latest = ""
-        self._edited_at = 0.0
-        self._editing = asyncio.Lock()
-        self._pending: asyncio.Task[None] | None = None
-        self.closed = False
-
-    async def open(self, text: str) -> None:
-        self._message = await self._channel.send(text)
-        self._shown = self._latest = text
-        self._edited_at = _now()
-
-    async def update(self, line: str) -> None:
-        if self.closed:
-            return
-        self._latest = line
-        if self._pending is None or self._pending.done():
-            self._pending = asyncio.create_task(self._show_latest())
-
-    async def finish(self, text: str) -> None:
-        """Show ``text`` now (a new message if the old one is gone); no more progress after it."""
-        self.closed = True
-        pending = self._pending
-        if pending is not None and not pending.done():
-            if not self._editing.locked():
-                pending.cancel()  # still waiting out the interval: nothing to show any more
-            await asyncio.wait([pending])
-        async with self._editing:
-            if not await self._edit(text):
-                await self._channel.send(text)
-
-    async def _show_latest(self) -> None:
-        while not self.closed and self._latest != self._shown:
-            delay = self._edited_at + self._interval - _now()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            async with self._editing:
-                if self.closed:
-                    return
-                await self._edit(self._latest)
-
-    async def _edit(self, text: str) -> bool:
-        """Edit the message to ``text``; False when it can no longer be edited."""
-        if self._message is None:
-            return False
-        if text == self._shown:
-            return True
-        try:
-            await self._channel.bot.edit_message_text(text, self._channel.chat_id, self._message.message_id)
-        except BadRequest as exc:
-            if "not modified" not in exc.message.lower():
-                _log.info("could not edit a progress message: %s", exc)
-                return False
-        except TelegramError as exc:
-            _log.info("could not edit a progress message: %s", exc)
-            return False
-        finally:
-            self._edited_at = _now()
-        self._shown = text
-        return True
-
-
-async def _acknowledge(channel: _Channel) -> _ProgressMessage | None:
-    """The "photo check..." message an album's answer will be edited into; None if it failed."""
-    try:
-        return await channel.open_progress(_PHOTO_CHECK)
-    except TelegramError as exc:
-        _log.warning("could not acknowledge an album: %s", exc)
-        return None
-
-
-def _now() -> float:
-    return asyncio.get_running_loop().time()
-
-
-async def _wait_event(event: asyncio.Event, timeout_s: float) -> None:
-    """Wait until ``event`` is set or ``timeout_s`` has passed.
-
-    Not `asyncio.wait_for`: on Python 3.11 it can swallow a cancellation that arrives just as the
-    event is set, and a stop would then never end.
-    """
-    try:
-        async with asyncio.timeout(timeout_s):
-            await event.wait()
-    except TimeoutError:
-        pass
-
-
-async def _quietly(sending: Awaitable[object]) -> None:
-    """Send something whose failure must not hide the reply it is part of (logged, not raised)."""
-    try:
-        await sending
-    except _Unreachable:
-        pass
-    except TelegramError as exc:
-        _log.warning("Telegram refused a request: %s", exc)
+        await quietly(query.answer(text, show_alert=text is not None))
 
 
 def _ref(user: User) -> UserRef:
@@ -1073,269 +782,8 @@ class _Access(enum.Enum):
     DENIED = "denied"  # allowed_chats is set and this private chat is not in it
 
 
-# --- buttons -------------------------------------------------------------------------------------------
-
-
-_MAX_ID = 2**63  # ids are signed 64-bit integers: a larger number in forged button data is no id
-
-
-@dataclass(frozen=True)
-class _Button:
-    """Callback data: ``ab1:<action>:<requester's Telegram id>:<image id>`` (at most 64 bytes).
-
-    Actions: a agree, r draw again, m more like this, f full size, d delete.
-    """
-
-    action: str
-    user_id: int
-    image_id: int = 0
-
-    @property
-    def data(self) -> str:
-        return f"{_CALLBACK_VERSION}:{self.action}:{self.user_id}:{self.image_id}"
-
-    def button(self, label: str) -> InlineKeyboardButton:
-        return InlineKeyboardButton(label, callback_data=self.data)
-
-    @classmethod
-    def parse(cls, data: object) -> _Button | None:
-        if not isinstance(data, str):
-            return None
-        parts = data.split(":")
-        if len(parts) != 4 or parts[0] != _CALLBACK_VERSION or parts[1] not in _ACTIONS:
-            return None
-        try:
-            user_id, image_id = int(parts[2]), int(parts[3])
-        except ValueError:
-            return None
-        if not (0 <= user_id < _MAX_ID and 0 <= image_id < _MAX_ID):  # SQLite's and Telegram's 64 bits
-            return None
-        return cls(parts[1], user_id, image_id)
-
-
-# --- uploads -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Item:
-    """One uploaded file: a photo (its largest size) or a document."""
-
-    update_id: int
-    message_id: int
-    file_id: str
-    size: int | None
-    filename: str | None
-
-    @classmethod
-    def of(cls, message: Message, update_id: int) -> _Item | None:
-        if message.photo:
-            largest = max(message.photo, key=lambda size: (size.width * size.height, size.file_size or 0))
-            return cls(update_id, message.message_id, largest.file_id, largest.file_size, None)
-        if message.document is not None:
-            document = message.document
-            return cls(
-                update_id, message.message_id, document.file_id, document.file_size, document.file_name
-            )
-        return None
-
-
-class _SkipReason(enum.Enum):
-    TOO_BIG_FOR_TELEGRAM = "too_big_for_telegram"
-    TOO_LARGE = "too_large"
-    NOT_FETCHED = "not_fetched"
-
-
-@dataclass(frozen=True)
-class _Skip:
-    """An upload not handed to the service, and why."""
-
-    reason: _SkipReason
-    limit: int = 0
-
-    def line(self, label: str, settings: BotSettings) -> str:
-        if self.reason is _SkipReason.TOO_BIG_FOR_TELEGRAM:
-            return texts.TELEGRAM_FILE_TOO_BIG.format(label=label, limit_mb=self.limit // (1024 * 1024))
-        if self.reason is _SkipReason.TOO_LARGE:
-            return texts.photo_refused(label, texts.refusal(Refusal.FILE_TOO_LARGE, settings))
-        return texts.TELEGRAM_DOWNLOAD_FAILED.format(label=label)
-
-
-def _is_upload(update: Update) -> bool:
-    message = update.message
-    return message is not None and bool(message.photo or message.document)
-
-
-class _Albums:
-    """Gathers album items (one update each) until the album has been quiet for ``wait_s``."""
-
-    def __init__(self, wait_s: float, tasks: _Tasks) -> None:
-        self._wait_s = wait_s
-        self._tasks = tasks
-        self._open: dict[Hashable, _Album] = {}
-
-    def add(
-        self,
-        key: Hashable,
-        item: _Item,
-        answer: Callable[[], Callable[[list[_Item]], Awaitable[None]]],
-    ) -> None:
-        """Add an item; for an album's first, ``answer()`` gives what will answer the album."""
-        album = self._open.get(key)
-        if album is None:
-            album = self._open[key] = _Album()
-            self._tasks.spawn(self._gather(key, album, answer()))
-        album.items.append(item)
-        album.quiet_at = _now() + self._wait_s
-
-    def flush_all(self) -> None:
-        """Answer every album now (on stop)."""
-        for album in self._open.values():
-            album.now.set()
-
-    async def _gather(
-        self, key: Hashable, album: _Album, answer: Callable[[list[_Item]], Awaitable[None]]
-    ) -> None:
-        while not album.now.is_set() and (delay := album.quiet_at - _now()) > 0:
-            await _wait_event(album.now, delay)
-        del self._open[key]
-        await answer(album.items)
-
-
-class _Album:
-    def __init__(self) -> None:
-        self.items: list[_Item] = []
-        self.quiet_at = 0.0
-        self.now = asyncio.Event()
-
-
-class _Holds:
-    """Update ids of uploads not yet answered that are not kept in the inbox either (the database
-    failed): the getUpdates offset never passes the lowest. ``on_release`` hears of every update
-    answered, held or not."""
-
-    def __init__(self, on_release: Callable[[int], None] | None = None) -> None:
-        self._held: set[int] = set()
-        self._claimed: set[int] = set()  # album items: released by the album, not their update
-        self._on_release = on_release
-        self._next: int | None = None  # one past the newest update fetched
-        self.changed = asyncio.Event()
-
-    def fetched(self, update_id: int, *, hold: bool) -> None:
-        self._next = max(self._next or 0, update_id + 1)
-        if hold:
-            self._held.add(update_id)
-
-    def claim(self, update_id: int) -> None:
-        self._claimed.add(update_id)
-
-    def settle(self, update_id: int) -> None:
-        """The update's handler returned: release it unless an album answers for it."""
-        if update_id not in self._claimed:
-            self.release(update_id)
-
-    def release(self, update_id: int) -> None:
-        self._held.discard(update_id)
-        self._claimed.discard(update_id)
-        self.changed.set()
-        if self._on_release is not None:
-            self._on_release(update_id)
-
-    def confirm_below(self, update_id: int) -> int:
-        """Stop holding back the updates below ``update_id``; returns how many were held."""
-        given_up = {i for i in self._held if i < update_id}
-        self._held -= given_up
-        self._next = max(self._next or 0, update_id)
-        return len(given_up)
-
-    def offset(self) -> int | None:
-        """The getUpdates offset: the oldest unanswered upload, else one past the newest update."""
-        return min(self._held) if self._held else self._next
-
-
-class _Tasks:
-    """The adapter's running work: one task per update or album, drained or cancelled on stop."""
-
-    def __init__(self) -> None:
-        self._running: set[asyncio.Task[Any]] = set()
-
-    def spawn(self, work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
-        task = asyncio.create_task(work)
-        self._running.add(task)
-        task.add_done_callback(self._finished)
-        return task
-
-    def _finished(self, task: asyncio.Task[Any]) -> None:
-        self._running.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            _log.error("a Telegram task failed", exc_info=task.exception())
-
-    async def drain(self, grace_s: float) -> None:
-        """Wait up to ``grace_s`` for the running work (and what it starts), then cancel the rest."""
-        deadline = _now() + grace_s
-        while self._running and (left := deadline - _now()) > 0:
-            await asyncio.wait(set(self._running), timeout=left)
-        await self.cancel_all()
-
-    async def cancel_all(self) -> None:
-        while self._running:
-            running = set(self._running)
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
-            self._running -= running
-
-
-# --- logs ------------------------------------------------------------------------------------------------
-
-
-class _TokenRedaction(logging.Filter):
-    """Rewrites the bot token out of log records of the libraries that log Bot API URLs."""
-
-    _LOGGERS = ("telegram", "httpx", "httpcore", "tornado", "aiolimiter", "bot")
-
-    def __init__(self, token: str) -> None:
-        super().__init__()
-        self._secrets = sorted({token, urllib.parse.quote(token, safe="")}, key=len, reverse=True)
-        self._installed: list[logging.Logger] = []
-
-    def install(self) -> None:
-        for name in self._LOGGERS:
-            logging.getLogger(name)  # make sure the parents exist too
-        loggers = [
-            logger
-            for name, logger in list(logging.root.manager.loggerDict.items())
-            if isinstance(logger, logging.Logger) and name.split(".")[0] in self._LOGGERS
-        ]
-        for logger in loggers:
-            logger.addFilter(self)
-        self._installed = loggers
-
-    def uninstall(self) -> None:
-        for logger in self._installed:
-            logger.removeFilter(self)
-        self._installed = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed record: let logging report it as usual
-            return True
-        # Always freeze the text: some arguments are objects the library changes after logging
-        # (getFile's result gains a file URL, which holds the token).
-        record.msg, record.args = self._redact(message), None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self._redact(logging.Formatter().formatException(record.exc_info))
-        return True
-
-    def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "<TELEGRAM_TOKEN>")
-        return text
-
-
 __all__ = [
     "TelegramAdapter",
-    "TelegramSettings",
     "TelegramStartError",
     "serve_telegram",
 ]

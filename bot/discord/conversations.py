@@ -1,0 +1,106 @@
+"""Running commands: each one's replies, the one place where errors become replies, and shutdown.
+
+`Conversations.converse` is the one place where a `BotError` (or anything unexpected) becomes a
+reply. Every command and delivery still running is tracked, so that `stop_all` can stop them when
+the bot closes (each tells its user).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import discord
+
+from bot import texts
+from bot.discord.platform import Interaction
+from bot.discord.replies import Answer, InteractionReplies, MessageReplies, Replies
+from bot.errors import BotError
+from bot.service import Reply
+
+_log = logging.getLogger(__name__)
+
+
+class Conversations:
+    """The commands in progress on one bot, and how their replies are made."""
+
+    def __init__(self, *, progress_interval_s: float) -> None:
+        self.progress_interval_s = progress_interval_s
+        self._running: set[asyncio.Task[Any]] = set()
+
+    def replies_to(
+        self, interaction: Interaction, *, private: bool, update: bool = False
+    ) -> InteractionReplies:
+        """Replies to `interaction` (see `InteractionReplies` for `update`)."""
+        return InteractionReplies(
+            interaction, private=private, update=update, progress_interval_s=self.progress_interval_s
+        )
+
+    def replies_to_message(self, message: discord.Message) -> MessageReplies:
+        """Replies to a direct message."""
+        return MessageReplies(message, progress_interval_s=self.progress_interval_s)
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Stop `task` too when the bot closes (e.g. a delivery of resumed work)."""
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def answer(
+        self,
+        interaction: Interaction,
+        work: Callable[[InteractionReplies], Awaitable[Answer]],
+        *,
+        private: bool,
+        announce: bool = False,
+    ) -> None:
+        """Acknowledge at once, then run `work` and deliver its answer."""
+        replies = self.replies_to(interaction, private=private)
+        await replies.acknowledge()
+        await self.converse(replies, lambda: work(replies), announce=announce)
+
+    async def converse(
+        self, replies: Replies, work: Callable[[], Awaitable[Answer]], *, announce: bool = False
+    ) -> None:
+        """Run a command and deliver its answer: the one place where errors become replies."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+        try:
+            try:
+                answer = await work()
+            except BotError as exc:
+                answer = Answer(Reply(exc.user_message))
+            except asyncio.CancelledError:  # the bot is shutting down
+                await _say_interrupted(replies)
+                raise
+            except Exception:
+                _log.exception("a Discord command failed")
+                answer = Answer(Reply(texts.SOMETHING_BROKE))
+            await replies.deliver(answer, announce=announce)
+        except discord.HTTPException as exc:
+            _log.error("could not deliver a reply on Discord: %s", exc)
+        except Exception:
+            _log.exception("could not deliver a reply on Discord")
+        finally:
+            await replies.close()
+            if task is not None:
+                self._running.discard(task)
+
+    async def stop_all(self) -> None:
+        """Cancel every command and delivery still running, and wait for them to finish."""
+        running = [task for task in self._running if not task.done()]
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+async def _say_interrupted(replies: Replies) -> None:
+    """Best effort, briefly: the session closes right after."""
+    try:
+        await asyncio.wait_for(
+            replies.deliver(Answer(Reply(texts.DISCORD_INTERRUPTED)), announce=False), 5.0
+        )
+    except (discord.HTTPException, asyncio.TimeoutError) as exc:
+        _log.warning("could not tell a user that the bot stopped: %s", exc)
