@@ -223,7 +223,7 @@ class ConsoleAdapter:
         removed = await asyncio.to_thread(_delete_written_images, self._out_dir)
         self.written_images.clear()
         if removed:
-            reply.text += "\n" + texts.CONSOLE_FORGOTTEN_FILES.format(count=removed, folder=self._out_dir)
+            reply.add(texts.CONSOLE_FORGOTTEN_FILES.format(count=removed, folder=self._out_dir))
         return reply
 
     async def _help(self, _: str) -> Reply:

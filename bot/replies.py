@@ -5,8 +5,9 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -35,13 +36,47 @@ class ImageOut:
     image_id: int
 
 
-@dataclass
-class Reply:
-    """What to send back: text, images, and the queue job ids the command ran (for logs/demos)."""
+class Offer(enum.StrEnum):
+    """Something the reply offers the user to press (each platform draws it its own way)."""
 
-    text: str
-    images: list[ImageOut] = field(default_factory=list)
-    job_ids: list[str] = field(default_factory=list)
+    CONSENT = "consent"  # agree to the consent text shown: the user has not agreed yet
+
+
+class Reply:
+    """What to send back: lines of text, images, what it offers, and the queue job ids the command
+    ran (for logs and demos).
+
+    ``closing`` is where the user stands (e.g. "3 of 3 photos accepted"): shown after every other
+    line, so an adapter adds its own lines (an upload it could not fetch) with `add` and the
+    closing line stays last. ``text`` is derived; no adapter has to take it apart.
+    """
+
+    def __init__(
+        self,
+        text: str = "",
+        images: list[ImageOut] | None = None,
+        job_ids: list[str] | None = None,
+        *,
+        lines: list[str] | None = None,
+        closing: str | None = None,
+        offers: frozenset[Offer] = frozenset(),
+    ) -> None:
+        self.lines: list[str] = list(lines) if lines is not None else ([text] if text else [])
+        self.images: list[ImageOut] = images if images is not None else []
+        self.job_ids: list[str] = job_ids if job_ids is not None else []
+        self.closing = closing
+        self.offers = offers
+
+    @property
+    def text(self) -> str:
+        return "\n".join([*self.lines, *([self.closing] if self.closing else [])])
+
+    def add(self, *lines: str) -> None:
+        """More lines, before the closing one."""
+        self.lines.extend(lines)
+
+    def __repr__(self) -> str:
+        return f"Reply(lines={len(self.lines)}, images={len(self.images)}, offers={sorted(self.offers)})"
 
 
 class ResumedWork:

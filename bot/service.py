@@ -56,7 +56,7 @@ from bot.errors import (
     UnknownMethod,
 )
 from bot.jobs import JobClient
-from bot.replies import ImageOut, Reply, ResumedWork, Upload, UserRef
+from bot.replies import ImageOut, Offer, Reply, ResumedWork, Upload, UserRef
 from bot.runner import JobRunner, ProgressCallback
 from bot.safety import PromptBlocklist
 from bot.settings import AUTO_CLASS_WORD, CLASS_WORD_CHOICES, BotSettings
@@ -117,7 +117,7 @@ class BotService:
         account = await self._account(user)
         if await self._db.has_consent(account.id):
             return Reply(f"{texts.CONSENT}\n\n{texts.ALREADY_CONSENTED}")
-        return Reply(texts.CONSENT)
+        return Reply(texts.CONSENT, offers=frozenset({Offer.CONSENT}))
 
     async def agree(self, user: UserRef) -> Reply:
         """Record consent to the current consent text."""
@@ -154,10 +154,8 @@ class BotService:
                     lines.append(texts.photo_failed(label, exc.user_message))
                     break
         accepted = len(await self._db.list_photos(account.id, "accepted"))
-        lines.append(
-            texts.enrollment_standing(accepted, self.settings.min_photos, self.settings.max_photos)
-        )
-        reply.text = "\n".join(lines)
+        reply.add(*lines)
+        reply.closing = texts.enrollment_standing(accepted, self.settings.min_photos, self.settings.max_photos)
         return reply
 
     async def photos(self, user: UserRef) -> Reply:
@@ -355,6 +353,10 @@ class BotService:
         """The full-resolution file of one of the user's images."""
         _, image = await self._own_image(user, image_id)
         return await asyncio.to_thread(self._blobs.path, image.blob_key)
+
+    async def check_image(self, user: UserRef, image_id: int) -> None:
+        """NotYourImage unless the image is the user's: asked before a button opens "drawing…"."""
+        await self._own_image(user, image_id)
 
     async def _own_image(self, user: UserRef, image_id: int) -> tuple[User, GeneratedImage]:
         """The image, if it exists and belongs to ``user``; else NotYourImage (never say which)."""
@@ -685,10 +687,8 @@ class BotService:
         if not stale:
             return None
         reply = Reply(texts.RESUMED)
-        lines = [texts.RESUMED]
         for job in stale:
-            lines.append(await self._resume(job, reply, on_progress))
-        reply.text = "\n".join(lines)
+            reply.add(await self._resume(job, reply, on_progress))
         return reply
 
     async def resume_all(

@@ -15,6 +15,7 @@ from bot.discord.buttons import COG_NAME, DELETE, REROLL, consent_view, view_wit
 from bot.discord.conversations import Conversations
 from bot.discord.platform import Interaction, user_ref
 from bot.discord.replies import Answer, InteractionReplies, Replies, shows_image
+from bot.replies import Offer
 from bot.service import BotService, Reply, Upload, UserRef
 from bot.settings import CLASS_WORD_CHOICES
 from bot.styles import STYLES
@@ -81,7 +82,7 @@ class SlashCommands(commands.Cog, name=COG_NAME):
             lines.append(texts.DISCORD_NOTHING_TO_CHECK)
             return Answer(Reply("\n".join(lines)))
         reply = await self.service.add_photos(user_ref(user), uploads, on_progress=replies.progress)
-        reply.text = "\n".join([*lines, reply.text])
+        reply.lines[:0] = lines
         return Answer(reply)
 
     async def _enroll(self, interaction: Interaction, attachments: Sequence[discord.Attachment]) -> None:
@@ -136,8 +137,10 @@ class SlashCommands(commands.Cog, name=COG_NAME):
     async def start(self, interaction: Interaction) -> None:
         async def work(replies: InteractionReplies) -> Answer:
             reply = await self.service.start(user_ref(interaction.user))
-            text = f"{reply.text}\n\n{texts.DISCORD_CONSENT_BUTTON_HINT}"
-            return Answer(Reply(text), consent_view(interaction.user.id))
+            if Offer.CONSENT not in reply.offers:  # agreed already
+                return Answer(reply)
+            reply.add("", texts.DISCORD_CONSENT_BUTTON_HINT)
+            return Answer(reply, consent_view(interaction.user.id))
 
         await self.conversations.answer(interaction, work, private=True)
 

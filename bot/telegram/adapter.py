@@ -54,6 +54,7 @@ from telegram.ext import (
 from bot import texts
 from bot.errors import BotError
 from bot.options import parse_options, parse_train_words
+from bot.replies import Offer
 from bot.service import BotService, ProgressCallback, Reply, ResumedWork, Upload, UserRef
 from bot.telegram.buttons import Button
 from bot.telegram.channel import PHOTO_CHECK, Channel, ProgressMessage, Unreachable, acknowledge, quietly
@@ -549,7 +550,7 @@ class TelegramAdapter:
     async def _start(self, channel: Channel, user: User, rest: str) -> None:
         reply = await self._service.start(_ref(user))
         markup = None
-        if reply.text == texts.CONSENT:  # not yet agreed
+        if Offer.CONSENT in reply.offers:
             markup = InlineKeyboardMarkup([[Button("a", user.id).button(texts.TELEGRAM_AGREE_BUTTON)]])
         await channel.send(reply.text, markup)
 
@@ -688,8 +689,8 @@ class TelegramAdapter:
         ]
         if uploads:
             reply = await self._service.add_photos(user, uploads, on_progress=progress.update)
-            *checked, standing = reply.text.splitlines()
-            lines = [*checked, *lines, standing]
+            reply.add(*lines)
+            lines = [reply.text]
         await progress.finish("\n".join(lines))
 
     async def _fetch(self, bot: Bot, item: Item) -> bytes | Skip:
