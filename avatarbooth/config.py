@@ -60,7 +60,7 @@ _SECTIONS = {"storage", "queue", "engine", "limits", "identity", "training", "te
 _ENGINE_KEYS = {
     "preset", "device", "dtype", "models_dir", "preview_steps", "draw_steps", "base_model", "dreambooth_cache_gib",
 }
-_DTYPES = ("auto", "float16", "bfloat16", "float32")  # engine.base.RESIDENT_DTYPES, without importing torch
+_DTYPES = ("auto", "float16", "bfloat16", "float32")  # engine.pipelines.base.RESIDENT_DTYPES, without importing torch
 _DREAMBOOTH_OPTIMIZERS = ("adamw", "adafactor")
 
 

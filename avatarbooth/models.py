@@ -14,7 +14,7 @@ Verification: the size and the hash the hub publishes (sha256 for LFS files, the
 ones) or the manifest's own sha256; then the format: a safetensors header that parses and covers the
 file, an ONNX model that loads, JSON that parses, a torch checkpoint that is a well-formed archive.
 
-``tiny`` and ``tiny-sd15`` have nothing to pull: the project builds them offline (``engine.tiny``).
+``tiny`` and ``tiny-sd15`` have nothing to pull: the project builds them offline (``engine.tiny.models``).
 """
 
 from __future__ import annotations

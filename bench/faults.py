@@ -57,7 +57,7 @@ def main() -> int:
 
 
 async def run(folder: Path, scenarios: list[str], timeout_s: float) -> dict[str, Any]:
-    from engine.tiny import build_tiny_preset
+    from engine.tiny.models import build_tiny_preset
 
     build_tiny_preset(folder / "models" / "tiny")
     results: dict[str, Any] = {}

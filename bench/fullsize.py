@@ -4,7 +4,7 @@
    biases, norms near 1) into a models folder in the layout ``avatarbooth models pull`` produces: the same
    folders, file names, formats (fp16 safetensors where pull fetches the fp16 variant, ``ip-adapter.bin``
    as a float32 torch pickle, the float32 safety checker), tokenizers with CLIP's 49408 ids. The antelopev2
-   files are engine.tiny_faces' stand-ins: the published input/output signatures, not the real networks.
+   files are engine.tiny.faces' stand-ins: the published input/output signatures, not the real networks.
 2. Loads them the way the worker does, ``engine.worker.WorkerContext.load`` on ``EngineSettings`` (which
    calls ``engine.presets.load_preset``, ``ResidentBase.load``, ...): no side door.
 3. Runs each stage as a job would (``do_check_photo``, ``do_preview``, ``do_train``, ``do_draw``) on
@@ -208,7 +208,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _write_tokenizer(folder: Path, *, pad_token: str) -> None:
     """CLIP's tokenizer folder as published: vocab.json (49408 ids), merges.txt, and the two configs."""
-    from engine.tiny import clip_vocab_and_merges
+    from engine.tiny.models import clip_vocab_and_merges
 
     vocab, merges = clip_vocab_and_merges(CLIP_VOCAB)
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": pad_token,
@@ -251,7 +251,7 @@ def write_sdxl_preset(root: Path, seed: int = 0, *, weights: bool = True) -> Pat
     """The ``sdxl`` preset's folder as ``models pull --preset sdxl`` lays it out, with random weights."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
-    from engine.tiny import _ip_attn_state, _resampler_state
+    from engine.tiny.models import _ip_attn_state, _resampler_state
 
     pipe = root / "sdxl"
     _write_json(pipe / "model_index.json", _SDXL_INDEX)
@@ -300,11 +300,11 @@ def write_sd15_preset(root: Path, seed: int = 0, *, weights: bool = True) -> Pat
 
 
 def _write_common(root: Path, seed: int, weights: bool) -> None:
-    """antelopev2 (engine.tiny_faces' stand-ins with its signatures) and the float32 safety checker."""
+    """antelopev2 (engine.tiny.faces' stand-ins with its signatures) and the float32 safety checker."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig
 
-    from engine.tiny_faces import build_tiny_face_models
+    from engine.tiny.faces import build_tiny_face_models
 
     build_tiny_face_models(root / "antelopev2", seed=seed)
     vision = {k: v for k, v in SAFETY_VISION.items() if k != "projection_dim"}
@@ -390,7 +390,7 @@ def _peak_rss_gib() -> float:
 def astronaut_png() -> bytes:
     """A real photo that ships offline: scikit-image's astronaut, enlarged from 512 to 1024 px so that
     her face (about 72 px in the photo) passes the full-size presets' 112-px minimum. As PNG bytes.
-    (A tighter crop does not do: engine.tiny_faces' skin-blob detector then also fires on her neck.)"""
+    (A tighter crop does not do: engine.tiny.faces' skin-blob detector then also fires on her neck.)"""
     from PIL import Image
     from skimage import data
 
@@ -476,7 +476,7 @@ def run_family(run: Run, preset: str, owner: str, methods: tuple[str, ...], *, c
 
 
 def sdxl_dreambooth_plan() -> dict[str, Any]:
-    """SDXL DreamBooth's estimated peak GPU memory at 1024² (engine.memory on the meta device)."""
+    """SDXL DreamBooth's estimated peak GPU memory at 1024² (engine.train.memory on the meta device)."""
     from bench.memory_plan import plans
 
     return plans()["sdxl"]

@@ -5,19 +5,19 @@ weights: nothing is downloaded, and speed does not depend on the weights' values
 times each piece of work twice, once through our engine and once the plain way:
 
   preview           InstantID image (IdentityNet + adapter), SDXL only
-                      ours: engine.instantid.render_preview on an engine.base.ResidentBase
+                      ours: engine.pipelines.instantid.render_preview on an engine.pipelines.base.ResidentBase
                       plain: StableDiffusionXLControlNetPipeline + load_ip_adapter, ip_adapter_image_embeds
   draw_with_switch  a draw for a user whose LoRA is not the active one
-                      ours: engine.render.Renderer.draw, alternating between two users' adapters
+                      ours: engine.render.renderer.Renderer.draw, alternating between two users' adapters
                       plain: load_lora_weights + set_adapters + pipe(...) + delete_adapters per draw
   switch            making a user's LoRA the active one
                       ours: the Renderer's switch to an adapter it holds
                       plain: load_lora_weights + set_adapters
   lora_step         one LoRA training step (batch 1)
-                      ours: engine.train_lora stages (cached latents, build_trainable, training_step)
+                      ours: engine.train.lora stages (cached latents, build_trainable, training_step)
                       plain: diffusers' DreamBooth LoRA script defaults (peft add_adapter, VAE encode per step)
   ti_step           one Textual Inversion training step (batch 1)
-                      ours: engine.train_ti stages
+                      ours: engine.train.ti stages
                       plain: diffusers' textual_inversion example (whole embedding table trained, rows restored)
 
 Each figure is the median over --repeats runs after one warm-up; peak memory is
@@ -30,7 +30,7 @@ Run it on a GPU machine from the repository root (about 3-6 minutes on an H100):
     python bench/gpu.py                      # full-size SDXL + SD1.5, bf16, 30 steps, 3 repeats
     python bench/gpu.py --only sdxl --repeats 5 --out bench-sdxl.json
 
-Smoke check on any CPU in a few seconds (the tiny random models of engine.tiny; numbers meaningless):
+Smoke check on any CPU in a few seconds (the tiny random models of engine.tiny.models; numbers meaningless):
 
     python bench/gpu.py --tiny --repeats 2
 """
@@ -321,7 +321,7 @@ def build_sd15(setup: Setup) -> Any:
 
 
 def _tokenizer() -> Any:
-    """A CLIP tokenizer built offline (engine.tiny's byte-level BPE); ids stay inside the 49408-row tables."""
+    """A CLIP tokenizer built offline (engine.tiny.models' byte-level BPE); ids stay inside the 49408-row tables."""
     from engine import tiny
 
     return tiny._tiny_clip_tokenizer()
@@ -383,9 +383,9 @@ def ip_attention_state(unet: Any) -> dict[str, torch.Tensor]:
 
 
 def resident_sdxl(setup: Setup, pipe: Any, controlnet: Any, adapter: dict[str, Any]) -> Any:
-    """An engine.base.ResidentBase over the in-memory modules, assembled as ResidentBase.load does."""
-    from engine.base import ResidentBase
-    from engine.instantid import IdentityAdapter, InstantIDPipeline
+    """An engine.pipelines.base.ResidentBase over the in-memory modules, assembled as ResidentBase.load does."""
+    from engine.pipelines.base import ResidentBase
+    from engine.pipelines.instantid import IdentityAdapter, InstantIDPipeline
 
     _load_ip_adapter(pipe, adapter)
     identity = IdentityAdapter.take_from(pipe.unet)
@@ -396,7 +396,7 @@ def resident_sdxl(setup: Setup, pipe: Any, controlnet: Any, adapter: dict[str, A
 
 
 def _load_ip_adapter(pipe: Any, adapter: dict[str, Any]) -> None:
-    """diffusers' loader on an in-memory state dict, strict about keys as engine.base loads the file."""
+    """diffusers' loader on an in-memory state dict, strict about keys as engine.pipelines.base loads the file."""
     pipe.load_ip_adapter(
         adapter, subfolder="", weight_name="ip-adapter.bin", image_encoder_folder=None, low_cpu_mem_usage=False
     )
@@ -437,7 +437,7 @@ def bench_preview(setup: Setup, base: Any, controlnet: Any, adapter: dict[str, A
     """InstantID: ours (render_preview) vs a stock ControlNet pipeline with the IP-Adapter loaded."""
     from diffusers import StableDiffusionXLControlNetPipeline
 
-    from engine.instantid import draw_keypoints, fit_keypoints, render_preview
+    from engine.pipelines.instantid import draw_keypoints, fit_keypoints, render_preview
 
     resolution = base.preset.resolution
     rng = np.random.default_rng(0)
@@ -481,8 +481,8 @@ def bench_preview(setup: Setup, base: Any, controlnet: Any, adapter: dict[str, A
 
 
 def make_adapters(setup: Setup, pipe: Any, count: int = 2) -> list[Path]:
-    """LoRA files in the format our training writes (engine.train_lora.save_lora), with non-zero weights."""
-    from engine.train_lora import LoraTrainSettings, build_trainable, save_lora, trainable_parameters
+    """LoRA files in the format our training writes (engine.train.lora.save_lora), with non-zero weights."""
+    from engine.train.lora import LoraTrainSettings, build_trainable, save_lora, trainable_parameters
 
     settings = LoraTrainSettings(rank=setup.lora_rank, alpha=setup.lora_rank, resolution=_resolution(pipe))
     unet = build_trainable(pipe, threading.Lock(), settings)
@@ -501,7 +501,7 @@ def make_adapters(setup: Setup, pipe: Any, count: int = 2) -> list[Path]:
 
 def bench_draw_and_switch(setup: Setup, pipe: Any, lock: threading.Lock, adapters: list[Path]) -> dict[str, Any]:
     """Draws that switch users, and the switch alone: ours (Renderer) vs load_lora_weights each time."""
-    from engine.render import AdapterRef, Renderer
+    from engine.render.renderer import AdapterRef, Renderer
 
     resolution = _resolution(pipe)
     guidance = 5.0
@@ -567,7 +567,7 @@ def bench_draw_and_switch(setup: Setup, pipe: Any, lock: threading.Lock, adapter
 
 
 def bench_lora_step(setup: Setup, pipe: Any, lock: threading.Lock) -> dict[str, Any]:
-    """One LoRA training step: engine.train_lora's stages vs the DreamBooth LoRA script's defaults."""
+    """One LoRA training step: engine.train.lora's stages vs the DreamBooth LoRA script's defaults."""
     from peft import LoraConfig
 
     from engine import train_lora as ours
@@ -633,7 +633,7 @@ def bench_lora_step(setup: Setup, pipe: Any, lock: threading.Lock) -> dict[str, 
 
 
 def bench_ti_step(setup: Setup, pipe: Any, lock: threading.Lock) -> dict[str, Any]:
-    """One Textual Inversion step: engine.train_ti's stages vs diffusers' textual_inversion example."""
+    """One Textual Inversion step: engine.train.ti's stages vs diffusers' textual_inversion example."""
     from engine import train_ti, training_stages
 
     resolution = _resolution(pipe)
@@ -741,7 +741,7 @@ def section(errors: dict[str, str], name: str) -> Iterator[None]:
 def run(setup: Setup, families: list[str]) -> dict[str, Any]:
     report: dict[str, Any] = {
         "bench": "avatarbooth bench/gpu.py",
-        "models": "tiny (engine.tiny builders)" if setup.tiny else "full-size published configs, random weights",
+        "models": "tiny (engine.tiny.models builders)" if setup.tiny else "full-size published configs, random weights",
         "device": torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else "cpu",
         "dtype": str(setup.dtype).removeprefix("torch."),
         "torch": torch.__version__,
@@ -832,7 +832,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python bench/gpu.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tiny", action="store_true", help="use engine.tiny's miniature models (CPU smoke check)")
+    parser.add_argument("--tiny", action="store_true", help="use engine.tiny.models' miniature models (CPU smoke check)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement after a warm-up (default 3)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps per draw/preview (default 30, tiny 2)")
     parser.add_argument("--only", choices=("sdxl", "sd15"), default=None, help="benchmark one family only")

@@ -1,4 +1,4 @@
-"""Expected peak GPU memory of each training method on the full-size presets, from engine.memory.
+"""Expected peak GPU memory of each training method on the full-size presets, from engine.train.memory.
 
 Builds the published architectures (bench/gpu.py's configs) on the meta device: no weights, no memory,
 a few seconds per UNet forward. Prints one JSON object (per preset and method: the parts in GiB and the
@@ -31,11 +31,11 @@ from bench.gpu import (  # noqa: E402
     ip_attention_state,
     resampler_state,
 )
-from engine.memory import GIB, TrainingShape, plan_training  # noqa: E402
-from engine.train_dreambooth import DreamBoothSettings  # noqa: E402
-from engine.train_lora import LoraTrainSettings  # noqa: E402
+from engine.train.memory import GIB, TrainingShape, plan_training  # noqa: E402
+from engine.train.dreambooth import DreamBoothSettings  # noqa: E402
+from engine.train.lora import LoraTrainSettings  # noqa: E402
 
-# CompVis/stable-diffusion-safety-checker's vision tower (CLIP ViT-L/14), what engine.nsfw keeps resident.
+# CompVis/stable-diffusion-safety-checker's vision tower (CLIP ViT-L/14), what engine.pipelines.nsfw keeps resident.
 SAFETY_VISION: dict[str, Any] = {
     "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
     "patch_size": 14, "image_size": 224, "projection_dim": 768,

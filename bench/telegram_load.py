@@ -69,7 +69,7 @@ def main() -> int:
 
 
 async def run(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from engine.tiny import build_tiny_preset
+    from engine.tiny.models import build_tiny_preset
 
     build_tiny_preset(folder / "models" / "tiny")
     photos = [face_photo(n) for n in range(PHOTOS_PER_USER)]

@@ -1,7 +1,7 @@
 """Prompt safety: a blocklist of words a draw prompt may not contain.
 
 Prompt policy belongs to the chat side (standard library only): it refuses a prompt before
-anything is queued. The image-side check (a CLIP-based NSFW classifier) lives in ``engine.nsfw``.
+anything is queued. The image-side check (a CLIP-based NSFW classifier) lives in ``engine.pipelines.nsfw``.
 
 Matching is on whole words, so "Essex", "Scunthorpe", "grapes" or "therapist" never match "sex",
 "cunt", "rape" or "rapist". Before comparing, a prompt is normalised so that cheap disguises match too:

@@ -4,7 +4,7 @@ A preset belongs to a model family, ``sdxl`` or ``sd15``:
 
 * ``sdxl``: SDXL base, InstantID's IdentityNet and adapter, insightface's antelopev2; its weights must
   already be on disk. ``tiny`` has the same architecture in miniature with random weights
-  (``engine.tiny``) and builds itself on first use: its images are noise.
+  (``engine.tiny.models``) and builds itself on first use: its images are noise.
 * ``sd15``: Stable Diffusion 1.5 (a runwayml-style ``StableDiffusionPipeline`` folder) and antelopev2;
   its weights must already be on disk. ``tiny-sd15`` is its miniature, built on first use. InstantID
   exists for SDXL only, so SD1.5 presets have no zero-shot preview: users train a model first.
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.errors import UnknownPreset, WeightsMissing
-from engine.faces import FaceCheckSettings
+from engine.faces.analyzer import FaceCheckSettings
 
 FAMILY_SDXL = "sdxl"
 FAMILY_SD15 = "sd15"
@@ -218,9 +218,9 @@ def load_preset(name: str, models_dir: Path) -> Preset:
 
 
 def _build_tiny(preset: Preset) -> None:
-    from engine.tiny import build_tiny_preset, build_tiny_sd15_preset
+    from engine.tiny.models import build_tiny_preset, build_tiny_sd15_preset
 
-    from engine.nsfw import build_tiny_safety_checker
+    from engine.pipelines.nsfw import build_tiny_safety_checker
 
     build = build_tiny_preset if preset.family == FAMILY_SDXL else build_tiny_sd15_preset
     build(preset.root)

@@ -16,7 +16,7 @@ class EngineSettings:
     blobs_dir: Path
     redis_url: str
     device: str = "auto"  # "auto" picks CUDA when present, else CPU
-    dtype: str = "auto"  # the resident modules' dtype; "auto": float16 on CUDA, float32 on the CPU (engine.base)
+    dtype: str = "auto"  # the resident modules' dtype; "auto": float16 on CUDA, float32 on CPU (engine.pipelines.base)
     # Host memory for users' DreamBooth weights kept between draws (pinned on a GPU host); 0 keeps none.
     dreambooth_cache_bytes: int = 12 * 2**30  # two SDXL UNets in float16 (~5.1 GB each)
     max_jobs: int = 4  # concurrent jobs per queue; the GPU itself is shared through a lock
@@ -25,12 +25,12 @@ class EngineSettings:
     train_steps: int | None = None  # None: the preset's default
     preview_steps: int | None = None
     draw_steps: int | None = None
-    # [training] switches, for every method that has them (engine.training applies them):
+    # [training] switches, for every method that has them (engine.train.methods applies them):
     random_flip: bool = False  # mirrored crops as augmentation; off: they erase facial asymmetries
     train_text_encoder: bool = False  # LoRA/DreamBooth also train the text encoders (EasyPhoto does)
     gradient_checkpointing: bool | None = None  # None: on for full-size SDXL training, off otherwise
     keep_best_by_likeness: bool = False  # training keeps the checkpoint whose drawings look most like the user
-    dreambooth_optimizer: str = "adamw"  # or "adafactor": factored second moments, no first (engine.train_dreambooth)
+    dreambooth_optimizer: str = "adamw"  # or "adafactor": factored second moments, no first (engine.train.dreambooth)
     # Prior-preservation class images per class word (LoRA, DreamBooth); None: the method's default, 0: no prior.
     class_images: int | None = None
     # Square size of crops, training and images; None: the preset's. Smaller is for smoke checks only

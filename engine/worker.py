@@ -59,15 +59,15 @@ from engine.api import (
     progress_key,
     serialize_job,
 )
-from engine.base import ResidentBase, resident_dtype
+from engine.pipelines.base import ResidentBase, resident_dtype
 from engine.errors import EngineError, PreviewUnavailable
-from engine.faces import FaceAnalyzer, FaceRecord, cosine, identity_embedding, mean_embedding
-from engine.instantid import pose_index, render_preview
-from engine.nsfw import NsfwChecker
+from engine.faces.analyzer import FaceAnalyzer, FaceRecord, cosine, identity_embedding, mean_embedding
+from engine.pipelines.instantid import pose_index, render_preview
+from engine.pipelines.nsfw import NsfwChecker
 from engine.presets import Preset, load_preset
 from engine.progress import TrainingProgress
-from engine.checkpoints import CheckpointStore
-from engine.render import (
+from engine.train.checkpoints import CheckpointStore
+from engine.render.renderer import (
     AdapterRef,
     EmbeddingRef,
     Personalisation,
@@ -77,10 +77,10 @@ from engine.render import (
     expand_me,
 )
 from engine.settings import EngineSettings
-from engine.likeness import judge_by_faces
-from engine.memory import GIB, MemoryPlan, NotEnoughGpuMemory, TrainingShape, check_fits, plan_training
-from engine.training import TrainingRun, UnknownTrainingMethod, memory_shape, train_personal_model
-from engine.training_stages import TrainingInputError
+from engine.train.likeness import judge_by_faces
+from engine.train.memory import GIB, MemoryPlan, NotEnoughGpuMemory, TrainingShape, check_fits, plan_training
+from engine.train.methods import TrainingRun, UnknownTrainingMethod, memory_shape, train_personal_model
+from engine.train.stages import TrainingInputError
 from storage.blobs import LocalBlobStore
 from storage.errors import BlobNotFound
 

@@ -24,7 +24,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one CPU thread per test worker (and
 @pytest.fixture(scope="session")
 def tiny_preset_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The tiny preset's model folder, built once for the whole test session."""
-    from engine.tiny import build_tiny_preset
+    from engine.tiny.models import build_tiny_preset
 
     yield build_tiny_preset(tmp_path_factory.mktemp("models") / "tiny")
 
@@ -42,6 +42,6 @@ def valkey_url(tmp_path: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def tiny_sd15_preset_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The tiny SD1.5 preset's model folder (``tiny-sd15``), built once for the whole test session."""
-    from engine.tiny import build_tiny_sd15_preset
+    from engine.tiny.models import build_tiny_sd15_preset
 
     yield build_tiny_sd15_preset(tmp_path_factory.mktemp("models") / "tiny-sd15")

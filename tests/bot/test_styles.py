@@ -24,7 +24,7 @@ def test_there_are_at_least_ten_styles_each_with_one_placeholder_and_a_negative(
 
 
 def test_templates_leave_me_to_the_user_and_pass_the_blocklist() -> None:
-    from engine.render import expand_me
+    from engine.render.renderer import expand_me
     from bot.safety import PromptBlocklist
 
     blocklist = PromptBlocklist.default()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoints import (
+from engine.train.checkpoints import (
     Checkpoint,
     CheckpointError,
     Checkpointing,
@@ -15,7 +15,7 @@ from engine.checkpoints import (
     capture,
     restore,
 )
-from engine.training_stages import TrainingState
+from engine.train.stages import TrainingState
 from storage.blobs import LocalBlobStore
 
 OWNER = "u7"

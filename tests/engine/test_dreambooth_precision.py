@@ -11,9 +11,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load, save, save_file
 
-from engine.base import resident_dtype
-from engine.render import Renderer, UnetWeightsRef
-from engine.train_dreambooth import (
+from engine.pipelines.base import resident_dtype
+from engine.render.renderer import Renderer, UnetWeightsRef
+from engine.train.dreambooth import (
     WEIGHTS_FORMAT,
     DreamBoothSettings,
     WeightsCache,

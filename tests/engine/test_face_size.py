@@ -15,9 +15,9 @@ from PIL import Image
 from skimage import data
 
 from engine.api import Refusal
-from engine.faces import FaceAnalyzer, FaceCheckSettings, decode_photo
+from engine.faces.analyzer import FaceAnalyzer, FaceCheckSettings, decode_photo
 from engine.presets import _sdxl
-from engine.tiny_faces import build_tiny_face_models
+from engine.tiny.faces import build_tiny_face_models
 
 SDXL_CHECKS = _sdxl(Path("unused")).face_checks
 

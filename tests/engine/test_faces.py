@@ -24,7 +24,7 @@ from engine.api import (
     serialize_job,
 )
 from engine.errors import EngineError, InvalidFaceRecord, UnreadableImage, WeightsMissing
-from engine.faces import (
+from engine.faces.analyzer import (
     FaceAnalyzer,
     FaceCheckSettings,
     FaceRecord,
@@ -33,7 +33,7 @@ from engine.faces import (
     mean_embedding,
     training_crop,
 )
-from engine.tiny_faces import DETECTOR_FILE, RECOGNIZER_FILE, build_tiny_face_models
+from engine.tiny.faces import DETECTOR_FILE, RECOGNIZER_FILE, build_tiny_face_models
 from tests.support import face_photo
 
 T1_JPG = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"

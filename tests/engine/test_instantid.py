@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.base import ResidentBase
-from engine.faces import FaceRecord
-from engine.instantid import (
+from engine.pipelines.base import ResidentBase
+from engine.faces.analyzer import FaceRecord
+from engine.pipelines.instantid import (
     KEYPOINT_COLOURS,
     draw_keypoints,
     face_fraction,

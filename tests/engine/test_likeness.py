@@ -14,11 +14,11 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load
 
-from engine.faces import FaceAnalyzer
-from engine.likeness import LIKENESS_PROMPTS, judge_by_faces
+from engine.faces.analyzer import FaceAnalyzer
+from engine.train.likeness import LIKENESS_PROMPTS, judge_by_faces
 from engine.presets import load_preset
-from engine.train_dreambooth import DreamBoothSettings, train_dreambooth
-from engine.train_lora import LoraTrainSettings, train_lora
+from engine.train.dreambooth import DreamBoothSettings, train_dreambooth
+from engine.train.lora import LoraTrainSettings, train_lora
 from tests.support import face_photo, group_photo, noise_crops
 
 pytestmark = pytest.mark.slow
@@ -121,13 +121,13 @@ def test_the_worker_judges_with_the_users_crops_when_switched_on(
     for n in range(3):
         photo = app.blobs.put("u1", "photos", face_photo(n), ".jpg")
         crops.append(do_check_photo(app, CheckPhotoRequest(f"c{n}", "u1", photo, [])).crop_key)
-    caplog.set_level(logging.INFO, logger="engine.likeness")
+    caplog.set_level(logging.INFO, logger="engine.train.likeness")
     do_train(app, TrainRequest("t1", "u1", TrainingMethod.LORA, crops, "sks", "person", steps=2))
     assert any(r.getMessage().startswith("likeness: ") for r in caplog.records)
 
 
 def test_textual_inversion_keeps_its_best_word_too(pipe: StableDiffusionXLPipeline) -> None:
-    from engine.train_ti import TiTrainSettings, train_textual_inversion
+    from engine.train.ti import TiTrainSettings, train_textual_inversion
 
     settings = TiTrainSettings(steps=4, resolution=SIZE, checkpoint_every=2, likeness_steps=1)
 

@@ -11,7 +11,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from engine.api import ErrorCode, TrainingMethod, TrainRequest
-from engine.memory import (
+from engine.train.memory import (
     GIB,
     NotEnoughGpuMemory,
     TrainingShape,

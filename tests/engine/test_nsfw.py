@@ -16,7 +16,7 @@ from engine.errors import WeightsMissing
 
 @pytest.fixture(scope="module")
 def checker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.nsfw import build_tiny_safety_checker
+    from engine.pipelines.nsfw import build_tiny_safety_checker
 
     return build_tiny_safety_checker(tmp_path_factory.mktemp("models") / "safety_checker")
 
@@ -27,7 +27,7 @@ def _images(count: int) -> list[Image.Image]:
 
 
 def test_the_tiny_checker_loads_like_the_real_one_and_flags_nothing(checker_dir: Path) -> None:
-    from engine.nsfw import NsfwChecker
+    from engine.pipelines.nsfw import NsfwChecker
 
     assert sorted(p.name for p in checker_dir.iterdir()) == [
         "config.json",
@@ -43,7 +43,7 @@ def test_the_tiny_checker_loads_like_the_real_one_and_flags_nothing(checker_dir:
 def test_lowered_thresholds_flag_every_image_and_it_comes_back_black(checker_dir: Path) -> None:
     import torch
 
-    from engine.nsfw import NsfwChecker
+    from engine.pipelines.nsfw import NsfwChecker
 
     checker = NsfwChecker.load(checker_dir, "cpu")
     with torch.no_grad():
@@ -57,7 +57,7 @@ def test_lowered_thresholds_flag_every_image_and_it_comes_back_black(checker_dir
 
 
 def test_building_again_reuses_the_folder(checker_dir: Path) -> None:
-    from engine.nsfw import build_tiny_safety_checker
+    from engine.pipelines.nsfw import build_tiny_safety_checker
 
     before = (checker_dir / "model.safetensors").stat().st_mtime_ns
     assert build_tiny_safety_checker(checker_dir) == checker_dir
@@ -65,7 +65,7 @@ def test_building_again_reuses_the_folder(checker_dir: Path) -> None:
 
 
 def test_a_missing_checker_says_how_to_get_it(tmp_path: Path) -> None:
-    from engine.nsfw import NsfwChecker
+    from engine.pipelines.nsfw import NsfwChecker
 
     with pytest.raises(WeightsMissing, match="avatarbooth models pull"):
         NsfwChecker.load(tmp_path / "safety_checker")

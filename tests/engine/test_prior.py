@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from engine.prior import ClassImagesError, class_images, class_prompt
+from engine.train.prior import ClassImagesError, class_images, class_prompt
 
 pytestmark = pytest.mark.slow
 

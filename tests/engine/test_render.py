@@ -12,8 +12,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-from engine.render import AdapterRef, Renderer, RenderInputError, expand_me
-from engine.train_lora import LoraTrainSettings, train_lora
+from engine.render.renderer import AdapterRef, Renderer, RenderInputError, expand_me
+from engine.train.lora import LoraTrainSettings, train_lora
 
 SIZE = 64
 PROMPT = "a photo of sks person"

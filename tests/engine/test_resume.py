@@ -15,10 +15,10 @@ import safetensors.torch
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from engine.checkpoints import CheckpointStore
+from engine.train.checkpoints import CheckpointStore
 from engine.progress import TrainingProgress
-from engine.train_lora import LoraTrainSettings, train_lora
-from engine.train_ti import TiTrainSettings, train_textual_inversion
+from engine.train.lora import LoraTrainSettings, train_lora
+from engine.train.ti import TiTrainSettings, train_textual_inversion
 from storage.blobs import LocalBlobStore
 from tests.support import noise_crops
 

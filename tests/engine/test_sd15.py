@@ -18,13 +18,13 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, S
 from PIL import Image
 
 from engine.api import DrawRequest, ErrorCode, PreviewRequest, TrainingMethod, TrainRequest
-from engine.base import ResidentBase
+from engine.pipelines.base import ResidentBase
 from engine.errors import PreviewUnavailable, WeightsMissing
 from engine.presets import FAMILY_SD15, PRESET_NAMES, load_preset
-from engine.render import AdapterRef, Renderer, img2img_for
+from engine.render.renderer import AdapterRef, Renderer, img2img_for
 from engine.settings import EngineSettings
-from engine.tiny import COMPLETE_MARKER, build_tiny_sd15_preset
-from engine.train_lora import LoraTrainOutcome, LoraTrainSettings, train_lora
+from engine.tiny.models import COMPLETE_MARKER, build_tiny_sd15_preset
+from engine.train.lora import LoraTrainOutcome, LoraTrainSettings, train_lora
 from engine.worker import WorkerContext, _run_job, do_draw, do_preview, do_train
 from tests.support import noise_crops, png
 
@@ -82,7 +82,7 @@ class Run:
 @pytest.fixture(scope="module")
 def run(app: WorkerContext) -> Run:
     """One LoRA training run on the resident SD1.5 pipeline, with the weights the tests compare."""
-    from engine.train_lora import build_trainable, start_training
+    from engine.train.lora import build_trainable, start_training
 
     pipe, lock = app.base.text2img, app.base.gpu_lock
     resident_before = {name: snapshot(getattr(pipe, name)) for name in RESIDENT_MODULES}

@@ -20,15 +20,15 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 from engine.api import CROP_SOURCE_SIDE_KEY
-from engine.prior import class_images
-from engine.train_dreambooth import (
+from engine.train.prior import class_images
+from engine.train.dreambooth import (
     DreamBoothSettings,
     build_trainable as build_dreambooth,
     start_training as start_dreambooth,
 )
-from engine.train_lora import LoraTrainSettings, build_trainable, start_training, train_lora
-from engine.train_ti import TiTrainSettings, train_textual_inversion
-from engine.training_stages import (
+from engine.train.lora import LoraTrainSettings, build_trainable, start_training, train_lora
+from engine.train.ti import TiTrainSettings, train_textual_inversion
+from engine.train.stages import (
     crop_source_side,
     dreambooth_step,
     encode_crops,

@@ -9,7 +9,7 @@ import torch
 
 from engine.errors import EngineError, UnknownPreset, WeightsMissing
 from engine.presets import PRESET_NAMES, load_preset
-from engine.tiny import COMPLETE_MARKER, FACE_EMBEDDING_DIM, IMAGE_SIZE, build_tiny_preset
+from engine.tiny.models import COMPLETE_MARKER, FACE_EMBEDDING_DIM, IMAGE_SIZE, build_tiny_preset
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from insightface.model_zoo.attribute import Attribute
 from insightface.model_zoo.scrfd import SCRFD
 from skimage import data
 
-from engine.tiny_faces import DETECTOR_FILE, GENDERAGE_FILE, RECOGNIZER_FILE, build_tiny_face_models
+from engine.tiny.faces import DETECTOR_FILE, GENDERAGE_FILE, RECOGNIZER_FILE, build_tiny_face_models
 
 T1_JPG = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 ASTRONAUT_FACE = (175, 70, 270, 180)  # x1, y1, x2, y2 of her face in skimage's astronaut()

@@ -17,11 +17,11 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load
 
-from engine.checkpoints import CheckpointStore
-from engine.prior import class_images
+from engine.train.checkpoints import CheckpointStore
+from engine.train.prior import class_images
 from engine.progress import TrainingProgress
-from engine.render import AdapterRef, Renderer
-from engine.train_dreambooth import (
+from engine.render.renderer import AdapterRef, Renderer
+from engine.train.dreambooth import (
     WEIGHTS_FORMAT,
     DreamBoothSettings,
     DreamBoothWeightsError,
@@ -30,8 +30,8 @@ from engine.train_dreambooth import (
     swap_unet_weights,
     train_dreambooth,
 )
-from engine.train_lora import LoraTrainSettings, train_lora
-from engine.training_stages import (
+from engine.train.lora import LoraTrainSettings, train_lora
+from engine.train.stages import (
     TrainablePrompts,
     TrainingInputError,
     encode_instance_prompt,

@@ -17,10 +17,10 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-from engine.prior import class_images
+from engine.train.prior import class_images
 from engine.progress import TrainingProgress
-from engine.render import AdapterRef, Renderer
-from engine.train_lora import (
+from engine.render.renderer import AdapterRef, Renderer
+from engine.train.lora import (
     LoraTrainOutcome,
     LoraTrainSettings,
     build_trainable,
@@ -28,7 +28,7 @@ from engine.train_lora import (
     start_training,
     train_lora,
 )
-from engine.training_stages import TrainingInputError, TrainingState, encode_latents, prepare_data
+from engine.train.stages import TrainingInputError, TrainingState, encode_latents, prepare_data
 from tests.support import noise_crops
 
 pytestmark = pytest.mark.slow
@@ -172,7 +172,7 @@ def test_equal_adapters_are_equal_bytes_in_any_process(tiny_preset_dir: Path) ->
         f"""
         import hashlib, threading
         from diffusers import StableDiffusionXLPipeline
-        from engine.train_lora import LoraTrainSettings, build_trainable, save_lora
+        from engine.train.lora import LoraTrainSettings, build_trainable, save_lora
         pipe = StableDiffusionXLPipeline.from_pretrained({str(tiny_preset_dir / "sdxl")!r})
         unet = build_trainable(pipe, threading.Lock(), LoraTrainSettings(rank=4, alpha=4, seed=0))
         print(hashlib.sha256(save_lora(unet)).hexdigest())

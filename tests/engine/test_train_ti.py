@@ -20,8 +20,8 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load, save
 
 from engine.progress import TrainingProgress
-from engine.tiny import IMAGE_SIZE
-from engine.train_ti import (
+from engine.tiny.models import IMAGE_SIZE
+from engine.train.ti import (
     SDXL_KEYS,
     TextualInversionFileError,
     TiTrainingState,
@@ -37,7 +37,7 @@ from engine.train_ti import (
     train_textual_inversion,
     unload_ti,
 )
-from engine.training_stages import TrainingInputError
+from engine.train.stages import TrainingInputError
 from tests.support import noise_crops
 
 pytestmark = pytest.mark.slow
@@ -299,7 +299,7 @@ def test_tiny_text_encoder_configs_carry_the_legacy_eos_token_id(tiny_preset_dir
 
 def test_pooled_embedding_of_a_prompt_with_a_word_sees_past_the_word(tiny_preset_dir: Path) -> None:
     """SDXL's pooled conditioning pools at end-of-text, not at the added word (the highest token id)."""
-    from engine.base import ResidentBase
+    from engine.pipelines.base import ResidentBase
     from engine.presets import load_preset
 
     base = ResidentBase.load(load_preset("tiny", tiny_preset_dir.parent))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.presets import FAMILY_SD15, FAMILY_SDXL, Preset
-from engine.training import TrainingRun, dreambooth_settings_for, lora_settings_for, ti_settings_for
+from engine.train.methods import TrainingRun, dreambooth_settings_for, lora_settings_for, ti_settings_for
 
 
 def _run(tmp_path: Path, name: str, family: str, **switches: object) -> TrainingRun:

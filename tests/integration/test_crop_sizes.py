@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from engine.api import CROP_SOURCE_SIDE_KEY, CheckPhotoRequest, TrainingMethod, TrainRequest
-from engine.faces import FaceRecord
+from engine.faces.analyzer import FaceRecord
 from engine.settings import EngineSettings
 from engine.worker import WorkerContext, do_check_photo, do_train
 from tests.support import face_photo

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from engine.api import CheckPhotoRequest, PreviewRequest
-from engine.faces import FaceRecord, identity_embedding, mean_embedding
+from engine.faces.analyzer import FaceRecord, identity_embedding, mean_embedding
 from engine.settings import EngineSettings
 from engine.worker import WorkerContext, do_check_photo, do_preview
 from tests.support import face_photo

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from engine.api import CheckPhotoRequest, PreviewRequest
-from engine.faces import FaceRecord
-from engine.instantid import frontalness
+from engine.faces.analyzer import FaceRecord
+from engine.pipelines.instantid import frontalness
 from engine.settings import EngineSettings
 from engine.worker import WorkerContext, do_check_photo, do_preview
 from tests.support import face_photo

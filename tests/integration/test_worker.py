@@ -156,10 +156,10 @@ def test_a_training_that_fails_leaves_no_checkpoint_behind(
     import threading
     from dataclasses import replace
 
-    from engine.checkpoints import CheckpointStore
+    from engine.train.checkpoints import CheckpointStore
     from engine.settings import EngineSettings
-    from engine.train_lora import train_lora
-    from engine.training import TrainingRun, lora_settings_for
+    from engine.train.lora import train_lora
+    from engine.train.methods import TrainingRun, lora_settings_for
     from engine.worker import WorkerContext, do_train
     from storage.errors import StorageError
     from tests.support import noise_crops, png
@@ -182,7 +182,7 @@ def test_a_training_that_fails_leaves_no_checkpoint_behind(
                    checkpoints=store)
     assert store.load_latest() is not None
     (app.blobs.root / OWNER / "models").write_bytes(b"")  # a file where the models folder goes: storing fails
-    caplog.set_level(logging.INFO, logger="engine.checkpoints")
+    caplog.set_level(logging.INFO, logger="engine.train.checkpoints")
     request = TrainRequest("train-9", OWNER, "lora", keys, token="sks", class_word="person")
     with pytest.raises(StorageError):
         do_train(app, request)  # resumes, trains, and cannot store the model

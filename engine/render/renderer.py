@@ -29,11 +29,11 @@ from PIL import Image
 
 from engine.errors import EngineError
 from engine.settings import EngineSettings
-from engine.train_dreambooth import WeightsCache, WeightSwapper
-from engine.train_ti import loaded_ti
+from engine.train.dreambooth import WeightsCache, WeightSwapper
+from engine.train.ti import loaded_ti
 
 if TYPE_CHECKING:
-    from engine.base import TextToImagePipeline
+    from engine.pipelines.base import TextToImagePipeline
 
     Img2ImgPipeline = StableDiffusionXLImg2ImgPipeline | StableDiffusionImg2ImgPipeline
 

@@ -4,7 +4,7 @@ Textual Inversion learns new token embeddings ("words") for a user and changes n
 SDXL a word has one embedding per text encoder (CLIP ViT-L and OpenCLIP ViT-bigG); a word may be
 several vectors (``<tok>``, ``<tok>_1``, ...), the way diffusers' loader expands multi-vector tokens.
 
-1. ``encode_crops`` (``engine.training_stages``): crops → cached VAE posteriors (with mirrors when
+1. ``encode_crops`` (``engine.train.stages``): crops → cached VAE posteriors (with mirrors when
    flipping), each with its crop's SDXL original size.
 2. ``build_trainable``  copies of the tokenizer(s) and text encoder(s); the copies learn the new tokens,
    whose rows start as the init word's embedding. The resident pipeline is only read, so it keeps
@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from engine.checkpoints import Checkpointing, CheckpointStore
+from engine.train.checkpoints import Checkpointing, CheckpointStore
 from engine.errors import EngineError
-from engine.likeness import BestByLikeness, Judge
+from engine.train.likeness import BestByLikeness, Judge
 from engine.progress import ProgressClock, ProgressSink
-from engine.training_stages import (
+from engine.train.stages import (
     InstanceLatents,
     NoisedBatch,
     PromptConditioning,
@@ -64,7 +64,7 @@ PROMPT_TEMPLATES = (
     "a photo of the face of {}",
 )
 """Training captions, after the TI paper's "a photo of a {}" family, worded for face crops. ``{}`` is the
-subject, ``"<token> <class word>"``: the words ``engine.render.expand_me`` puts in a prompt for "me"."""
+subject, ``"<token> <class word>"``: the words ``engine.render.renderer.expand_me`` puts in a prompt for "me"."""
 
 SDXL_KEYS = ("clip_l", "clip_g")
 """Keys of an SDXL embedding file (the common format: diffusers' advanced SDXL script, A1111, ComfyUI),
@@ -386,7 +386,7 @@ def train_textual_inversion(
     ``pipe`` is the resident SD1.5 or SDXL pipeline: its modules are only read, under ``lock``. ``token``
     must be new to its tokenizers (e.g. ``"<u42>"``). ``on_progress`` is called after every step.
     ``state`` is the resume seam: a restored run continues from ``state.step``. With ``likeness`` the
-    word kept is the one whose drawings it scored best (``engine.likeness``).
+    word kept is the one whose drawings it scored best (``engine.train.likeness``).
     """
     settings.check()
     resolution = settings.resolution or native_resolution(pipe)

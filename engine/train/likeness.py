@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.faces import DetectedFace, FaceAnalyzer, cosine
-from engine.training_stages import training_autocast
+from engine.faces.analyzer import DetectedFace, FaceAnalyzer, cosine
+from engine.train.stages import training_autocast
 
 if TYPE_CHECKING:
-    from engine.base import TextToImagePipeline
-    from engine.training_stages import TrainingState
+    from engine.pipelines.base import TextToImagePipeline
+    from engine.train.stages import TrainingState
 
 _log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ _BLUR_PROBE_PX = 128  # the face region is resized to this square before measuri
 
 @dataclass(frozen=True)
 class FaceCheckSettings:
-    """Thresholds of the photo checks. The defaults suit the tiny preset (``engine.tiny_faces``, whose
+    """Thresholds of the photo checks. The defaults suit the tiny preset (``engine.tiny.faces``, whose
     detector is tuned for a 640×640 input) and are a reasonable start for antelopev2."""
 
     det_size: tuple[int, int] = (640, 640)  # detector input (width, height), multiples of 32

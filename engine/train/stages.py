@@ -1,11 +1,11 @@
 """The training stages LoRA and DreamBooth share (and Textual Inversion some of), as one module.
 
-Like diffusers' ``training_utils``: the method files (``engine.train_lora``, ``engine.train_dreambooth``,
-``engine.train_ti``) build their own trainable copies and save their own files, and import the rest
+Like diffusers' ``training_utils``: the method files (``engine.train.lora``, ``engine.train.dreambooth``,
+``engine.train.ti``) build their own trainable copies and save their own files, and import the rest
 from here; they never import each other.
 
 1. data:     crops → pixel tensors in [-1, 1] (``prepare_data``) and, with class images
-             (``engine.prior.class_images``), those too (``prepare_latents``, ``encode_in_chunks``).
+             (``engine.train.prior.class_images``), those too (``prepare_latents``, ``encode_in_chunks``).
 2. encoders: the frozen resident VAE and text encoders, used once, under the lock (``encode_crops``,
              ``encode_latents``, ``encode_instance_prompt``, ``sdxl_time_ids``); or the prompts kept as
              token ids for text encoders that train (``prepare_prompts``, ``TrainablePrompts``). The families
@@ -16,7 +16,7 @@ from here; they never import each other.
              class loss (``denoising_loss``, noise or velocity MSE), then the optimizer. DreamBooth-LoRA
              is DreamBooth's loss on a LoRA.
 4. the loop: ``run_steps``, from ``state.step`` to the run's last step, with checkpoints and the
-             likeness judge (``engine.likeness``) after each step.
+             likeness judge (``engine.train.likeness``) after each step.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ from PIL import Image
 
 from engine.api import CROP_SOURCE_SIDE_KEY
 from engine.errors import EngineError
-from engine.prior import class_prompt
+from engine.train.prior import class_prompt
 from engine.progress import ProgressClock, ProgressSink
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from engine.base import TextToImagePipeline
-    from engine.checkpoints import Checkpointing
-    from engine.likeness import BestByLikeness
+    from engine.pipelines.base import TextToImagePipeline
+    from engine.train.checkpoints import Checkpointing
+    from engine.train.likeness import BestByLikeness
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 """The text encoders' pipeline attribute names (and key prefixes in a weights file), in order."""
@@ -197,7 +197,7 @@ def _to_array(crop: Image.Image, resolution: int) -> np.ndarray:
 
 
 def crop_source_side(crop: Image.Image, resolution: int) -> int:
-    """The side, in photo pixels, of the square ``crop`` was cut from (``engine.faces.training_crop``).
+    """The side, in photo pixels, of the square ``crop`` was cut from (``engine.faces.analyzer.training_crop``).
 
     Read from the crop's ``info`` (its PNG's text, ``CROP_SOURCE_SIDE_KEY``); a crop without it (written
     before it was kept, or made elsewhere) counts as taken at ``resolution``.
@@ -222,7 +222,7 @@ def prepare_latents(
     if not settings.with_prior:
         return TrainingLatents(instance, None)
     if not class_images:
-        raise TrainingInputError("prior preservation needs class images (engine.prior.class_images)")
+        raise TrainingInputError("prior preservation needs class images (engine.train.prior.class_images)")
     return TrainingLatents(
         instance, encode_in_chunks(pipe, lock, class_images, settings.resolution, flip=settings.random_flip)
     )

@@ -10,7 +10,7 @@ Layout of a built ``tiny`` preset (SDXL)::
     ├── sdxl/               StableDiffusionXLPipeline.save_pretrained
     ├── identitynet/        ControlNetModel.save_pretrained (InstantID's IdentityNet)
     ├── ip-adapter.bin      InstantID's adapter: image_proj.* (Resampler), ip_adapter.* (to_k/v_ip)
-    ├── antelopev2/         scrfd_10g_bnkps.onnx + glintr100.onnx + genderage.onnx (engine.tiny_faces)
+    ├── antelopev2/         scrfd_10g_bnkps.onnx + glintr100.onnx + genderage.onnx (engine.tiny.faces)
     └── .complete           written last
 
 Layout of a built ``tiny-sd15`` preset (no InstantID: it exists for SDXL only)::
@@ -147,7 +147,7 @@ def _build_atomically(dest: Path, build_parts: Callable[[Path], None], *, label:
 
 def _build_sd15_parts(work: Path, seed: int) -> None:
     """Write every part of the tiny SD1.5 preset into ``work``."""
-    from engine.tiny_faces import build_tiny_face_models
+    from engine.tiny.faces import build_tiny_face_models
 
     build_tiny_sd15(work / "sd15", seed=seed)
     build_tiny_face_models(work / "antelopev2")
@@ -157,7 +157,7 @@ def _build_parts(work: Path, seed: int) -> None:
     """Write every part of the tiny SDXL preset into ``work``."""
     from diffusers import ControlNetModel
 
-    from engine.tiny_faces import build_tiny_face_models
+    from engine.tiny.faces import build_tiny_face_models
 
     build_tiny_sdxl(work / "sdxl", seed=seed)
     unet = _tiny_unet(seed)  # same config and weights as the saved one, without reloading it
@@ -306,7 +306,7 @@ def _tiny_clip_text_config(tokenizer: Any) -> Any:
 
     With 2, transformers pools at ``input_ids.argmax(-1)`` (the highest id, end-of-text in the base
     vocabulary but an added Textual Inversion word when there is one); the tiny models keep that value
-    so that the tests meet the real bases' configs (``engine.base.pool_at_end_of_text`` fixes it on load).
+    so that the tests meet the real bases' configs (``engine.pipelines.base.pool_at_end_of_text`` fixes it on load).
     """
     from transformers import CLIPTextConfig
 

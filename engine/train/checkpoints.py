@@ -29,7 +29,7 @@ from storage.blobs import LocalBlobStore
 from storage.errors import BlobNotFound
 
 if TYPE_CHECKING:
-    from engine.training_stages import TrainingState
+    from engine.train.stages import TrainingState
 
 _log = logging.getLogger(__name__)
 

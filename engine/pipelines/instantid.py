@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from diffusers import ControlNetModel, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
 
-    from engine.base import ResidentBase
-    from engine.faces import FaceRecord
+    from engine.pipelines.base import ResidentBase
+    from engine.faces.analyzer import FaceRecord
 
 # Colours of the five keypoints, in insightface's order: right eye, left eye, nose, mouth corners.
 KEYPOINT_COLOURS: tuple[tuple[int, int, int], ...] = (

@@ -1,16 +1,16 @@
 """DreamBooth-LoRA training on the resident pipeline's UNet (SDXL or SD1.5), as named stages.
 
-1. data and 2. frozen encoders: ``engine.training_stages``' ``prepare_latents`` (the crops' VAE
-   posteriors, and the class images' with ``engine.prior.class_images``) and ``prepare_prompts`` (the
+1. data and 2. frozen encoders: ``engine.train.stages``' ``prepare_latents`` (the crops' VAE
+   posteriors, and the class images' with ``engine.train.prior.class_images``) and ``prepare_prompts`` (the
    instance prompt, and the class prompt), shared with DreamBooth.
 3. ``build_trainable``  a deep copy of the UNet with a LoRA adapter (and, opt-in,
    ``build_trainable_text_encoders``: copies of the text encoders with their own); only the adapters
    train, so the resident modules keep serving draws while a user's model trains.
 4. ``training_step``    one step under the lock: instance loss + ``prior_loss_weight`` × class loss
-   (``engine.training_stages.dreambooth_step``: DreamBooth-LoRA is DreamBooth's loss on a LoRA).
+   (``engine.train.stages.dreambooth_step``: DreamBooth-LoRA is DreamBooth's loss on a LoRA).
 5. ``save_lora``        the adapters as one diffusers-format LoRA safetensors file's bytes.
 
-``train_lora`` runs them in order (the loop is ``engine.training_stages.run_steps``). The lock is the
+``train_lora`` runs them in order (the loop is ``engine.train.stages.run_steps``). The lock is the
 one that guards the GPU and the resident modules: it is taken per stage and per step, so interactive
 draws interleave with training.
 """
@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from engine.checkpoints import Checkpointing, CheckpointStore
-from engine.likeness import BestByLikeness, Judge
+from engine.train.checkpoints import Checkpointing, CheckpointStore
+from engine.train.likeness import BestByLikeness, Judge
 from engine.progress import ProgressSink
-from engine.training_stages import (
+from engine.train.stages import (
     FixedPrompts,
     InstanceLatents,
     PromptConditioning,
@@ -53,7 +53,7 @@ from engine.training_stages import (
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from engine.base import TextToImagePipeline
+    from engine.pipelines.base import TextToImagePipeline
 
 _log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class LoraTrainSettings:
     max_grad_norm: float = 1.0  # diffusers' training scripts' gradient clipping
     # A LoRA checkpoint is small (tens of MB with AdamW state): a killed run loses at most 100 steps.
     checkpoint_every: int = 100
-    # Prior preservation, used when the run is given class images (engine.prior.class_images):
+    # Prior preservation, used when the run is given class images (engine.train.prior.class_images):
     prior_loss_weight: float = 1.0  # DreamBooth paper (λ = 1); diffusers' DreamBooth-LoRA scripts' default
     num_class_images: int = 100  # diffusers' DreamBooth-LoRA scripts' default
     class_image_steps: int = 30  # inference steps for drawing them, as DreamBooth draws them
@@ -91,11 +91,11 @@ class LoraTrainSettings:
     text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     # Off by default, as diffusers' --random_flip: a mirrored face loses the asymmetries that make it yours.
     random_flip: bool = False
-    # Off for the small presets; the SDXL preset turns it on (engine.training): at 1024² the UNet's
+    # Off for the small presets; the SDXL preset turns it on (engine.train.methods): at 1024² the UNet's
     # activations, not the LoRA's optimizer state, are what fills the card.
     gradient_checkpointing: bool = False
     mixed_precision: bool = True  # bf16 autocast on a GPU (float32 LoRA weights); ignored on the CPU
-    # With a likeness judge (engine.likeness): how often to judge (None: at every checkpoint) and the
+    # With a likeness judge (engine.train.likeness): how often to judge (None: at every checkpoint) and the
     # denoising steps of each judged drawing.
     likeness_every: int | None = None
     likeness_steps: int = 20
@@ -340,13 +340,13 @@ def train_lora(
 ) -> LoraTrainOutcome:
     """Train a LoRA for one user on ``crops`` and return its safetensors bytes.
 
-    ``class_images`` (from ``engine.prior.class_images``) turn on prior preservation: every step adds
+    ``class_images`` (from ``engine.train.prior.class_images``) turn on prior preservation: every step adds
     ``settings.prior_loss_weight`` × the loss on them with the class prompt; without them it is off.
     ``pipe`` is the resident pipeline: its modules are only read (copied), under ``lock``.
     ``on_progress`` is called after every step. ``state`` is the resume seam: a restored run continues
     from ``state.step``. With ``checkpoints`` the run saves every ``settings.checkpoint_every`` steps and
     first resumes from the job's newest checkpoint, so a killed job does not start again at step 0.
-    With ``likeness`` the saved weights are those whose drawings it scored best (``engine.likeness``).
+    With ``likeness`` the saved weights are those whose drawings it scored best (``engine.train.likeness``).
     """
     settings.check()
     if not class_images:

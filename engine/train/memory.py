@@ -51,7 +51,7 @@ class NotEnoughGpuMemory(EngineError):
 
 @dataclass(frozen=True)
 class TrainingShape:
-    """What the estimate needs to know about one run (``engine.training`` builds it from the settings)."""
+    """What the estimate needs to know about one run (``engine.train.methods`` builds it from the settings)."""
 
     method: str  # "lora", "ti" or "dreambooth"
     resolution: int

@@ -1,7 +1,7 @@
 """One entry point for the three personal-model methods, with each preset's defaults.
 
-LoRA (``engine.train_lora``), Textual Inversion (``engine.train_ti``) and DreamBooth
-(``engine.train_dreambooth``) keep their own loops; this module picks one, fills in its settings from
+LoRA (``engine.train.lora``), Textual Inversion (``engine.train.ti``) and DreamBooth
+(``engine.train.dreambooth``) keep their own loops; this module picks one, fills in its settings from
 the preset, and gives each run a checkpoint store so a killed job resumes instead of starting over.
 """
 
@@ -16,19 +16,19 @@ from typing import IO, TYPE_CHECKING, TypeVar
 from PIL import Image
 
 from engine.api import TrainingMethod
-from engine.checkpoints import CheckpointStore
+from engine.train.checkpoints import CheckpointStore
 from engine.errors import EngineError
-from engine.likeness import Judge
-from engine.memory import TrainingShape
+from engine.train.likeness import Judge
+from engine.train.memory import TrainingShape
 from engine.presets import FAMILY_SDXL, Preset
-from engine.prior import class_images
+from engine.train.prior import class_images
 from engine.progress import ProgressSink
-from engine.train_dreambooth import DreamBoothSettings, train_dreambooth
-from engine.train_lora import LoraTrainSettings, train_lora
-from engine.train_ti import TiTrainSettings, train_textual_inversion
+from engine.train.dreambooth import DreamBoothSettings, train_dreambooth
+from engine.train.lora import LoraTrainSettings, train_lora
+from engine.train.ti import TiTrainSettings, train_textual_inversion
 
 if TYPE_CHECKING:
-    from engine.base import TextToImagePipeline
+    from engine.pipelines.base import TextToImagePipeline
 
 
 class UnknownTrainingMethod(EngineError):
@@ -61,8 +61,8 @@ class TrainingRun:
     random_flip: bool = False  # config.toml [training]; see engine.settings.EngineSettings
     train_text_encoder: bool = False
     gradient_checkpointing: bool | None = None  # None: on for full-size SDXL, off otherwise
-    dreambooth_optimizer: str = "adamw"  # or "adafactor" (engine.train_dreambooth.make_optimizer)
-    likeness: Judge | None = None  # keep the best-looking checkpoint (every method): engine.likeness
+    dreambooth_optimizer: str = "adamw"  # or "adafactor" (engine.train.dreambooth.make_optimizer)
+    likeness: Judge | None = None  # keep the best-looking checkpoint (every method): engine.train.likeness
     class_images: int | None = None  # prior-preservation images; None: the method's default, 0: no prior
 
 
@@ -111,7 +111,7 @@ def train_personal_model(
 
 
 def memory_shape(run: TrainingRun, method: str) -> TrainingShape:
-    """What ``engine.memory`` needs to estimate a ``method`` run with ``run``'s settings."""
+    """What ``engine.train.memory`` needs to estimate a ``method`` run with ``run``'s settings."""
     if method == TrainingMethod.LORA:
         lora = lora_settings_for(run)
         return TrainingShape(
@@ -183,7 +183,7 @@ def _with_class_images(settings: _Prior, run: TrainingRun) -> _Prior:
 
 
 def ti_settings_for(run: TrainingRun) -> TiTrainSettings:
-    """TI's own defaults (engine.train_ti cites them); the tiny presets train as few steps as LoRA."""
+    """TI's own defaults (engine.train.ti cites them); the tiny presets train as few steps as LoRA."""
     defaults = TiTrainSettings()
     steps = run.steps or (run.preset.train_steps if run.preset.is_tiny else defaults.steps)
     settings = TiTrainSettings(steps=steps, resolution=run.preset.resolution, seed=run.seed,
@@ -192,7 +192,7 @@ def ti_settings_for(run: TrainingRun) -> TiTrainSettings:
 
 
 def dreambooth_settings_for(run: TrainingRun) -> DreamBoothSettings:
-    """DreamBooth's own defaults (engine.train_dreambooth cites them), scaled down for tiny presets."""
+    """DreamBooth's own defaults (engine.train.dreambooth cites them), scaled down for tiny presets."""
     preset = run.preset
     switches = {
         "random_flip": run.random_flip, "train_text_encoder": run.train_text_encoder,

@@ -21,7 +21,7 @@ from engine.errors import PreviewUnavailable
 if TYPE_CHECKING:
     from diffusers import ControlNetModel, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from engine.instantid import IdentityAdapter, InstantIDPipeline
+    from engine.pipelines.instantid import IdentityAdapter, InstantIDPipeline
     from engine.presets import Preset
 
     TextToImagePipeline = StableDiffusionXLPipeline | StableDiffusionPipeline
@@ -69,7 +69,7 @@ class ResidentBase:
         return self.text2img.unet
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        """Every module this base holds on its device, by name (what engine.memory counts)."""
+        """Every module this base holds on its device, by name (what engine.train.memory counts)."""
         held = {name: m for name, m in self.text2img.components.items() if isinstance(m, torch.nn.Module)}
         if self.instantid is not None:
             held["controlnet"] = self.instantid.controlnet
@@ -118,7 +118,7 @@ def _load_sdxl(
     preset: Preset, device: torch.device, dtype: torch.dtype
 ) -> tuple[StableDiffusionXLPipeline, InstantIDPipeline, IdentityAdapter]:
     """The SDXL pipeline, and InstantID built over its modules."""
-    from engine.instantid import InstantIDPipeline
+    from engine.pipelines.instantid import InstantIDPipeline
 
     text2img, controlnet = _load_modules(preset, device, dtype)
     identity = _load_identity_adapter(text2img, preset)
@@ -165,7 +165,7 @@ def pool_at_end_of_text(pipe: TextToImagePipeline) -> None:
     ``eos_token_id`` it pools at the first end-of-text instead, which is right whether the tokenizer
     pads with end-of-text (``tokenizer``) or with "!" (SDXL's ``tokenizer_2``). Prompts without added
     words pool where they did. Every loader of the base pipeline calls this; the trainable copies of
-    Textual Inversion (``engine.train_ti``) are deep copies of these encoders and inherit it.
+    Textual Inversion (``engine.train.ti``) are deep copies of these encoders and inherit it.
     """
     for tokenizer_attr, encoder_attr in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
         tokenizer, encoder = getattr(pipe, tokenizer_attr, None), getattr(pipe, encoder_attr, None)
@@ -184,7 +184,7 @@ def _load_identity_adapter(text2img: StableDiffusionXLPipeline, preset: Preset) 
     ``low_cpu_mem_usage=False`` makes the loader check the checkpoint's keys strictly (it would
     otherwise leave missing weights uninitialised without a word).
     """
-    from engine.instantid import IdentityAdapter
+    from engine.pipelines.instantid import IdentityAdapter
 
     path = preset.ip_adapter_path
     text2img.load_ip_adapter(

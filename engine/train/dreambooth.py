@@ -1,14 +1,14 @@
 """DreamBooth: a full fine-tune of the resident UNet (SDXL or SD1.5) with prior preservation, as named stages.
 
 1. ``prepare_latents``  instance crops and class images → VAE posteriors, once, under the lock; class
-   images in small chunks, as there are hundreds (``engine.training_stages``, shared with LoRA).
+   images in small chunks, as there are hundreds (``engine.train.stages``, shared with LoRA).
 2. ``prepare_prompts``  the instance prompt ("a photo of sks person") and the class prompt ("a photo of a
    person"): encoded once by the frozen text encoders, or kept as token ids when the encoders train
-   (``engine.training_stages``).
+   (``engine.train.stages``).
 3. ``build_trainable``  float32 deep copies of the UNet (and, opt-in, the text encoders); every weight in
    them trains, and the resident modules keep serving draws.
 4. ``dreambooth_step``  instance loss + ``prior_loss_weight`` × class loss, then the optimizer (AdamW, or
-   Adafactor where memory is short: ``make_optimizer``), under the lock (``engine.training_stages``).
+   Adafactor where memory is short: ``make_optimizer``), under the lock (``engine.train.stages``).
 5. ``write_weights``    the trained modules' full state dicts as one safetensors file, keys prefixed by
    module (``"unet.conv_in.weight"``, ``"text_encoder.…"``), streamed tensor by tensor (an SDXL UNet is
    ~5 GB in float16: it is never held whole in memory).
@@ -20,7 +20,7 @@ Drawing with a trained model never reloads the base: ``WeightSwapper`` copies th
 resident modules' tensors for one draw (under the lock) and copies the base weights back afterwards;
 ``WeightsCache`` keeps several users' files in (pinned) host memory between draws. The weights are saved
 in the resident modules' dtype, so a swap puts back exactly what was saved: keep the resident in
-float16 on a GPU (``engine.base.resident_dtype``), as bfloat16 rounds a small-lr fine-tune away.
+float16 on a GPU (``engine.pipelines.base.resident_dtype``), as bfloat16 rounds a small-lr fine-tune away.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ from typing import IO, TYPE_CHECKING
 import torch
 from PIL import Image
 
-from engine.checkpoints import Checkpointing, CheckpointStore
+from engine.train.checkpoints import Checkpointing, CheckpointStore
 from engine.errors import EngineError
-from engine.likeness import BestByLikeness, Judge
+from engine.train.likeness import BestByLikeness, Judge
 from engine.progress import ProgressSink
-from engine.training_stages import (
+from engine.train.stages import (
     TEXT_ENCODERS,
     TrainingInputError,
     TrainingState,
@@ -60,7 +60,7 @@ from engine.training_stages import (
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
-    from engine.base import TextToImagePipeline
+    from engine.pipelines.base import TextToImagePipeline
 
 _log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class DreamBoothSettings:
     learning_rate: float = 2e-6
     prior_loss_weight: float = 1.0  # DreamBooth paper (λ = 1) and diffusers' train_dreambooth.py default
     num_class_images: int = 200  # diffusers' train_dreambooth.py default; its docs: 200-300 work well
-    class_image_steps: int = 30  # inference steps for drawing them (engine.prior.class_images)
+    class_image_steps: int = 30  # inference steps for drawing them (engine.train.prior.class_images)
     resolution: int = 1024  # SDXL's native size; the photo checks write crops at this size
     batch_size: int = 1  # instance images per step, plus as many class images (diffusers' default)
     seed: int = 0
@@ -271,11 +271,11 @@ def train_dreambooth(
 ) -> DreamBoothOutcome:
     """Fine-tune the UNet for one user on ``crops`` and return the weights file's bytes.
 
-    ``class_images`` come from ``engine.prior.class_images`` (unused when ``prior_loss_weight`` is 0).
+    ``class_images`` come from ``engine.train.prior.class_images`` (unused when ``prior_loss_weight`` is 0).
     ``pipe`` is the resident pipeline: its modules are only read (copied), under ``lock``. With
     ``checkpoints``, the run resumes from the job's newest checkpoint and saves one every
     ``settings.checkpoint_every`` steps; the caller clears them once the weights are stored. With
-    ``likeness`` the weights kept are those whose drawings it scored best (``engine.likeness``).
+    ``likeness`` the weights kept are those whose drawings it scored best (``engine.train.likeness``).
     """
     settings.check()
     latents = prepare_latents(pipe, lock, crops, class_images, settings)

@@ -27,7 +27,7 @@ from PIL import Image
 from engine.errors import EngineError
 
 if TYPE_CHECKING:
-    from engine.base import TextToImagePipeline
+    from engine.pipelines.base import TextToImagePipeline
 
 _log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Face detection, recognition and the checks on enrolment photos."""

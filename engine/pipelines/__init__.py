@@ -1,0 +1,1 @@
+"""The resident diffusion pipelines: the base model, InstantID on top of it, and the image safety checker."""

@@ -1,0 +1,1 @@
+"""Drawing with the resident pipeline and users' trained models."""

@@ -1,0 +1,1 @@
+"""Tiny offline-built stand-ins for the real models, for tests and the demo."""
