@@ -1,7 +1,7 @@
 """The console adapter: ``avatarbooth chat`` (interactive) and ``avatarbooth demo`` (piped script).
 
 Reads one command per line, runs it to completion (jobs finished) before reading the next, so a
-piped script is deterministic. This is where a `BotError` becomes a printed reply.
+piped script is deterministic. This is where a failure (`bot.chat.failures`) becomes a printed reply.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TextIO
 
 from bot import texts
-from storage.errors import StorageError
-from bot.errors import BotError
+from bot.chat.failures import failure_text
 from bot.options import parse_options, parse_train_words
 from bot.service import BotService, Reply, Upload, UserRef
+from storage.errors import StorageError
 
 _log = logging.getLogger(__name__)
 
@@ -102,15 +102,16 @@ class ConsoleAdapter:
         await self._answer(command, handler(rest.strip()))
 
     async def _answer(self, command: str, pending: Awaitable[Reply | None]) -> None:
-        """Await a command and print its reply; a `BotError` prints its message instead."""
+        """Await a command and print its reply; a failure prints what to do instead, and the
+        console goes on with the next command."""
         try:
             reply = await pending
-        except BotError as exc:
-            self._write(exc.user_message)
-            return
         except StorageError as exc:  # the data folder failed (disk full, read-only): say so, keep going
             _log.warning("a console command failed on storage: %s", type(exc).__name__)
             self._write(texts.CONSOLE_STORAGE_FAILED.format(reason=exc))
+            return
+        except Exception as exc:
+            self._write(failure_text(exc, "console"))
             return
         if reply is not None:
             await self._print_reply(command.lstrip("/"), reply)

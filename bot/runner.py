@@ -34,7 +34,7 @@ from engine.api import (
     parse_result,
 )
 from storage.blobs import BlobStore, owner_for
-from storage.db import Database, Job, User
+from storage.db import Database, Job, JobState, User
 from storage.errors import InvalidBlobKey, RecordNotFound, StorageError
 
 _log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class JobRunner:
         try:
             for attempt in range(1, JOB_TRIES + 1):
                 await self._jobs.submit(name, request, queue_id)
-                await self._db.update_job(job.id, state="queued", attempts_delta=1)
+                await self._db.update_job(job.id, state=JobState.QUEUED, attempts_delta=1)
                 try:
                     raw = await self._jobs.wait(
                         queue_id,
@@ -127,7 +127,7 @@ class JobRunner:
         if isinstance(parsed, JobFailure):
             failure = JobFailed.from_failure(what, parsed)
             await self._db.update_job(
-                job.id, state="failed", error=f"{parsed.code}: {parsed.detail}", result=raw
+                job.id, state=JobState.FAILED, error=f"{parsed.code}: {parsed.detail}", result=raw
             )
             raise failure
         return parsed
@@ -135,7 +135,7 @@ class JobRunner:
     async def fail(self, job: Job, error: BotError) -> BotError:
         """Mark the job failed (if it still exists) and hand back the error to raise."""
         try:
-            await self._db.update_job(job.id, state="failed", error=error.user_message)
+            await self._db.update_job(job.id, state=JobState.FAILED, error=error.user_message)
         except RecordNotFound:
             pass
         return error
@@ -206,7 +206,7 @@ class JobRunner:
 
     async def _marked_failed(self, job: Job) -> bool:
         try:
-            await self._db.update_job(job.id, state="failed", error="the result could not be saved")
+            await self._db.update_job(job.id, state=JobState.FAILED, error="the result could not be saved")
         except RecordNotFound:
             return True
         except StorageError:

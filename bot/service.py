@@ -48,7 +48,6 @@ from bot.errors import (
     PromptBlocked,
     PromptTooLong,
     QueueUnavailable,
-    RateLimited,
     TooManyPhotos,
     TrainingAlreadyRunning,
     UnknownAspect,
@@ -56,6 +55,7 @@ from bot.errors import (
     UnknownMethod,
 )
 from bot.jobs import JobClient
+from bot.quota import DrawQuota
 from bot.replies import ImageOut, Offer, Reply, ResumedWork, Upload, UserRef
 from bot.runner import JobRunner, ProgressCallback
 from bot.safety import PromptBlocklist
@@ -75,13 +75,23 @@ from engine.api import (
     arq_job_id,
 )
 from storage.blobs import BlobStore, owner_for
-from storage.db import Database, Erasure, GeneratedImage, Job, PersonalModel, Photo, User
+from storage.db import (
+    ACTIVE_JOB_STATES,
+    Database,
+    Erasure,
+    GeneratedImage,
+    Job,
+    JobState,
+    PersonalModel,
+    Photo,
+    PhotoStatus,
+    User,
+)
 from storage.errors import StorageError
 
 _log = logging.getLogger(__name__)
 
 
-_HOUR_S = 3600.0
 
 
 class BotService:
@@ -105,10 +115,9 @@ class BotService:
         self._jobs = jobs
         self.settings = settings
         self._preset_name = preset_name
-        self._clock = clock
+        self._quota = DrawQuota(db, settings, clock)
         self._runner = runner if runner is not None else JobRunner(db, blobs, jobs, settings)
         self._user_locks: dict[int, asyncio.Lock] = {}
-        self._quota_locks: dict[int, asyncio.Lock] = {}  # a user's quota check and job creation, as one
 
     # --- consent and help ---------------------------------------------------------------------
 
@@ -153,7 +162,7 @@ class BotService:
                 except QueueUnavailable as exc:
                     lines.append(texts.photo_failed(label, exc.user_message))
                     break
-        accepted = len(await self._db.list_photos(account.id, "accepted"))
+        accepted = len(await self._db.list_photos(account.id, PhotoStatus.ACCEPTED))
         reply.add(*lines)
         reply.closing = texts.enrollment_standing(accepted, self.settings.min_photos, self.settings.max_photos)
         return reply
@@ -176,7 +185,7 @@ class BotService:
             )
             for index, photo in enumerate(photos, start=1)
         ]
-        accepted = sum(photo.status == "accepted" for photo in photos)
+        accepted = sum(photo.status == PhotoStatus.ACCEPTED for photo in photos)
         standing = texts.enrollment_standing(
             accepted, self.settings.min_photos, self.settings.max_photos
         )
@@ -204,7 +213,7 @@ class BotService:
         owner = owner_for(account.id)
         key = await asyncio.to_thread(self._blobs.put, owner, "photos", data, checked.suffix)
         photo = await self._db.add_photo(account.id, key, checked.sha256)
-        references = [p.embedding_key for p in kept if p.status == "accepted" and p.embedding_key]
+        references = [p.embedding_key for p in kept if p.status == PhotoStatus.ACCEPTED and p.embedding_key]
         job = await self._runner.create(
             account,
             JobName.CHECK_PHOTO,
@@ -238,7 +247,7 @@ class BotService:
         if result.accepted:
             await self._db.set_photo_result(
                 photo.id,
-                "accepted",
+                PhotoStatus.ACCEPTED,
                 embedding_key=result.embedding_key,
                 crop_key=result.crop_key,
                 apparent_gender=_known_gender(result.apparent_gender),
@@ -246,14 +255,14 @@ class BotService:
             line = texts.photo_accepted(label)
         else:
             reason = result.refusal or Refusal.NO_FACE
-            await self._db.set_photo_result(photo.id, "refused", refusal=reason)
+            await self._db.set_photo_result(photo.id, PhotoStatus.REFUSED, refusal=reason)
             # Nothing of a refused photo is kept but its row and reason.
             await asyncio.to_thread(self._blobs.delete, photo.blob_key)
             refused = texts.refusal(
                 reason, self.settings, face_px=result.face_px, needed_face_px=result.needed_face_px
             )
             line = texts.photo_refused(label, refused)
-        await self._db.update_job(job.id, state="done", progress=1.0, result=result.to_dict())
+        await self._db.update_job(job.id, state=JobState.DONE, progress=1.0, result=result.to_dict())
         return line
 
     async def _drop_photo(self, photo: Photo) -> None:
@@ -262,7 +271,7 @@ class BotService:
 
     async def _kept_photos(self, user_id: int) -> list[Photo]:
         """Accepted photos and those still being checked: what counts toward max_photos."""
-        return [p for p in await self._db.list_photos(user_id) if p.status != "refused"]
+        return [p for p in await self._db.list_photos(user_id) if p.status != PhotoStatus.REFUSED]
 
     # --- preview and draw -----------------------------------------------------------------------
 
@@ -295,7 +304,9 @@ class BotService:
             "class_word": await self._class_word(account.id),
             **shape,
         }
-        job = await self._create_image_job(account, JobName.PREVIEW, fields, {"prompt": text})
+        job = await self._quota.reserve(
+            account.id, count, lambda: self._runner.create(account, JobName.PREVIEW, fields, {"prompt": text})
+        )
         return await self._finish_images(job, on_progress)
 
     async def draw(
@@ -412,7 +423,9 @@ class BotService:
                 "class_word": model.class_word,
             }
             meta |= {"model_id": model.id, "model_version": model.version, "method": model.method}
-        job = await self._create_image_job(account, JobName.DRAW, fields, meta)
+        job = await self._quota.reserve(
+            account.id, count, lambda: self._runner.create(account, JobName.DRAW, fields, meta)
+        )
         return await self._finish_images(job, on_progress)
 
     async def _finish_images(self, job: Job, on_progress: ProgressCallback | None) -> Reply:
@@ -443,7 +456,7 @@ class BotService:
         note = self._images_note(result)
         if note:
             lines.append(note)
-        await self._db.update_job(job.id, state="done", progress=1.0, result=result.to_dict())
+        await self._db.update_job(job.id, state=JobState.DONE, progress=1.0, result=result.to_dict())
         return Reply("\n".join(lines), images, [arq_job_id(job.kind, job.id)])
 
     def _images_note(self, result: ImagesResult) -> str | None:
@@ -470,45 +483,6 @@ class BotService:
         """The style presets /preview and /draw accept."""
         return Reply(texts.styles_list([(s.name, s.title) for s in STYLES.values()]))
 
-    async def _create_image_job(
-        self, account: User, name: JobName, fields: dict[str, Any], meta: dict[str, Any]
-    ) -> Job:
-        """Check the hourly image quota and create the job as one step for the user: the job's
-        ``num_images`` are reserved (``count_reserved_images``) before the next request is checked,
-        so draws sent at once cannot all pass on an empty count."""
-        async with self._quota_locks.setdefault(account.id, asyncio.Lock()):
-            await self._check_rate(account.id, int(fields["num_images"]))
-            return await self._runner.create(account, name, fields, meta)
-
-    async def _check_rate(self, user_id: int, wanted: int) -> None:
-        """Allow at most draws_per_hour images in any rolling hour, counting those that queued and
-        running previews and draws will make; say how long to wait."""
-        limit = self.settings.draws_per_hour
-        now = self._clock()
-        made = await self._db.count_images_since(user_id, now - _HOUR_S)
-        reserved = await self._db.count_reserved_images(user_id, now - _HOUR_S, _IMAGE_JOBS)
-        if made + reserved + wanted <= limit:
-            return
-        # Reserved images are about to be made: they hold their place for the hour to come.
-        raise RateLimited(limit, await self._seconds_until_room(user_id, now, limit - wanted - reserved))
-
-    async def _seconds_until_room(self, user_id: int, now: float, allowed: int) -> float:
-        """The least wait after which at most `allowed` images remain in the last hour.
-
-        Only counts are available, so binary-search the window's start to the second.
-        """
-        if allowed < 0:
-            return _HOUR_S
-        low, high = 0, int(_HOUR_S)  # waiting `high` seconds always frees the whole window
-        while low < high:
-            middle = (low + high) // 2
-            since = now + middle - _HOUR_S
-            if await self._db.count_images_since(user_id, since) <= allowed:
-                high = middle
-            else:
-                low = middle + 1
-        return float(max(low, 1))
-
     async def _enrolled_embeddings(self, user_id: int) -> list[str]:
         """Face records of the accepted photos; refuses until there are enough of them."""
         accepted = await self._accepted(user_id)
@@ -517,7 +491,7 @@ class BotService:
         return [p.embedding_key for p in accepted if p.embedding_key]
 
     async def _accepted(self, user_id: int) -> list[Photo]:
-        return await self._db.list_photos(user_id, "accepted")
+        return await self._db.list_photos(user_id, PhotoStatus.ACCEPTED)
 
     async def _class_word(self, user_id: int) -> str:
         """What "me" becomes for this user: the configured word, or with "auto" the photos' majority."""
@@ -595,12 +569,15 @@ class BotService:
                 return Reply(texts.FORGET_PENDING)
             return Reply(texts.STATUS_NOT_CONSENTED)
         photos = await self._db.list_photos(account.id)
-        counts = {s: sum(p.status == s for p in photos) for s in ("accepted", "pending", "refused")}
+        counts = {s: sum(p.status == s for p in photos) for s in PhotoStatus}
         models = await self._db.list_models(account.id)
-        jobs = await self._db.list_jobs(account.id, states=("queued", "running"))
+        jobs = await self._db.list_jobs(account.id, states=ACTIVE_JOB_STATES)
         lines = [
             texts.status_photos(
-                counts["accepted"], counts["pending"], counts["refused"], self.settings.min_photos
+                counts[PhotoStatus.ACCEPTED],
+                counts[PhotoStatus.PENDING],
+                counts[PhotoStatus.REFUSED],
+                self.settings.min_photos,
             ),
             texts.status_models([(m.version, m.method, m.base_preset) for m in models]),
             texts.status_jobs([(texts.job_label(j.kind), j.state, j.progress) for j in jobs]),
@@ -681,7 +658,7 @@ class BotService:
         account = await self._account(user)
         stale = [
             job
-            for job in await self._db.list_jobs(account.id, states=("queued", "running"))
+            for job in await self._db.list_jobs(account.id, states=ACTIVE_JOB_STATES)
             if job.id not in self._runner.in_flight
         ]
         if not stale:
@@ -749,7 +726,7 @@ class BotService:
                 return done.text
         except BotError as exc:
             return f"{texts.job_label(job.kind)}: {exc.user_message}"
-        await self._db.update_job(job.id, state="failed", error=f"unknown job kind {job.kind!r}")
+        await self._db.update_job(job.id, state=JobState.FAILED, error=f"unknown job kind {job.kind!r}")
         return f"{job.kind}: {texts.job_failed(texts.job_label(job.kind), 'invalid_request')}"
 
     async def _resume_check(self, job: Job, on_progress: ProgressCallback | None) -> str:
@@ -757,8 +734,8 @@ class BotService:
         photo_id = meta.get("photo_id")
         label = str(meta.get("label") or "photo")
         photo = next((p for p in await self._db.list_photos(job.user_id) if p.id == photo_id), None)
-        if photo is None or photo.status != "pending":
-            await self._db.update_job(job.id, state="failed", error="the photo is gone")
+        if photo is None or photo.status != PhotoStatus.PENDING:
+            await self._db.update_job(job.id, state=JobState.FAILED, error="the photo is gone")
             return texts.photo_failed(label, texts.ERASED_MEANWHILE)
         return await self._finish_check(job, photo, label, on_progress)
 
@@ -778,8 +755,6 @@ class BotService:
         return self._user_locks.setdefault(user_id, asyncio.Lock())
 
 
-_IMAGE_JOBS = (str(JobName.PREVIEW), str(JobName.DRAW))
-"""The job kinds that make images, and so count against draws_per_hour."""
 
 _CLASS_WORDS = {ApparentGender.FEMALE: "woman", ApparentGender.MALE: "man"}
 

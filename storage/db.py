@@ -40,6 +40,7 @@ from storage.migrations import (
     split_statements,
 )
 from storage.records import (
+    ACTIVE_JOB_STATES,
     APPARENT_GENDERS,
     ERASED_PREFIX,
     JOB_STATES,
@@ -47,13 +48,16 @@ from storage.records import (
     Erasure,
     GeneratedImage,
     Job,
+    JobState,
     PersonalModel,
     Photo,
+    PhotoStatus,
     User,
 )
 
 # The records and the migrations are re-exported: callers import them from here.
 __all__ = [
+    "ACTIVE_JOB_STATES",
     "BUSY_TIMEOUT_MS",
     "MIGRATIONS",
     "Clock",
@@ -61,9 +65,11 @@ __all__ = [
     "Erasure",
     "GeneratedImage",
     "Job",
+    "JobState",
     "Migration",
     "PersonalModel",
     "Photo",
+    "PhotoStatus",
     "User",
 ]
 
@@ -205,7 +211,7 @@ class Database:
     # -- photos --------------------------------------------------------------------------------
 
     async def add_photo(
-        self, user_id: int, blob_key: str, sha256: str, status: str = "pending"
+        self, user_id: int, blob_key: str, sha256: str, status: str = PhotoStatus.PENDING
     ) -> Photo:
         """Record an uploaded photo stored under `blob_key`."""
         _require_choice("photo status", status, PHOTO_STATUSES)

@@ -6,16 +6,31 @@ query's SELECT list is built from the dataclass (see `storage.db`).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any
 
-PHOTO_STATUSES = ("pending", "accepted", "refused")
+
+class PhotoStatus(enum.StrEnum):
+    PENDING = "pending"  # stored, its face check not finished
+    ACCEPTED = "accepted"
+    REFUSED = "refused"  # the row keeps its reason; the bytes are gone
+
+
+PHOTO_STATUSES = tuple(PhotoStatus)
 APPARENT_GENDERS = ("female", "male")  # engine.api.ApparentGender's values
 ERASED_PREFIX = "erased:"
 """The ``platform_user_id`` of an erased user's tombstone row, before its id."""
 
-JOB_STATES = ("queued", "running", "done", "failed")
-ACTIVE_JOB_STATES = ("queued", "running")
+class JobState(enum.StrEnum):
+    QUEUED = "queued"  # submitted; no worker holds it now
+    RUNNING = "running"  # a worker holds its lease
+    DONE = "done"
+    FAILED = "failed"
+
+
+JOB_STATES = tuple(JobState)
+ACTIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING)
 
 
 @dataclass(frozen=True)

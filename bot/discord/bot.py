@@ -18,7 +18,8 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import texts
-from bot.discord.buttons import AgreeButton, ImageButton, result_view, view_kwargs
+from bot.chat.failures import failure_text
+from bot.discord.buttons import ChatButton, result_view, view_kwargs
 from bot.discord.commands import SlashCommands
 from bot.discord.conversations import Conversations
 from bot.discord.platform import PLATFORM, Interaction, clip
@@ -75,7 +76,7 @@ class AvatarBoothBot(commands.Bot):
     async def setup_hook(self) -> None:
         """Register the persistent buttons (so old messages' buttons work) and sync the commands;
         then send what finished while the bot was down."""
-        self.add_dynamic_items(ImageButton, AgreeButton)
+        self.add_dynamic_items(ChatButton)
         await self.add_cog(self.slash_commands)
         await self._sync_commands()
         if self._resumed is not None:
@@ -137,9 +138,9 @@ class AvatarBoothBot(commands.Bot):
             text = texts.DISCORD_COMMAND_OUTDATED
         elif isinstance(error, app_commands.TransformerError):
             text = texts.DISCORD_BAD_OPTION
-        else:
-            _log.error("a Discord command failed", exc_info=error)
-            text = texts.SOMETHING_BROKE
+        else:  # a command that raised: what escaped it is said the way every adapter says it
+            cause = error.original if isinstance(error, app_commands.CommandInvokeError) else error
+            text = failure_text(cause, PLATFORM)
         try:
             if interaction.response.is_done():
                 await interaction.followup.send(text, ephemeral=True)

@@ -11,7 +11,8 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import texts
-from bot.discord.buttons import COG_NAME, DELETE, REROLL, consent_view, view_without
+from bot.chat.actions import Verb
+from bot.discord.buttons import COG_NAME, consent_view, view_without
 from bot.discord.conversations import Conversations
 from bot.discord.platform import Interaction, user_ref
 from bot.discord.replies import Answer, InteractionReplies, Replies, shows_image
@@ -93,21 +94,25 @@ class SlashCommands(commands.Cog, name=COG_NAME):
 
     # --- buttons (see bot.discord.buttons) ------------------------------------------------------
 
-    async def image_action(self, interaction: Interaction, action: str, image_id: int) -> None:
+    async def image_action(self, interaction: Interaction, verb: Verb, image_id: int) -> None:
         """A press on a result button by its owner (checked again by the service)."""
         user = user_ref(interaction.user)
-        if action == DELETE:
+        if verb is Verb.DELETE:
             replies = self.conversations.replies_to(interaction, private=True, update=True)
             await replies.acknowledge()
             await self.conversations.converse(replies, lambda: self._delete(interaction, image_id))
             return
 
         async def work(replies: InteractionReplies) -> Answer:
-            if action == REROLL:
+            if verb is Verb.REROLL:
                 return Answer(await self.service.reroll(user, image_id, on_progress=replies.progress))
             return Answer(await self.service.more_like(user, image_id, on_progress=replies.progress))
 
-        await self.conversations.answer(interaction, work, private=False)
+        # A forged button (its owner's id on someone else's image) is refused before a public
+        # "thinking..." could open for it.
+        await self.conversations.answer(
+            interaction, work, private=False, check=lambda: self.service.check_image(user, image_id)
+        )
 
     async def _delete(self, interaction: Interaction, image_id: int) -> Answer:
         reply = await self.service.delete_image(user_ref(interaction.user), image_id)

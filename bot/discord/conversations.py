@@ -1,7 +1,7 @@
 """Running commands: each one's replies, the one place where errors become replies, and shutdown.
 
-`Conversations.converse` is the one place where a `BotError` (or anything unexpected) becomes a
-reply. Every command and delivery still running is tracked, so that `stop_all` can stop them when
+`Conversations` is the one place where a `BotError` (or anything unexpected) becomes a reply, in
+the words every adapter uses (`bot.chat.failures`). Every command and delivery still running is tracked, so that `stop_all` can stop them when
 the bot closes (each tells its user).
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 import discord
 
 from bot import texts
-from bot.discord.platform import Interaction
+from bot.chat.failures import failure_text
+from bot.discord.platform import PLATFORM, Interaction
 from bot.discord.replies import Answer, InteractionReplies, MessageReplies, Replies
-from bot.errors import BotError
 from bot.service import Reply
 
 _log = logging.getLogger(__name__)
@@ -54,11 +54,30 @@ class Conversations:
         *,
         private: bool,
         announce: bool = False,
+        check: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Acknowledge at once, then run `work` and deliver its answer."""
+        """Acknowledge at once, then run `work` and deliver its answer.
+
+        `check` (quick: it runs inside Discord's 3 s) may refuse the command before anything is
+        acknowledged; its error is the only reply, and a private one.
+        """
+        if check is not None and not await self._passes(interaction, check):
+            return
         replies = self.replies_to(interaction, private=private)
         await replies.acknowledge()
         await self.converse(replies, lambda: work(replies), announce=announce)
+
+    async def _passes(self, interaction: Interaction, check: Callable[[], Awaitable[None]]) -> bool:
+        try:
+            await check()
+            return True
+        except Exception as exc:
+            text = failure_text(exc, PLATFORM)
+        try:
+            await interaction.response.send_message(text, ephemeral=True)
+        except discord.HTTPException as exc:
+            _log.error("could not deliver a refusal on Discord: %s", exc)
+        return False
 
     async def converse(
         self, replies: Replies, work: Callable[[], Awaitable[Answer]], *, announce: bool = False
@@ -70,14 +89,11 @@ class Conversations:
         try:
             try:
                 answer = await work()
-            except BotError as exc:
-                answer = Answer(Reply(exc.user_message))
             except asyncio.CancelledError:  # the bot is shutting down
                 await _say_interrupted(replies)
                 raise
-            except Exception:
-                _log.exception("a Discord command failed")
-                answer = Answer(Reply(texts.SOMETHING_BROKE))
+            except Exception as exc:
+                answer = Answer(Reply(failure_text(exc, PLATFORM)))
             await replies.deliver(answer, announce=announce)
         except discord.HTTPException as exc:
             _log.error("could not deliver a reply on Discord: %s", exc)

@@ -20,16 +20,17 @@ import asyncio
 import io
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import discord
 from PIL import Image, UnidentifiedImageError
 
 from bot import texts
+from bot.chat.progress import ProgressThrottle
 from bot.discord.buttons import result_view, view_kwargs
 from bot.discord.platform import Interaction, clip
 from bot.service import ImageOut, Reply
@@ -124,54 +125,6 @@ class Replies(Protocol):
     async def close(self) -> None: ...
 
 
-class ProgressEditor:
-    """Shows the newest progress line, at most one edit per `interval` s, without blocking the job."""
-
-    def __init__(self, edit: Callable[[str], Awaitable[Any]], interval: float) -> None:
-        self._edit = edit
-        self._interval = interval
-        self._latest: str | None = None
-        self._shown: str | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._sending = False
-        self._closed = False
-
-    def push(self, line: str) -> None:
-        if self._closed:
-            return
-        self._latest = line
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._drain())
-
-    async def _drain(self) -> None:
-        while self._latest is not None and not self._closed:
-            line, self._latest = self._latest, None
-            if line == self._shown:
-                continue
-            self._sending = True
-            try:
-                await self._edit(clip(line))
-                self._shown = line
-            except discord.HTTPException as exc:
-                _log.warning("could not show progress on Discord: %s", exc)
-            finally:
-                self._sending = False
-            if self._closed:
-                return
-            await asyncio.sleep(self._interval)
-
-    async def close(self) -> None:
-        """Stop; an edit in flight finishes first, so it cannot land after the result."""
-        self._closed = True
-        self._latest = None
-        task = self._task
-        if task is None or task.done():
-            return
-        if not self._sending:
-            task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
 class InteractionReplies:
     """Replies to one interaction: acknowledge, progress into the response, then the result.
 
@@ -191,7 +144,7 @@ class InteractionReplies:
         self._private = private
         self._update = update
         self._deadline = interaction.created_at + TOKEN_LIFETIME - TOKEN_MARGIN
-        self._editor = ProgressEditor(self._edit_progress, progress_interval_s)
+        self._progress = ProgressThrottle(self._edit_progress, progress_interval_s)
         self._last_line: str | None = None
         self._handoff: asyncio.Task[None] | None = None
         self._handed_off = False
@@ -210,18 +163,24 @@ class InteractionReplies:
     async def progress(self, line: str) -> None:
         self._last_line = line
         if not self._update and self._token_usable():
-            self._editor.push(line)
+            self._progress.push(line)
 
-    async def _edit_progress(self, line: str) -> None:
-        if self._token_usable():
-            await self._interaction.edit_original_response(content=line)
+    async def _edit_progress(self, line: str) -> bool:
+        if not self._token_usable():
+            return False
+        try:
+            await self._interaction.edit_original_response(content=clip(line))
+        except discord.HTTPException as exc:
+            _log.warning("could not show progress on Discord: %s", exc)
+            return False
+        return True
 
     async def _hand_off_at_deadline(self) -> None:
         """Before the token runs out, say that the result will come as a new message."""
         delay = (self._deadline - discord.utils.utcnow()).total_seconds()
         await asyncio.sleep(max(0.0, delay))
         self._handed_off = True
-        await self._editor.close()
+        await self._progress.close()
         note = texts.DISCORD_HANDOFF
         if self._last_line:
             note = f"{self._last_line}\n{note}"
@@ -278,7 +237,7 @@ class InteractionReplies:
         if self._handoff is not None and not self._handoff.done():
             self._handoff.cancel()
             await asyncio.gather(self._handoff, return_exceptions=True)
-        await self._editor.close()
+        await self._progress.close()
 
     async def close(self) -> None:
         await self._stop_progress()
@@ -290,21 +249,31 @@ class MessageReplies:
     def __init__(self, message: discord.Message, *, progress_interval_s: float) -> None:
         self._message = message
         self._status: discord.Message | None = None
-        self._editor = ProgressEditor(self._edit, progress_interval_s)
+        self._progress = ProgressThrottle(self._edit_progress, progress_interval_s)
 
     async def acknowledge(self, text: str) -> None:
         self._status = await self._message.reply(clip(text), mention_author=False)
 
-    async def _edit(self, line: str) -> None:
+    async def _edit(self, text: str) -> None:
         if self._status is not None:
-            await self._status.edit(content=line)
+            await self._status.edit(content=text)
+
+    async def _edit_progress(self, line: str) -> bool:
+        if self._status is None:
+            return False
+        try:
+            await self._edit(clip(line))
+        except discord.HTTPException as exc:
+            _log.warning("could not show progress on Discord: %s", exc)
+            return False
+        return True
 
     async def progress(self, line: str) -> None:
-        self._editor.push(line)
+        self._progress.push(line)
 
     async def deliver(self, answer: Answer, *, announce: bool) -> None:
-        await self._editor.close()
+        await self._progress.close()
         await self._edit(clip(answer.reply.text))
 
     async def close(self) -> None:
-        await self._editor.close()
+        await self._progress.close()

@@ -52,11 +52,12 @@ from telegram.ext import (
 )
 
 from bot import texts
-from bot.errors import BotError
+from bot.chat.actions import IMAGE_VERBS, Action, Verb, decode
+from bot.chat.failures import failure_text
 from bot.options import parse_options, parse_train_words
 from bot.replies import Offer
 from bot.service import BotService, ProgressCallback, Reply, ResumedWork, Upload, UserRef
-from bot.telegram.buttons import Button
+from bot.telegram.buttons import inline_button
 from bot.telegram.channel import PHOTO_CHECK, Channel, ProgressMessage, Unreachable, acknowledge, quietly
 from bot.telegram.clock import wait_event
 from bot.telegram.http import AiohttpRequest
@@ -477,13 +478,13 @@ class TelegramAdapter:
         query = update.callback_query
         if query is None:
             return
-        button = Button.parse(query.data)
-        if button is None:
+        action = decode(query.data)
+        if action is None:
             await self._answer(query, texts.TELEGRAM_UNKNOWN_BUTTON)
             return
-        if button.user_id != query.from_user.id:
+        if not action.belongs_to(query.from_user.id):
             # Someone else's button: say so, and do nothing else.
-            refusal = texts.TELEGRAM_NOT_YOUR_BUTTON if button.action == "a" else texts.NOT_YOUR_IMAGE
+            refusal = texts.TELEGRAM_NOT_YOUR_BUTTON if action.verb is Verb.AGREE else texts.NOT_YOUR_IMAGE
             await self._answer(query, refusal)
             return
         await self._answer(query, None)
@@ -493,7 +494,7 @@ class TelegramAdapter:
         message = query.message
         reply_to = message.message_id if message is not None and message.chat.id == presser else None
         channel = Channel(context.bot, presser, reply_to, interval=self._settings.progress_interval_s)
-        await self._guard(channel, self._press(channel, query, button))
+        await self._guard(channel, self._press(channel, query, action))
 
     async def _on_other(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message, chat = update.message, update.effective_chat
@@ -507,12 +508,13 @@ class TelegramAdapter:
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Errors that escaped a handler (`_guard` catches the rest): log, and tell the user."""
-        _log.error("error while handling a Telegram update", exc_info=context.error)
+        error = context.error if context.error is not None else RuntimeError("an update failed")
+        text = failure_text(error, PLATFORM)  # logs, with its traceback, what is not a BotError
         if isinstance(update, Update) and update.effective_chat is not None:
             chat_id = update.effective_chat.id
             if update.effective_chat.type != ChatType.PRIVATE and update.effective_user is not None:
                 chat_id = update.effective_user.id
-            await self._say(context.bot, chat_id, texts.SOMETHING_BROKE, None)
+            await self._say(context.bot, chat_id, text, None)
 
     # --- commands -------------------------------------------------------------------------------
 
@@ -551,7 +553,7 @@ class TelegramAdapter:
         reply = await self._service.start(_ref(user))
         markup = None
         if Offer.CONSENT in reply.offers:
-            markup = InlineKeyboardMarkup([[Button("a", user.id).button(texts.TELEGRAM_AGREE_BUTTON)]])
+            markup = InlineKeyboardMarkup([[inline_button(Action(Verb.AGREE, user.id), texts.TELEGRAM_AGREE_BUTTON)]])
         await channel.send(reply.text, markup)
 
     async def _photo_hint(self, channel: Channel, user: User, rest: str) -> None:
@@ -604,15 +606,16 @@ class TelegramAdapter:
     async def _send_images(self, channel: Channel, reply: Reply, owner_id: int) -> None:
         for index, image in enumerate(reply.images, start=1):
             data = await asyncio.to_thread(image.path.read_bytes)
+            reroll, more, full, delete = (Action(verb, owner_id, image.image_id) for verb in IMAGE_VERBS)
             buttons = InlineKeyboardMarkup(
                 [
                     [
-                        Button("r", owner_id, image.image_id).button(texts.TELEGRAM_REROLL_BUTTON),
-                        Button("m", owner_id, image.image_id).button(texts.TELEGRAM_MORE_BUTTON),
+                        inline_button(reroll, texts.TELEGRAM_REROLL_BUTTON),
+                        inline_button(more, texts.TELEGRAM_MORE_BUTTON),
                     ],
                     [
-                        Button("f", owner_id, image.image_id).button(texts.TELEGRAM_FULL_SIZE_BUTTON),
-                        Button("d", owner_id, image.image_id).button(texts.TELEGRAM_DELETE_BUTTON),
+                        inline_button(full, texts.TELEGRAM_FULL_SIZE_BUTTON),
+                        inline_button(delete, texts.TELEGRAM_DELETE_BUTTON),
                     ],
                 ]
             )
@@ -624,28 +627,27 @@ class TelegramAdapter:
                 _log.info("sending image %d as a document: %s", image.image_id, exc)
                 await channel.send_document(data, name, caption, buttons)
 
-    async def _press(self, channel: Channel, query: CallbackQuery, button: Button) -> None:
+    async def _press(self, channel: Channel, query: CallbackQuery, action: Action) -> None:
         user = _ref(query.from_user)
         service = self._service
-        image_id = button.image_id
-        if button.action == "a":
+        image_id = action.image_id
+        if action.verb is Verb.AGREE:
             reply = await service.agree(user)
             await channel.send(reply.text)
             if query.message is not None and query.message.chat.id == channel.chat_id:
                 await quietly(channel.remove_buttons(query.message.message_id))
-        elif button.action == "r":
+        elif action.verb in (Verb.REROLL, Verb.MORE):
+            # A forged button (someone else's image, or none) is refused before "drawing..." opens.
+            await service.check_image(user, image_id)
+            draw = service.reroll if action.verb is Verb.REROLL else service.more_like
             await self._run_long(
-                channel, button.user_id, "drawing", lambda p: service.reroll(user, image_id, on_progress=p)
+                channel, action.owner, "drawing", lambda p: draw(user, image_id, on_progress=p)
             )
-        elif button.action == "m":
-            await self._run_long(
-                channel, button.user_id, "drawing", lambda p: service.more_like(user, image_id, on_progress=p)
-            )
-        elif button.action == "f":
+        elif action.verb is Verb.FULL:
             path = await service.image_file(user, image_id)
             data = await asyncio.to_thread(Path(path).read_bytes)
             await channel.send_document(data, f"avatarbooth-{image_id}{path.suffix or '.png'}", None, None)
-        elif button.action == "d":
+        elif action.verb is Verb.DELETE:
             reply = await service.delete_image(user, image_id)
             if query.message is not None and query.message.chat.id == channel.chat_id:
                 await quietly(channel.delete(query.message.message_id))
@@ -721,14 +723,11 @@ class TelegramAdapter:
             await work
         except Unreachable:
             return
-        except BotError as exc:
-            await quietly(channel.fail(exc.user_message))
         except TelegramError as exc:
             _log.warning("Telegram refused a request: %s", exc)
             await quietly(channel.fail(texts.SOMETHING_BROKE))
-        except Exception:
-            _log.exception("a Telegram command failed")
-            await quietly(channel.fail(texts.SOMETHING_BROKE))
+        except Exception as exc:  # a BotError says what to do; anything else is logged as our bug
+            await quietly(channel.fail(failure_text(exc, PLATFORM)))
 
     def _access(self, chat: Chat) -> _Access:
         allowed = self._settings.allowed_chats

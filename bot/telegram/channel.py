@@ -7,7 +7,6 @@ pointed there (or told how to open it).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -16,6 +15,7 @@ from telegram import Bot, InlineKeyboardMarkup, Message, ReplyParameters
 from telegram.error import BadRequest, Forbidden, TelegramError
 
 from bot import texts
+from bot.chat.progress import ProgressThrottle
 from bot.telegram.clock import now
 
 _log = logging.getLogger(__name__)
@@ -125,54 +125,33 @@ class Channel:
 class ProgressMessage:
     """One message edited as progress lines come in, at most once per ``interval`` seconds.
 
-    `update` never waits on Telegram: the newest line is remembered and shown by a background
-    edit when the interval allows; lines in between are skipped. `finish` shows the final text.
+    `update` never waits on Telegram: the shared `ProgressThrottle` shows the newest line when the
+    interval allows and skips the lines in between. `finish` shows the final text.
     """
 
     def __init__(self, channel: Channel, interval: float) -> None:
         self._channel = channel
-        self._interval = interval
         self._message: Message | None = None
         self._shown = ""
-        self._latest = ""
-        self._edited_at = 0.0
-        self._editing = asyncio.Lock()
-        self._pending: asyncio.Task[None] | None = None
-        self.closed = False
+        self._throttle = ProgressThrottle(self._edit, interval, clock=now)
+
+    @property
+    def closed(self) -> bool:
+        return self._throttle.closed
 
     async def open(self, text: str) -> None:
         self._message = await self._channel.send(text)
-        self._shown = self._latest = text
-        self._edited_at = now()
+        self._shown = text
+        self._throttle.shown(text)  # the first edit waits its interval
 
     async def update(self, line: str) -> None:
-        if self.closed:
-            return
-        self._latest = line
-        if self._pending is None or self._pending.done():
-            self._pending = asyncio.create_task(self._show_latest())
+        self._throttle.push(line)
 
     async def finish(self, text: str) -> None:
         """Show ``text`` now (a new message if the old one is gone); no more progress after it."""
-        self.closed = True
-        pending = self._pending
-        if pending is not None and not pending.done():
-            if not self._editing.locked():
-                pending.cancel()  # still waiting out the interval: nothing to show any more
-            await asyncio.wait([pending])
-        async with self._editing:
-            if not await self._edit(text):
-                await self._channel.send(text)
-
-    async def _show_latest(self) -> None:
-        while not self.closed and self._latest != self._shown:
-            delay = self._edited_at + self._interval - now()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            async with self._editing:
-                if self.closed:
-                    return
-                await self._edit(self._latest)
+        await self._throttle.close()
+        if not await self._edit(text):
+            await self._channel.send(text)
 
     async def _edit(self, text: str) -> bool:
         """Edit the message to ``text``; False when it can no longer be edited."""
@@ -189,8 +168,6 @@ class ProgressMessage:
         except TelegramError as exc:
             _log.info("could not edit a progress message: %s", exc)
             return False
-        finally:
-            self._edited_at = now()
         self._shown = text
         return True
 

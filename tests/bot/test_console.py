@@ -141,3 +141,17 @@ async def test_a_storage_failure_is_said_and_the_console_goes_on(
     assert code == 0
     assert "I could not read or write the data folder" in out and "then send the command again" in out
     assert out.rstrip().endswith(texts.HELP.rstrip())  # the next command still ran
+
+
+async def test_an_unexpected_failure_is_said_logged_and_the_console_goes_on(
+    tmp_path: Path, valkey_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with Database.open(tmp_path / "closed.sqlite3") as closed:
+        pass  # closed: every query now fails with what aiosqlite raises, not one of our errors
+    async with await JobClient.connect(valkey_url, poll_delay=0.02) as jobs:
+        service = make_service(closed, LocalBlobStore(tmp_path / "blobs"), jobs, FakeClock())
+        code, out, _ = await run_script(service, "/agree\n/help\n", tmp_path / "out")
+    assert code == 0
+    assert out.startswith(texts.SOMETHING_BROKE + "\n")
+    assert out.rstrip().endswith(texts.HELP.rstrip())  # the next command still ran
+    assert any(r.exc_info and "console command failed" in r.getMessage() for r in caplog.records)

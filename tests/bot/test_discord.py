@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 from bot import texts
+from bot.chat.actions import Action, Verb, decode
 from bot.discord.bot import serve_discord
 from bot.discord.replies import fit_under
 from bot.discord.settings import DiscordSettings
@@ -33,7 +34,7 @@ from bot.service import BotService, Reply, ResumedWork, Upload, UserRef
 from bot.settings import BotSettings
 from engine.api import ASPECT_RATIOS, Refusal
 from bot.styles import STYLES
-from storage.blobs import LocalBlobStore
+from storage.blobs import LocalBlobStore, owner_for
 from storage.db import Database
 from tests.bot.discord_http import (
     EPHEMERAL,
@@ -175,8 +176,14 @@ def followup_of(payload: dict[str, Any]) -> Callable[[Recorded], bool]:
 
 
 def image_ids(message: dict[str, Any]) -> list[int]:
-    """The image ids the message's buttons carry (``ab:<action>:<image id>:<user id>``), in order."""
-    return list(dict.fromkeys(int(custom_id.split(":")[2]) for custom_id in custom_ids(message)))
+    """The image ids the message's buttons carry, in order."""
+    return list(dict.fromkeys(action_of(custom_id).image_id for custom_id in custom_ids(message)))
+
+
+def action_of(custom_id: str) -> Action:
+    action = decode(custom_id)
+    assert action is not None, custom_id
+    return action
 
 
 async def command(
@@ -261,11 +268,12 @@ async def test_start_then_the_consent_button_records_consent(
         assert ack.json == {"type": 5, "data": {"flags": EPHEMERAL}}  # deferred, private
         assert texts.DISCORD_CONSENT_BUTTON_HINT in shown.json["content"]
         message = fake.original_response(int(start["id"]))
-        assert custom_ids(message) == [f"ab:agree:{alice.id}"]
+        agree = Action(Verb.AGREE, alice.id).encode()
+        assert custom_ids(message) == [agree]
         account = await stack.db.get_or_create_user("discord", str(alice.id))
         assert not await stack.db.has_consent(account.id)
 
-        pressed = await press(fake, alice, place, message, f"ab:agree:{alice.id}")
+        pressed = await press(fake, alice, place, message, agree)
         recorded = await fake.wait_for(followup_of(pressed))
         assert recorded.json["content"].startswith("Thank you, your consent is recorded.")
         assert recorded.json["flags"] & EPHEMERAL
@@ -392,7 +400,7 @@ async def test_work_finished_while_the_bot_was_down_reaches_its_user_by_dm(
     (image,) = sent.files
     assert decoded(image[1]).format == "PNG"
     buttons = [c["custom_id"] for row in sent.json["components"] for c in row["components"]]
-    assert buttons and all(b.endswith(f":{alice.id}") for b in buttons)  # only Alice's to press
+    assert buttons and all(action_of(b).owner == alice.id for b in buttons)  # only Alice's to press
 
 
 async def test_direct_messages_without_photos_or_with_dm_uploads_off_get_pointers(
@@ -428,7 +436,7 @@ async def test_preview_and_draw_send_images_with_buttons_for_the_requester_only(
         previewed = fake.original_response(int(preview["id"]))
         (image_id,) = image_ids(previewed)
         assert custom_ids(previewed) == [
-            f"ab:{action}:{image_id}:{alice.id}" for action in ("reroll", "more", "delete")
+            Action(verb, alice.id, image_id).encode() for verb in (Verb.REROLL, Verb.MORE, Verb.DELETE)
         ]
 
         draw = await command(
@@ -444,17 +452,17 @@ async def test_preview_and_draw_send_images_with_buttons_for_the_requester_only(
         message = fake.original_response(int(draw["id"]))
         assert not message["flags"] & EPHEMERAL  # results are public, so their buttons last
         assert len(drawn.files) == 2 and len(message["attachments"]) == 2
-        assert [i.split(":")[1] for i in custom_ids(message)] == ["reroll", "more", "delete"] * 2
+        assert [action_of(i).verb for i in custom_ids(message)] == [Verb.REROLL, Verb.MORE, Verb.DELETE] * 2
         first, second = image_ids(message)
 
         jobs_before = len(await stack.db.list_jobs(await account_id(stack, alice)))
-        stranger = await press(fake, mallory, place, message, f"ab:reroll:{first}:{alice.id}")
+        stranger = await press(fake, mallory, place, message, Action(Verb.REROLL, alice.id, first).encode())
         refused = await fake.wait_for(callback_of(stranger))
         assert refused.json["type"] == 4
         assert refused.json["data"]["content"] == texts.NOT_YOUR_IMAGE
         assert refused.json["data"]["flags"] & EPHEMERAL
 
-        deleting = await press(fake, alice, place, message, f"ab:delete:{first}:{alice.id}")
+        deleting = await press(fake, alice, place, message, Action(Verb.DELETE, alice.id, first).encode())
         deleted = await fake.wait_for(followup_of(deleting))
         assert deleted.json["content"] == texts.IMAGE_DELETED
         after = fake.messages[int(message["id"])]
@@ -475,9 +483,9 @@ async def test_buttons_still_work_after_the_bot_is_rebuilt(
             await fake.wait_for(edit_of(draw, "image 2:"))
             message = fake.original_response(int(draw["id"]))
         async with serving(fake, stack.service, place):  # a new bot, as after a restart
-            image_id = int(custom_ids(message)[0].split(":")[2])
-            for action in ("reroll", "more"):
-                pressed = await press(fake, alice, place, message, f"ab:{action}:{image_id}:{alice.id}")
+            image_id = action_of(custom_ids(message)[0]).image_id
+            for verb in (Verb.REROLL, Verb.MORE):
+                pressed = await press(fake, alice, place, message, Action(verb, alice.id, image_id).encode())
                 ack = await fake.wait_for(callback_of(pressed))
                 assert ack.json == {"type": 5}  # a new, public "thinking" message
                 result = await fake.wait_for(edit_of(pressed, "image 2:"))
@@ -578,7 +586,7 @@ async def test_outputs_respect_the_interactions_attachment_size_limit(
     for filename, data in drawn.files:
         assert len(data) <= limit and filename.endswith(".jpg")
         assert decoded(data).format == "JPEG"
-    for image_id in {int(i.split(":")[2]) for i in custom_ids(fake.original_response(int(draw["id"])))}:
+    for image_id in image_ids(fake.original_response(int(draw["id"]))):
         image = await stack.db.get_image(image_id)
         assert image is not None
         stored = LocalBlobStore(stack.blobs_dir).path(image.blob_key).read_bytes()
@@ -591,9 +599,95 @@ def test_guild_ids_must_be_server_ids() -> None:
     assert DiscordSettings().guild_ids == ()
 
 
-def test_a_forged_button_id_beyond_64_bits_matches_no_button() -> None:
-    from bot.discord.buttons import ImageButton
 
-    template = ImageButton.__discord_ui_compiled_template__
-    assert template.fullmatch("ab:delete:12:123456789012345678")  # a real image id and snowflake
-    assert template.fullmatch("ab:delete:" + "9" * 30 + ":1") is None  # would overflow SQLite's integer
+
+# --- button ids ------------------------------------------------------------------------------------
+
+
+def with_buttons(message: dict[str, Any], rows: list[list[str]]) -> dict[str, Any]:
+    """A public copy of `message` carrying buttons with these custom ids (one list per row), as a
+    previous release or a forger would have them."""
+    shown = copy.deepcopy(message)
+    shown["flags"] = 0
+    shown["components"] = [
+        {
+            "type": 1,
+            "components": [
+                {"type": 2, "style": 2, "label": f"button {n}", "custom_id": custom_id}
+                for n, custom_id in enumerate(row, start=1)
+            ],
+        }
+        for row in rows
+    ]
+    return shown
+
+
+async def help_message(fake: FakeDiscord, person: Person, place: Place) -> dict[str, Any]:
+    """A message the bot sent (the answer to /help), to put buttons on."""
+    payload = await command(fake, person, place, "help")
+    await fake.wait_for(edit_of(payload, "/enroll photo1"))
+    return fake.original_response(int(payload["id"]))
+
+
+def tiny_png(shade: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (shade, shade, shade)).save(out, format="PNG")
+    return out.getvalue()
+
+
+async def test_a_forged_button_on_someone_elses_image_is_refused_before_any_drawing(
+    fake: FakeDiscord, stack: Stack, place: Place, alice: Person
+) -> None:
+    mallory = Person.new("mallory")
+    await stack.service.agree(user_of(alice))
+    theirs = await stack.db.add_image(
+        await account_id(stack, mallory), None, "u0/images/" + "0" * 64 + ".png", "mallory", 1, None
+    )
+    forged = [
+        Action(Verb.REROLL, alice.id, theirs.id).encode(),  # her own id on Mallory's image
+        Action(Verb.MORE, alice.id, theirs.id).encode(),
+        Action(Verb.REROLL, alice.id, theirs.id + 1000).encode(),  # an image that does not exist
+        f"ab2:reroll:{alice.id}:{2**63}",  # beyond 64 bits: matches the template, decodes to nothing
+    ]
+    async with serving(fake, stack.service, place):
+        message = with_buttons(await help_message(fake, alice, place), [forged])
+        presses = []
+        for custom_id in forged:
+            pressed = await press(fake, alice, place, message, custom_id)
+            refused = await fake.wait_for(callback_of(pressed))
+            assert refused.json["type"] == 4, custom_id  # answered at once, no "thinking..."
+            assert refused.json["data"]["content"] == texts.NOT_YOUR_IMAGE
+            assert refused.json["data"]["flags"] & EPHEMERAL
+            presses.append(pressed)
+        await help_message(fake, alice, place)  # anything the presses still sent has arrived by now
+
+    for pressed in presses:
+        sent = [r for r in fake.requests if f"/{pressed['token']}/" in r.path]
+        assert len(sent) == 1  # the refusal, and no progress, drawing or follow-up
+    assert await stack.db.list_jobs(await account_id(stack, alice)) == []
+
+
+async def test_buttons_sent_with_the_previous_id_format_still_work(
+    fake: FakeDiscord, stack: Stack, place: Place, alice: Person
+) -> None:
+    await stack.service.agree(user_of(alice))
+    uid = await account_id(stack, alice)
+    blobs = LocalBlobStore(stack.blobs_dir)
+    keys = [blobs.put(owner_for(uid), "images", tiny_png(shade), ".png") for shade in (10, 20)]
+    first, second = [await stack.db.add_image(uid, None, key, "me", 1, None) for key in keys]
+    old_ids = [  # as the previous release wrote them: image, then owner
+        [f"ab:{verb}:{image.id}:{alice.id}" for verb in ("reroll", "more", "delete")]
+        for image in (first, second)
+    ]
+    async with serving(fake, stack.service, place):
+        message = with_buttons(await help_message(fake, alice, place), old_ids)
+        deleting = await press(fake, alice, place, message, f"ab:delete:{first.id}:{alice.id}")
+        deleted = await fake.wait_for(followup_of(deleting))
+        assert deleted.json["content"] == texts.IMAGE_DELETED
+        assert deleted.json["flags"] & EPHEMERAL
+        # The buttons left are rewritten in the current format.
+        assert custom_ids(fake.messages[int(message["id"])]) == [
+            Action(verb, alice.id, second.id).encode() for verb in (Verb.REROLL, Verb.MORE, Verb.DELETE)
+        ]
+    assert await stack.db.get_image(first.id) is None
+    assert await stack.db.get_image(second.id) is not None

@@ -20,6 +20,7 @@ from PIL import Image
 from telegram import Bot
 
 from bot import texts
+from bot.chat.actions import Action, Verb
 from bot.jobs import JobClient
 from bot.service import BotService, ResumedWork, Upload, UserRef
 from bot.settings import BotSettings
@@ -376,6 +377,38 @@ async def test_a_button_pressed_by_another_user_does_nothing(
     assert image["message_id"] not in tg.deleted
     assert (await service.image_file(ann_ref, image_id)).exists()
     assert await db.count_images_since(await user_id(db, ann), 0) == 1
+
+
+async def test_a_forged_draw_button_is_refused_before_any_drawing_message(
+    tg: FakeTelegram, service: BotService, db: Database
+) -> None:
+    """Eve's own id on a button with Ann's image id (or no image at all): refused at once, with no
+    "drawing..." message opened first (no worker runs: nothing may be drawn)."""
+    ann, eve = tg.user(1001, "Ann"), tg.user(1002, "Eve")
+    ann_id = await user_id(db, ann)
+    ann_image = await db.add_image(ann_id, None, f"{owner_for(ann_id)}/images/{0:064x}.png", "me", 1, None)
+    drawing = texts.progress("drawing", {})
+    tg.send_text(eve, "/start")
+    async with serving(service, telegram_settings(tg)):
+        welcome = await tg.wait_text(eve.id, "Welcome")
+        before = len(tg.calls)
+        for data in (
+            Action(Verb.REROLL, eve.id, ann_image.id).encode(),
+            Action(Verb.MORE, eve.id, ann_image.id).encode(),
+            f"ab1:r:{eve.id}:{ann_image.id}",  # the previous release's ids are checked the same way
+            Action(Verb.MORE, eve.id, ann_image.id + 1000).encode(),  # an image that does not exist
+        ):
+            tg.press(eve, welcome, data)
+        await tg.wait_for(lambda: tg.texts_in(eve.id).count(texts.NOT_YOUR_IMAGE) == 4)
+        await asyncio.sleep(0.3)
+
+    after = [c for c in tg.calls[before:] if c.method not in ("getUpdates", "answerCallbackQuery")]
+    assert [(c.method, c.params["chat_id"], c.params.get("text")) for c in after] == [
+        ("sendMessage", eve.id, texts.NOT_YOUR_IMAGE)
+    ] * 4
+    shown = [str(c.params.get("text")) for c in tg.calls_of("sendMessage", "editMessageText")]
+    assert not [text for text in shown if drawing in text], shown
+    assert await db.list_jobs(await user_id(db, eve)) == []
 
 
 # --- Telegram's limits -----------------------------------------------------------------------------
