@@ -174,11 +174,12 @@ async def _platform(
 
     service, config = running.service, running.config
     if name == "telegram":
-        from bot.telegram.adapter import TelegramStartError, serve_telegram
+        from bot.inbox import Inbox
+        from bot.telegram.adapter import PLATFORM, TelegramStartError, serve_telegram
 
         try:
             await serve_telegram(
-                service, config.telegram, token, stop=stop,
+                service, Inbox(running.database, PLATFORM), config.telegram, token, stop=stop,
                 webhook_secret=secret("TELEGRAM_WEBHOOK_SECRET", os.environ), resumed=resumed,
             )
         except TelegramStartError as e:

@@ -44,6 +44,7 @@ class StartupError(Exception):
 class Running:
     config: AppConfig
     service: BotService
+    database: Database  # for the adapters' inboxes (`bot.inbox`); the service has its own handle
     redis_url: str
     worker: WorkerProcess | None = None  # None: workers run elsewhere (start_worker=False)
     valkey: EmbeddedValkey | None = None  # None: an external Redis/Valkey
@@ -85,7 +86,9 @@ async def serve_chat(
         )
         settling = asyncio.create_task(_settle_erasures(service), name="avatarbooth-erasures")
         try:
-            yield Running(config=config, service=service, redis_url=url, worker=worker, valkey=valkey)
+            yield Running(
+                config=config, service=service, database=db, redis_url=url, worker=worker, valkey=valkey
+            )
         finally:
             settling.cancel()
             await asyncio.gather(settling, return_exceptions=True)

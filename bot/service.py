@@ -698,20 +698,6 @@ class BotService:
         await asyncio.gather(*(one(user_id) for user_id in await self._db.users_with_active_jobs()))
         return replies
 
-    # --- the inbox: platform events received but not yet handled -------------------------------
-
-    async def keep_inbound(self, platform: str, key: str, payload: dict[str, Any]) -> None:
-        """Keep an event (e.g. a Telegram upload) so the platform can be told it arrived before it
-        is handled; `replay_inbound` returns it after a crash until `inbound_done`."""
-        await self._db.put_inbound(platform, key, payload)
-
-    async def replay_inbound(self, platform: str) -> list[tuple[str, dict[str, Any]]]:
-        """Events kept but never marked done (the process stopped in between), oldest first."""
-        return await self._db.pending_inbound(platform)
-
-    async def inbound_done(self, platform: str, key: str) -> None:
-        await self._db.drop_inbound(platform, key)
-
     async def _resume(self, job: Job, reply: Reply, on_progress: ProgressCallback | None) -> str:
         """Finish one interrupted job; returns its reply line (images go into `reply`)."""
         reply.job_ids.append(arq_job_id(job.kind, job.id))

@@ -105,9 +105,7 @@ class AvatarBoothBot(commands.Bot):
         async for user, reply in resumed.replies(PLATFORM):
             if not user.platform_user_id.isdigit():
                 continue
-            self.conversations.track(
-                asyncio.create_task(self._deliver_resumed(int(user.platform_user_id), reply))
-            )
+            self.conversations.spawn(self._deliver_resumed(int(user.platform_user_id), reply))
 
     async def _deliver_resumed(self, user_id: int, reply: Reply) -> None:
         """One user's finished work, with its buttons, in a direct message."""
@@ -156,10 +154,10 @@ class AvatarBoothBot(commands.Bot):
         if message.author.bot or message.guild is not None:
             return
         if not message.attachments:
-            await self._safe_reply(message, texts.DISCORD_DM_HINT)
+            await self._answer_dm(message, texts.DISCORD_DM_HINT)
             return
         if not self.settings.dm_uploads:
-            await self._safe_reply(message, texts.DISCORD_DM_UPLOADS_OFF)
+            await self._answer_dm(message, texts.DISCORD_DM_UPLOADS_OFF)
             return
         replies = self.conversations.replies_to_message(message)
         attachments = list(message.attachments)
@@ -171,7 +169,7 @@ class AvatarBoothBot(commands.Bot):
         enroll = self.slash_commands.enroll_attachments
         await self.conversations.converse(replies, lambda: enroll(message.author, attachments, replies))
 
-    async def _safe_reply(self, message: discord.Message, text: str) -> None:
+    async def _answer_dm(self, message: discord.Message, text: str) -> None:
         try:
             await message.reply(text, mention_author=False)
         except discord.HTTPException as exc:

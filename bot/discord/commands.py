@@ -45,7 +45,7 @@ class SlashCommands(commands.Cog, name=COG_NAME):
         self.service = service
         self.conversations = conversations
 
-    async def _reply(
+    async def _answer_service_call(
         self, interaction: Interaction, call: ServiceCall, *, private: bool, announce: bool = False
     ) -> None:
         """A command that is one service call (with progress) and one reply."""
@@ -151,7 +151,7 @@ class SlashCommands(commands.Cog, name=COG_NAME):
 
     @app_commands.command(name="agree", description=texts.DISCORD_COMMANDS["agree"])
     async def agree(self, interaction: Interaction) -> None:
-        await self._reply(interaction, lambda u, p: self.service.agree(u), private=True)
+        await self._answer_service_call(interaction, lambda u, p: self.service.agree(u), private=True)
 
     @app_commands.command(name="enroll", description=texts.DISCORD_COMMANDS["enroll"])
     @app_commands.describe(**_PHOTO_DESCRIPTIONS)
@@ -183,7 +183,7 @@ class SlashCommands(commands.Cog, name=COG_NAME):
 
     @app_commands.command(name="photos", description=texts.DISCORD_COMMANDS["photos"])
     async def photos(self, interaction: Interaction) -> None:
-        await self._reply(interaction, lambda u, p: self.service.photos(u), private=True)
+        await self._answer_service_call(interaction, lambda u, p: self.service.photos(u), private=True)
 
     @app_commands.command(name="preview", description=texts.DISCORD_COMMANDS["preview"])
     @app_commands.describe(
@@ -199,7 +199,7 @@ class SlashCommands(commands.Cog, name=COG_NAME):
         style: str | None = None,
         aspect: str | None = None,
     ) -> None:
-        await self._reply(
+        await self._answer_service_call(
             interaction,
             lambda u, p: self.service.preview(u, prompt, on_progress=p, style=style, aspect=aspect),
             private=False,
@@ -209,7 +209,7 @@ class SlashCommands(commands.Cog, name=COG_NAME):
     @app_commands.describe(method=texts.DISCORD_TRAIN_METHOD_OPTION, subject=texts.DISCORD_TRAIN_SUBJECT_OPTION)
     @app_commands.choices(method=_TRAIN_CHOICES, subject=_SUBJECT_CHOICES)
     async def train(self, interaction: Interaction, method: str | None = None, subject: str | None = None) -> None:
-        await self._reply(
+        await self._answer_service_call(
             interaction,
             lambda u, p: self.service.train(u, method, on_progress=p, class_word=subject),
             private=False,
@@ -232,7 +232,7 @@ class SlashCommands(commands.Cog, name=COG_NAME):
         aspect: str | None = None,
         boost: bool = False,
     ) -> None:
-        await self._reply(
+        await self._answer_service_call(
             interaction,
             lambda u, p: self.service.draw(u, prompt, on_progress=p, style=style, aspect=aspect, boost=boost),
             private=False,
@@ -240,15 +240,15 @@ class SlashCommands(commands.Cog, name=COG_NAME):
 
     @app_commands.command(name="status", description=texts.DISCORD_COMMANDS["status"])
     async def status(self, interaction: Interaction) -> None:
-        await self._reply(interaction, lambda u, p: self.service.status(u), private=True)
+        await self._answer_service_call(interaction, lambda u, p: self.service.status(u), private=True)
 
     @app_commands.command(name="forget", description=texts.DISCORD_COMMANDS["forget"])
     async def forget(self, interaction: Interaction) -> None:
-        await self._reply(interaction, lambda u, p: self.service.forget(u), private=True)
+        await self._answer_service_call(interaction, lambda u, p: self.service.forget(u), private=True)
 
     @app_commands.command(name="help", description=texts.DISCORD_COMMANDS["help"])
     async def help(self, interaction: Interaction) -> None:
         async def discord_help(user: UserRef, progress: Progress) -> Reply:
             return Reply(texts.DISCORD_HELP)
 
-        await self._reply(interaction, discord_help, private=True)
+        await self._answer_service_call(interaction, discord_help, private=True)

@@ -1,21 +1,23 @@
 """Running commands: each one's replies, the one place where errors become replies, and shutdown.
 
 `Conversations` is the one place where a `BotError` (or anything unexpected) becomes a reply, in
-the words every adapter uses (`bot.chat.failures`). Every command and delivery still running is tracked, so that `stop_all` can stop them when
-the bot closes (each tells its user).
+the words every adapter uses (`bot.chat.failures`). Every command and delivery still running is
+in one `bot.chat.tasks.TaskSet`, so that `stop_all` can stop them when the bot closes (each tells
+its user).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import discord
 
 from bot import texts
 from bot.chat.failures import failure_text
+from bot.chat.tasks import TaskSet
 from bot.discord.platform import PLATFORM, Interaction
 from bot.discord.replies import Answer, InteractionReplies, MessageReplies, Replies
 from bot.service import Reply
@@ -28,7 +30,7 @@ class Conversations:
 
     def __init__(self, *, progress_interval_s: float) -> None:
         self.progress_interval_s = progress_interval_s
-        self._running: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet("Discord")
 
     def replies_to(
         self, interaction: Interaction, *, private: bool, update: bool = False
@@ -42,10 +44,10 @@ class Conversations:
         """Replies to a direct message."""
         return MessageReplies(message, progress_interval_s=self.progress_interval_s)
 
-    def track(self, task: asyncio.Task[Any]) -> None:
-        """Stop `task` too when the bot closes (e.g. a delivery of resumed work)."""
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in the background, stopped too when the bot closes (e.g. a delivery of
+        resumed work)."""
+        self._tasks.spawn(work)
 
     async def answer(
         self,
@@ -83,33 +85,26 @@ class Conversations:
         self, replies: Replies, work: Callable[[], Awaitable[Answer]], *, announce: bool = False
     ) -> None:
         """Run a command and deliver its answer: the one place where errors become replies."""
-        task = asyncio.current_task()
-        if task is not None:
-            self._running.add(task)
-        try:
+        with self._tasks.tracking(asyncio.current_task()):  # discord.py's task: stopped on close
             try:
-                answer = await work()
-            except asyncio.CancelledError:  # the bot is shutting down
-                await _say_interrupted(replies)
-                raise
-            except Exception as exc:
-                answer = Answer(Reply(failure_text(exc, PLATFORM)))
-            await replies.deliver(answer, announce=announce)
-        except discord.HTTPException as exc:
-            _log.error("could not deliver a reply on Discord: %s", exc)
-        except Exception:
-            _log.exception("could not deliver a reply on Discord")
-        finally:
-            await replies.close()
-            if task is not None:
-                self._running.discard(task)
+                try:
+                    answer = await work()
+                except asyncio.CancelledError:  # the bot is shutting down
+                    await _say_interrupted(replies)
+                    raise
+                except Exception as exc:
+                    answer = Answer(Reply(failure_text(exc, PLATFORM)))
+                await replies.deliver(answer, announce=announce)
+            except discord.HTTPException as exc:
+                _log.error("could not deliver a reply on Discord: %s", exc)
+            except Exception:
+                _log.exception("could not deliver a reply on Discord")
+            finally:
+                await replies.close()
 
     async def stop_all(self) -> None:
         """Cancel every command and delivery still running, and wait for them to finish."""
-        running = [task for task in self._running if not task.done()]
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+        await self._tasks.cancel_all()
 
 
 async def _say_interrupted(replies: Replies) -> None:

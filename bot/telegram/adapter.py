@@ -3,7 +3,7 @@
 Updates arrive by long polling (default) or through a webhook guarded by a secret token. Each update
 is handled in its own task, so one user's training never delays another user's reply.
 
-Uploads are never lost to a restart: each is kept in the service's inbox (the Update's JSON) as
+Uploads are never lost to a restart: each is kept in the inbox (`bot.inbox`, the Update's JSON) as
 it arrives, which lets the adapter confirm it to Telegram (the getUpdates offset) at once, and it
 leaves the inbox once answered. The next start answers what the inbox still holds, and skips those
 ids if Telegram sends them again. Only if the database cannot keep an upload is it held back from
@@ -54,6 +54,8 @@ from telegram.ext import (
 from bot import texts
 from bot.chat.actions import IMAGE_VERBS, Action, Verb, decode
 from bot.chat.failures import failure_text
+from bot.chat.tasks import TaskSet
+from bot.inbox import Inbox
 from bot.options import parse_options, parse_train_words
 from bot.replies import Offer
 from bot.service import BotService, ProgressCallback, Reply, ResumedWork, Upload, UserRef
@@ -61,7 +63,7 @@ from bot.telegram.buttons import inline_button
 from bot.telegram.channel import PHOTO_CHECK, Channel, ProgressMessage, Unreachable, acknowledge, quietly
 from bot.telegram.clock import wait_event
 from bot.telegram.http import AiohttpRequest
-from bot.telegram.intake import Albums, Holds, Item, Skip, SkipReason, Tasks, is_upload
+from bot.telegram.intake import Albums, Holds, Item, Skip, SkipReason, is_upload
 from bot.telegram.redaction import TokenRedaction
 from bot.telegram.settings import TELEGRAM_DOWNLOAD_LIMIT, TelegramSettings
 
@@ -82,6 +84,7 @@ class TelegramStartError(RuntimeError):
 
 async def serve_telegram(
     service: BotService,
+    inbox: Inbox,
     settings: TelegramSettings,
     token: str,
     *,
@@ -91,13 +94,14 @@ async def serve_telegram(
 ) -> None:
     """Serve Telegram until ``stop`` is set, then stop gracefully.
 
+    ``inbox`` keeps each upload from its arrival until it is answered, across restarts.
     ``resumed``: what `BotService.resume_all` finishes after a restart; Telegram users get theirs in
     their private chat as it comes. Cancelling the task stops at once instead: whatever uploads were not yet
     handled are fetched again by the next start. Raises `TelegramStartError` when Telegram rejects
     the token.
     """
     adapter = TelegramAdapter(
-        service, settings, token, webhook_secret=webhook_secret, resumed=resumed
+        service, inbox, settings, token, webhook_secret=webhook_secret, resumed=resumed
     )
     await adapter.start()
     graceful = False
@@ -123,6 +127,7 @@ class TelegramAdapter:
     def __init__(
         self,
         service: BotService,
+        inbox: Inbox,
         settings: TelegramSettings,
         token: str,
         *,
@@ -131,16 +136,19 @@ class TelegramAdapter:
     ) -> None:
         if not token or token != token.strip():
             raise ValueError("telegram: the bot token is empty or has spaces; set TELEGRAM_TOKEN")
+        if inbox.platform != PLATFORM:
+            raise ValueError(f"telegram: the inbox given is {inbox.platform!r}'s, not {PLATFORM!r}'s")
         self._service = service
+        self._inbox = inbox
         self._settings = settings
         self._token = token
         # Telegram sends this in a header with every webhook request; a fresh one each start is
         # enough because start() registers it with setWebhook.
         self._webhook_secret = webhook_secret or secrets.token_urlsafe(32)
         self._redaction = TokenRedaction(token)
-        self._tasks = Tasks()
+        self._tasks = TaskSet("Telegram")
         self._holds = Holds(on_release=self._released)
-        # Uploads kept in the service's inbox (so Telegram is told at once that they arrived),
+        # Uploads kept in the inbox (so Telegram is told at once that they arrived),
         # dropped from it once answered; and the updates the poller must not handle twice.
         self._kept: set[int] = set()
         self._seen: set[int] = set()
@@ -233,7 +241,7 @@ class TelegramAdapter:
         app.add_handler(MessageHandler(filters.COMMAND, self._on_command))
         app.add_handler(MessageHandler(filters.PHOTO | filters.Document.ALL, self._on_upload))
         app.add_handler(CallbackQueryHandler(self._on_button))
-        app.add_handler(MessageHandler(filters.ALL, self._on_other))
+        app.add_handler(MessageHandler(filters.ALL, self._on_anything_else))
         app.add_error_handler(self._on_error)
         return app
 
@@ -330,7 +338,7 @@ class TelegramAdapter:
                 self._tasks.spawn(self._process(update))
 
     async def _keep(self, updates: Sequence[Update]) -> set[int]:
-        """Keep the uploads among ``updates`` in the service's inbox; returns the ids kept.
+        """Keep the uploads among ``updates`` in the inbox; returns the ids kept.
 
         Kept uploads can be confirmed to Telegram at once: a crash before they are answered
         replays them from the inbox at the next start. One that cannot be kept (the database
@@ -340,7 +348,7 @@ class TelegramAdapter:
         if not uploads:
             return set()
         results = await asyncio.gather(
-            *(self._service.keep_inbound(PLATFORM, str(u.update_id), u.to_dict()) for u in uploads),
+            *(self._inbox.keep(str(u.update_id), u.to_dict()) for u in uploads),
             return_exceptions=True,
         )
         kept = {u.update_id for u, r in zip(uploads, results) if not isinstance(r, BaseException)}
@@ -356,7 +364,7 @@ class TelegramAdapter:
     async def _replay_kept(self) -> None:
         """Handle again the uploads a previous run kept but never answered (it stopped first)."""
         try:
-            pending = await self._service.replay_inbound(PLATFORM)
+            pending = await self._inbox.replay()
         except Exception as exc:  # the adapter still serves; those uploads wait for next time
             _log.error("could not read the uploads kept by the last run: %s", exc)
             return
@@ -377,7 +385,7 @@ class TelegramAdapter:
 
     async def _drop_kept(self, update_id: int) -> None:
         try:
-            await self._service.inbound_done(PLATFORM, str(update_id))
+            await self._inbox.done(str(update_id))
         except Exception as exc:  # answered already; at worst it is answered again after a restart
             _log.warning("could not drop an answered upload from the inbox: %s", exc)
 
@@ -494,9 +502,9 @@ class TelegramAdapter:
         message = query.message
         reply_to = message.message_id if message is not None and message.chat.id == presser else None
         channel = Channel(context.bot, presser, reply_to, interval=self._settings.progress_interval_s)
-        await self._guard(channel, self._press(channel, query, action))
+        await self._guard(channel, self._act_on_button(channel, query, action))
 
-    async def _on_other(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    async def _on_anything_else(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message, chat = update.message, update.effective_chat
         if message is None or chat is None or chat.type != ChatType.PRIVATE:
             return  # groups: other people's conversation
@@ -521,15 +529,15 @@ class TelegramAdapter:
     def _command_table(self) -> dict[str, Callable[[Channel, User, str], Awaitable[None]]]:
         return {
             "start": self._start,
-            "agree": self._plain(lambda u, _: self._service.agree(u)),
+            "agree": self._quick_command(lambda u, _: self._service.agree(u)),
             "photo": self._photo_hint,
-            "photos": self._plain(lambda u, _: self._service.photos(u)),
-            "preview": self._long("preview", self._preview),
-            "train": self._long("training", self._train, notify=True),
-            "draw": self._long("drawing", self._draw),
-            "styles": self._plain(lambda u, _: self._service.styles()),
-            "status": self._plain(lambda u, _: self._service.status(u)),
-            "forget": self._plain(lambda u, _: self._service.forget(u)),
+            "photos": self._quick_command(lambda u, _: self._service.photos(u)),
+            "preview": self._job_command("preview", self._preview),
+            "train": self._job_command("training", self._train, notify=True),
+            "draw": self._job_command("drawing", self._draw),
+            "styles": self._quick_command(lambda u, _: self._service.styles()),
+            "status": self._quick_command(lambda u, _: self._service.status(u)),
+            "forget": self._quick_command(lambda u, _: self._service.forget(u)),
         }
 
     async def _preview(self, user: UserRef, rest: str, on_progress: ProgressCallback) -> Reply:
@@ -550,7 +558,7 @@ class TelegramAdapter:
         )
 
     async def _start(self, channel: Channel, user: User, rest: str) -> None:
-        reply = await self._service.start(_ref(user))
+        reply = await self._service.start(_user_ref(user))
         markup = None
         if Offer.CONSENT in reply.offers:
             markup = InlineKeyboardMarkup([[inline_button(Action(Verb.AGREE, user.id), texts.TELEGRAM_AGREE_BUTTON)]])
@@ -559,32 +567,38 @@ class TelegramAdapter:
     async def _photo_hint(self, channel: Channel, user: User, rest: str) -> None:
         await channel.send(texts.TELEGRAM_SEND_PHOTOS)
 
-    def _plain(
+    def _quick_command(
         self, call: Callable[[UserRef, str], Awaitable[Reply]]
     ) -> Callable[[Channel, User, str], Awaitable[None]]:
+        """A command answered by one service call at once: its reply, no progress message."""
+
         async def command(channel: Channel, user: User, rest: str) -> None:
-            reply = await call(_ref(user), rest)
+            reply = await call(_user_ref(user), rest)
             await channel.send(reply.text)
 
         return command
 
-    def _long(
+    def _job_command(
         self,
-        what: str,
+        label: str,
         call: Callable[[UserRef, str, ProgressCallback], Awaitable[Reply]],
         *,
         notify: bool = False,
     ) -> Callable[[Channel, User, str], Awaitable[None]]:
+        """A command that runs a job (``label``: "preview", "training"...) with a progress message."""
+
         async def command(channel: Channel, user: User, rest: str) -> None:
-            await self._run_long(channel, user.id, what, lambda p: call(_ref(user), rest, p), notify=notify)
+            await self._run_with_progress(
+                channel, user.id, label, lambda p: call(_user_ref(user), rest, p), notify=notify
+            )
 
         return command
 
-    async def _run_long(
+    async def _run_with_progress(
         self,
         channel: Channel,
         owner_id: int,
-        what: str,
+        label: str,
         call: Callable[[ProgressCallback], Awaitable[Reply]],
         *,
         notify: bool = False,
@@ -594,10 +608,10 @@ class TelegramAdapter:
         With ``notify`` the result comes as a new message (edits make no sound): training ends
         long after the user last looked.
         """
-        progress = await channel.open_progress(texts.progress(what, {}))
+        progress = await channel.open_progress(texts.progress(label, {}))
         reply = await call(progress.update)
         if notify:
-            await progress.finish(texts.TELEGRAM_PROGRESS_DONE.format(what=what))
+            await progress.finish(texts.TELEGRAM_PROGRESS_DONE.format(what=label))
             await channel.send(reply.text)
         else:
             await progress.finish(reply.text)
@@ -627,8 +641,8 @@ class TelegramAdapter:
                 _log.info("sending image %d as a document: %s", image.image_id, exc)
                 await channel.send_document(data, name, caption, buttons)
 
-    async def _press(self, channel: Channel, query: CallbackQuery, action: Action) -> None:
-        user = _ref(query.from_user)
+    async def _act_on_button(self, channel: Channel, query: CallbackQuery, action: Action) -> None:
+        user = _user_ref(query.from_user)
         service = self._service
         image_id = action.image_id
         if action.verb is Verb.AGREE:
@@ -640,7 +654,7 @@ class TelegramAdapter:
             # A forged button (someone else's image, or none) is refused before "drawing..." opens.
             await service.check_image(user, image_id)
             draw = service.reroll if action.verb is Verb.REROLL else service.more_like
-            await self._run_long(
+            await self._run_with_progress(
                 channel, action.owner, "drawing", lambda p: draw(user, image_id, on_progress=p)
             )
         elif action.verb is Verb.FULL:
@@ -664,14 +678,14 @@ class TelegramAdapter:
     ) -> None:
         progress = await opening
         ordered = sorted(items, key=lambda item: item.message_id)
-        await self._guard(channel, self._check_photos(channel, _ref(user), ordered, progress))
+        await self._guard(channel, self._check_photos(channel, _user_ref(user), ordered, progress))
         for item in items:  # not reached when cancelled: the album comes again after a restart
             self._holds.release(item.update_id)
 
     async def _enrol(self, bot: Bot, user: User, chat_id: int, items: Sequence[Item]) -> None:
         """Answer one photo with one message: its line and where the user stands."""
         channel = Channel(bot, chat_id, items[0].message_id, interval=self._settings.progress_interval_s)
-        await self._guard(channel, self._check_photos(channel, _ref(user), items, None))
+        await self._guard(channel, self._check_photos(channel, _user_ref(user), items, None))
 
     async def _check_photos(
         self,
@@ -771,7 +785,7 @@ class TelegramAdapter:
         await quietly(query.answer(text, show_alert=text is not None))
 
 
-def _ref(user: User) -> UserRef:
+def _user_ref(user: User) -> UserRef:
     return UserRef(PLATFORM, str(user.id))
 
 

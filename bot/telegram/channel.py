@@ -51,7 +51,9 @@ class Channel:
 
     async def send(self, text: str, markup: InlineKeyboardMarkup | None = None) -> Message:
         return await self._deliver(
-            self.bot.send_message(self.chat_id, text, reply_markup=markup, reply_parameters=self._reply())
+            self.bot.send_message(
+                self.chat_id, text, reply_markup=markup, reply_parameters=self._reply_parameters()
+            )
         )
 
     async def send_photo(
@@ -60,7 +62,7 @@ class Channel:
         return await self._deliver(
             self.bot.send_photo(
                 self.chat_id, data, caption=caption, filename=filename, reply_markup=markup,
-                reply_parameters=self._reply(),
+                reply_parameters=self._reply_parameters(),
             )
         )
 
@@ -70,7 +72,7 @@ class Channel:
         return await self._deliver(
             self.bot.send_document(
                 self.chat_id, data, caption=caption, filename=filename, reply_markup=markup,
-                reply_parameters=self._reply(),
+                reply_parameters=self._reply_parameters(),
             )
         )
 
@@ -92,7 +94,7 @@ class Channel:
         else:
             await self.send(text)
 
-    def _reply(self) -> ReplyParameters | None:
+    def _reply_parameters(self) -> ReplyParameters | None:
         if self._reply_to is None:
             return None
         return ReplyParameters(self._reply_to, allow_sending_without_reply=True)

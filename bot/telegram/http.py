@@ -85,10 +85,10 @@ class AiohttpRequest(BaseRequest):
             raise RuntimeError("AiohttpRequest is not initialized; PTB initializes it with the bot")
         files = request_data.multipart_data if request_data is not None else {}
         fields = request_data.json_parameters if request_data is not None else {}
-        read_s = _given(read_timeout, self._read_s)
-        write_s = _given(write_timeout, self._media_write_s if files else self._write_s)
-        connect_s = _given(connect_timeout, self._connect_s)
-        pool_s = _given(pool_timeout, self._pool_s)
+        read_s = _timeout_or_default(read_timeout, self._read_s)
+        write_s = _timeout_or_default(write_timeout, self._media_write_s if files else self._write_s)
+        connect_s = _timeout_or_default(connect_timeout, self._connect_s)
+        pool_s = _timeout_or_default(pool_timeout, self._pool_s)
         parts = (pool_s, connect_s, write_s, read_s)
         timeout = aiohttp.ClientTimeout(
             # aiohttp has no write timeout: an upload gets the sum of the four for the whole
@@ -101,7 +101,7 @@ class AiohttpRequest(BaseRequest):
         )
         try:
             async with session.request(
-                method, url, data=_body(fields, files), timeout=timeout
+                method, url, data=_request_body(fields, files), timeout=timeout
             ) as response:
                 return response.status, await response.read()
         except (TimeoutError, asyncio.TimeoutError) as exc:
@@ -110,14 +110,14 @@ class AiohttpRequest(BaseRequest):
             raise NetworkError(f"aiohttp.{exc.__class__.__name__}: {exc}") from exc
 
 
-def _given(value: Any, default: float | None) -> float | None:
+def _timeout_or_default(value: Any, default: float | None) -> float | None:
     """PTB's DEFAULT_NONE means "this request's default"; anything else is the caller's."""
     if isinstance(value, type(BaseRequest.DEFAULT_NONE)):
         return default
     return None if value is None else float(value)
 
 
-def _body(fields: dict[str, str], files: dict[str, Any]) -> aiohttp.FormData | dict[str, str] | None:
+def _request_body(fields: dict[str, str], files: dict[str, Any]) -> aiohttp.FormData | dict[str, str] | None:
     """Plain calls go form-encoded; calls with files go as multipart, parameters included."""
     if not files:
         return fields or None

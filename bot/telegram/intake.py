@@ -1,4 +1,4 @@
-"""Taking in uploads: the files of a message, albums gathered, updates held back, running tasks.
+"""Taking in uploads: the files of a message, albums gathered, updates held back.
 
 Albums come as one update per item with a shared ``media_group_id``; items are gathered until the
 album has been quiet for ``album_wait_s`` and answered with one message. An upload the database
@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import logging
-from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 from telegram import Message, Update
 
 from bot import texts
+from bot.chat.tasks import TaskSet
 from bot.settings import BotSettings
 from bot.telegram.clock import now, wait_event
 from engine.api import Refusal
-
-_log = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -78,7 +73,7 @@ def is_upload(update: Update) -> bool:
 class Albums:
     """Gathers album items (one update each) until the album has been quiet for ``wait_s``."""
 
-    def __init__(self, wait_s: float, tasks: Tasks) -> None:
+    def __init__(self, wait_s: float, tasks: TaskSet) -> None:
         self._wait_s = wait_s
         self._tasks = tasks
         self._open: dict[Hashable, _Album] = {}
@@ -160,36 +155,3 @@ class Holds:
     def offset(self) -> int | None:
         """The getUpdates offset: the oldest unanswered upload, else one past the newest update."""
         return min(self._held) if self._held else self._next
-
-
-class Tasks:
-    """The adapter's running work: one task per update or album, drained or cancelled on stop."""
-
-    def __init__(self) -> None:
-        self._running: set[asyncio.Task[Any]] = set()
-
-    def spawn(self, work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
-        task = asyncio.create_task(work)
-        self._running.add(task)
-        task.add_done_callback(self._finished)
-        return task
-
-    def _finished(self, task: asyncio.Task[Any]) -> None:
-        self._running.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            _log.error("a Telegram task failed", exc_info=task.exception())
-
-    async def drain(self, grace_s: float) -> None:
-        """Wait up to ``grace_s`` for the running work (and what it starts), then cancel the rest."""
-        deadline = now() + grace_s
-        while self._running and (left := deadline - now()) > 0:
-            await asyncio.wait(set(self._running), timeout=left)
-        await self.cancel_all()
-
-    async def cancel_all(self) -> None:
-        while self._running:
-            running = set(self._running)
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
-            self._running -= running

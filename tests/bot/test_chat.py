@@ -128,3 +128,82 @@ async def test_closing_waits_for_an_edit_in_flight_and_a_failed_edit_is_not_show
     release.set()
     await asyncio.wait_for(closing, 1)
     assert finished == ["one"]
+
+
+# --- background tasks (bot.chat.tasks) ---------------------------------------------------------
+
+import logging  # noqa: E402  (this section was appended; kept beside the tests that use it)
+
+from bot.chat.tasks import TaskSet  # noqa: E402
+
+
+async def test_a_stop_drains_the_work_within_its_grace_cancels_the_rest_and_logs_a_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tasks = TaskSet("Test")
+    done: list[str] = []
+    cancelled: list[str] = []
+
+    async def quick(name: str) -> None:
+        await asyncio.sleep(0.01)
+        done.append(name)
+
+    async def starts_more() -> None:  # what running work starts while draining is drained too
+        await asyncio.sleep(0.01)
+        tasks.spawn(quick("started while draining"))
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append("slow")
+            raise
+
+    async def fails() -> None:
+        raise RuntimeError("a bug of ours")
+
+    tasks.spawn(quick("quick"))
+    tasks.spawn(starts_more())
+    tasks.spawn(slow())
+    failing = tasks.spawn(fails())
+    await asyncio.wait([failing])
+    assert len(tasks) == 3  # the failed one left the set; the others run on
+    tasks.spawn(quick("after the failure"))
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await tasks.drain(0.5)
+    assert loop.time() - started < 5  # the slow task was cancelled after the grace, not awaited
+    assert sorted(done) == ["after the failure", "quick", "started while draining"]
+    assert cancelled == ["slow"]
+    assert len(tasks) == 0
+    (failure,) = [r for r in caplog.records if r.name == "bot.chat.tasks"]
+    assert failure.levelno == logging.ERROR
+    assert failure.getMessage() == "a Test task failed"
+    assert failure.exc_info is not None and str(failure.exc_info[1]) == "a bug of ours"
+
+
+async def test_a_task_started_elsewhere_is_stopped_with_the_set_while_it_is_tracked() -> None:
+    tasks = TaskSet()
+    inside, outside = asyncio.Event(), asyncio.Event()
+
+    async def command(tracked_until_done: bool) -> None:
+        with tasks.tracking(asyncio.current_task()):
+            inside.set()
+            if tracked_until_done:
+                await asyncio.sleep(30)
+        outside.set()
+        await asyncio.sleep(30)  # after the block: the set no longer stops it
+
+    finished_block = asyncio.create_task(command(tracked_until_done=False))
+    await asyncio.wait_for(outside.wait(), 1)
+    assert len(tasks) == 0
+    inside.clear()
+    running = asyncio.create_task(command(tracked_until_done=True))
+    await asyncio.wait_for(inside.wait(), 1)
+    assert len(tasks) == 1
+    await asyncio.wait_for(tasks.cancel_all(), 1)
+    assert running.cancelled()
+    assert not finished_block.done()
+    finished_block.cancel()
+    await asyncio.gather(finished_block, return_exceptions=True)

@@ -21,10 +21,11 @@ from telegram import Bot
 
 from bot import texts
 from bot.chat.actions import Action, Verb
+from bot.inbox import Inbox
 from bot.jobs import JobClient
 from bot.service import BotService, ResumedWork, Upload, UserRef
 from bot.settings import BotSettings
-from bot.telegram.adapter import serve_telegram
+from bot.telegram.adapter import PLATFORM, serve_telegram
 from bot.telegram.channel import Channel
 from bot.telegram.settings import TELEGRAM_DOWNLOAD_LIMIT, TelegramSettings
 from storage.blobs import LocalBlobStore, owner_for
@@ -63,6 +64,11 @@ async def service(db: Database, blobs_dir: Path, valkey_url: str) -> AsyncIterat
 
 
 @pytest.fixture
+def inbox(db: Database) -> Inbox:
+    return Inbox(db, PLATFORM)
+
+
+@pytest.fixture
 async def worker(valkey_url: str, blobs_dir: Path, tiny_preset_dir: Path) -> AsyncIterator[None]:
     async with running_worker(valkey_url, blobs_dir, tiny_preset_dir.parent):
         yield
@@ -84,11 +90,11 @@ def telegram_settings(tg: FakeTelegram, **changes: Any) -> TelegramSettings:
 
 @asynccontextmanager
 async def serving(
-    service: BotService, settings: TelegramSettings, **options: Any
+    service: BotService, inbox: Inbox, settings: TelegramSettings, **options: Any
 ) -> AsyncIterator[asyncio.Task[None]]:
     """The adapter in a task; a graceful stop (and its errors) when the block ends."""
     stop = asyncio.Event()
-    task = asyncio.create_task(serve_telegram(service, settings, TOKEN, stop=stop, **options))
+    task = asyncio.create_task(serve_telegram(service, inbox, settings, TOKEN, stop=stop, **options))
     try:
         yield task
     finally:
@@ -129,6 +135,7 @@ async def listening(http: aiohttp.ClientSession, url: str) -> None:
 async def test_the_whole_journey(
     tg: FakeTelegram,
     service: BotService,
+    inbox: Inbox,
     db: Database,
     blobs_dir: Path,
     worker: None,
@@ -136,7 +143,7 @@ async def test_the_whole_journey(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     ann = tg.user(1001, "Ann")
-    async with serving(service, telegram_settings(tg)):
+    async with serving(service, inbox, telegram_settings(tg)):
         # /start, and consent through the button
         tg.send_text(ann, "/start")
         consent = await tg.wait_text(ann.id, "Welcome to AvatarBooth")
@@ -242,7 +249,7 @@ async def test_the_whole_journey(
 
 
 async def test_a_restart_in_the_middle_of_enrolment_loses_no_photo(
-    tg: FakeTelegram, service: BotService, db: Database, worker: None
+    tg: FakeTelegram, service: BotService, inbox: Inbox, db: Database, worker: None
 ) -> None:
     ann = tg.user(1001, "Ann")
     await service.agree(UserRef("telegram", str(ann.id)))
@@ -252,11 +259,11 @@ async def test_a_restart_in_the_middle_of_enrolment_loses_no_photo(
     # tell Telegram at once that they arrived; then it dies while it waits for the rest.
     stop = asyncio.Event()
     crashed = asyncio.create_task(
-        serve_telegram(service, telegram_settings(tg, album_wait_s=30.0), TOKEN, stop=stop)
+        serve_telegram(service, inbox, telegram_settings(tg, album_wait_s=30.0), TOKEN, stop=stop)
     )
     await tg.wait_for(lambda: {u["update_id"] for u in first} <= tg.delivered)
     await tg.wait_for(lambda: tg.pending_updates() == 0)  # confirmed: Telegram will not resend them
-    assert [key for key, _ in await service.replay_inbound("telegram")] == [
+    assert [key for key, _ in await inbox.replay()] == [
         str(u["update_id"]) for u in first
     ]
     crashed.cancel()
@@ -264,21 +271,21 @@ async def test_a_restart_in_the_middle_of_enrolment_loses_no_photo(
     assert await db.list_photos(await user_id(db, ann)) == []
 
     tg.send_photo(ann, face_photo(2), media_group_id="album-7")  # arrives while the bot is down
-    async with serving(service, telegram_settings(tg)):
+    async with serving(service, inbox, telegram_settings(tg)):
         answer = await tg.wait_text(ann.id, "3 of 3 photos")
     assert answer["text"].splitlines()[:3] == [f"photo {n}: accepted." for n in (1, 2, 3)]
     assert len(await db.list_photos(await user_id(db, ann), "accepted")) == 3
     assert tg.pending_updates() == 0  # the graceful stop confirmed every handled update
-    assert await service.replay_inbound("telegram") == []  # and the answered uploads left the inbox
+    assert await inbox.replay() == []  # and the answered uploads left the inbox
 
 
 async def test_a_graceful_stop_answers_an_album_still_gathering(
-    tg: FakeTelegram, service: BotService, db: Database, worker: None
+    tg: FakeTelegram, service: BotService, inbox: Inbox, db: Database, worker: None
 ) -> None:
     ann = tg.user(1001, "Ann")
     await service.agree(UserRef("telegram", str(ann.id)))
     sent = [tg.send_photo(ann, face_photo(n), media_group_id="album-8") for n in range(2)]
-    async with serving(service, telegram_settings(tg, album_wait_s=30.0)):
+    async with serving(service, inbox, telegram_settings(tg, album_wait_s=30.0)):
         await tg.wait_for(lambda: {u["update_id"] for u in sent} <= tg.delivered)
         await tg.wait_text(ann.id, "photo check...")
     # The stop answered the album at once instead of after album_wait_s, and confirmed it.
@@ -289,7 +296,7 @@ async def test_a_graceful_stop_answers_an_album_still_gathering(
 
 
 async def test_work_finished_at_start_up_reaches_its_user(
-    tg: FakeTelegram, service: BotService, db: Database, worker: None
+    tg: FakeTelegram, service: BotService, inbox: Inbox, db: Database, worker: None
 ) -> None:
     ann = tg.user(1001, "Ann")
     ann_ref = UserRef("telegram", str(ann.id))
@@ -306,13 +313,19 @@ async def test_work_finished_at_start_up_reaches_its_user(
 
     resumed = await service.resume_all()  # what `avatarbooth run` does before serving
     assert list(resumed) == [ann_ref]
-    async with serving(service, telegram_settings(tg), resumed=ResumedWork.of(resumed)):
+    async with serving(service, inbox, telegram_settings(tg), resumed=ResumedWork.of(resumed)):
         await tg.wait_text(ann.id, texts.RESUMED)
         await tg.wait_for(lambda: photos_in(tg, ann.id))
 
 
 async def test_a_restarted_bot_answers_at_once_and_sends_interrupted_work_when_it_is_done(
-    tg: FakeTelegram, service: BotService, db: Database, valkey_url: str, blobs_dir: Path, tiny_preset_dir: Path
+    tg: FakeTelegram,
+    service: BotService,
+    inbox: Inbox,
+    db: Database,
+    valkey_url: str,
+    blobs_dir: Path,
+    tiny_preset_dir: Path,
 ) -> None:
     """Start-up used to wait for every interrupted job before answering anyone (hours with real
     training): now the resume runs beside the adapter, which sends each result as it comes."""
@@ -330,7 +343,7 @@ async def test_a_restarted_bot_answers_at_once_and_sends_interrupted_work_when_i
 
     resumed = ResumedWork()
     resuming = asyncio.create_task(service.resume_all(deliver=resumed.put))  # as `avatarbooth run` does
-    async with serving(service, telegram_settings(tg), resumed=resumed):
+    async with serving(service, inbox, telegram_settings(tg), resumed=resumed):
         tg.send_text(bob, "/start")
         await tg.wait_text(bob.id, "Welcome")  # answered while Ann's check still waits for a worker
         assert not resuming.done() and not any(texts.RESUMED in t for t in tg.texts_in(ann.id))
@@ -342,14 +355,14 @@ async def test_a_restarted_bot_answers_at_once_and_sends_interrupted_work_when_i
 
 
 async def test_a_button_pressed_by_another_user_does_nothing(
-    tg: FakeTelegram, service: BotService, db: Database, blobs_dir: Path, worker: None
+    tg: FakeTelegram, service: BotService, inbox: Inbox, db: Database, blobs_dir: Path, worker: None
 ) -> None:
     ann, eve = tg.user(1001, "Ann"), tg.user(1002, "Eve")
     ann_ref = UserRef("telegram", str(ann.id))
     await service.agree(ann_ref)
     await service.add_photos(ann_ref, [Upload(None, face_photo(n)) for n in range(3)])
     tg.send_text(eve, "/start")
-    async with serving(service, telegram_settings(tg)):
+    async with serving(service, inbox, telegram_settings(tg)):
         tg.send_text(ann, "/preview")
         await tg.wait_for(lambda: photos_in(tg, ann.id))
         image = photos_in(tg, ann.id)[0]
@@ -380,7 +393,7 @@ async def test_a_button_pressed_by_another_user_does_nothing(
 
 
 async def test_a_forged_draw_button_is_refused_before_any_drawing_message(
-    tg: FakeTelegram, service: BotService, db: Database
+    tg: FakeTelegram, service: BotService, inbox: Inbox, db: Database
 ) -> None:
     """Eve's own id on a button with Ann's image id (or no image at all): refused at once, with no
     "drawing..." message opened first (no worker runs: nothing may be drawn)."""
@@ -389,7 +402,7 @@ async def test_a_forged_draw_button_is_refused_before_any_drawing_message(
     ann_image = await db.add_image(ann_id, None, f"{owner_for(ann_id)}/images/{0:064x}.png", "me", 1, None)
     drawing = texts.progress("drawing", {})
     tg.send_text(eve, "/start")
-    async with serving(service, telegram_settings(tg)):
+    async with serving(service, inbox, telegram_settings(tg)):
         welcome = await tg.wait_text(eve.id, "Welcome")
         before = len(tg.calls)
         for data in (
@@ -414,10 +427,10 @@ async def test_a_forged_draw_button_is_refused_before_any_drawing_message(
 # --- Telegram's limits -----------------------------------------------------------------------------
 
 
-async def test_a_429_is_waited_out(tg: FakeTelegram, service: BotService) -> None:
+async def test_a_429_is_waited_out(tg: FakeTelegram, service: BotService, inbox: Inbox) -> None:
     ann = tg.user(1001)
     tg.fail_next("sendMessage", retry_after=1)
-    async with serving(service, telegram_settings(tg)):
+    async with serving(service, inbox, telegram_settings(tg)):
         tg.send_text(ann, "/help")
         await tg.wait_text(ann.id, "Commands:")
     attempts = [c for c in tg.calls if c.method == "sendMessage"]
@@ -427,11 +440,11 @@ async def test_a_429_is_waited_out(tg: FakeTelegram, service: BotService) -> Non
 
 
 async def test_a_file_over_telegrams_download_limit_gets_a_clear_reply(
-    tg: FakeTelegram, service: BotService
+    tg: FakeTelegram, service: BotService, inbox: Inbox
 ) -> None:
     ann = tg.user(1001)
     await service.agree(UserRef("telegram", str(ann.id)))
-    async with serving(service, telegram_settings(tg)):
+    async with serving(service, inbox, telegram_settings(tg)):
         tg.send_document(ann, b"\xff\xd8", file_name="huge.jpg", file_size=25 * 1024 * 1024)
         answer = await tg.wait_text(ann.id, "huge.jpg")
     assert answer["text"] == texts.TELEGRAM_FILE_TOO_BIG.format(label="photo 1 (huge.jpg)", limit_mb=20)
@@ -459,9 +472,11 @@ async def test_progress_is_edited_at_most_once_per_interval(tg: FakeTelegram) ->
 # --- chats, errors, webhook ------------------------------------------------------------------------
 
 
-async def test_errors_and_stray_messages_get_friendly_replies(tg: FakeTelegram, service: BotService) -> None:
+async def test_errors_and_stray_messages_get_friendly_replies(
+    tg: FakeTelegram, service: BotService, inbox: Inbox
+) -> None:
     ann = tg.user(1001)
-    async with serving(service, telegram_settings(tg)):
+    async with serving(service, inbox, telegram_settings(tg)):
         tg.send_text(ann, "/draw me")
         await tg.wait_text(ann.id, texts.CONSENT_REQUIRED)
         tg.send_text(ann, "/draw --style nosuch me")
@@ -488,13 +503,15 @@ async def test_errors_and_stray_messages_get_friendly_replies(tg: FakeTelegram, 
         await tg.wait_text(ann.id, "photo 1: refused, the image is too small")
 
 
-async def test_groups_get_commands_only_answered_in_private(tg: FakeTelegram, service: BotService) -> None:
+async def test_groups_get_commands_only_answered_in_private(
+    tg: FakeTelegram, service: BotService, inbox: Inbox
+) -> None:
     ann, bob, carol = tg.user(1001, "Ann"), tg.user(1002, "Bob"), tg.user(1003, "Carol")
     tg.group(GROUP)
     tg.group(GROUP - 1, "Strangers")
     tg.send_text(ann, "/help")  # Ann has a private chat with the bot; Bob never wrote to it
     settings = telegram_settings(tg, allowed_chats=(GROUP, ann.id, bob.id))
-    async with serving(service, settings):
+    async with serving(service, inbox, settings):
         await tg.wait_text(ann.id, "Commands:")
         tg.send_text(ann, "/status", chat_id=GROUP)
         await tg.wait_text(ann.id, texts.STATUS_NOT_CONSENTED)
@@ -521,7 +538,7 @@ async def test_groups_get_commands_only_answered_in_private(tg: FakeTelegram, se
     assert tg.downloads == []
 
 
-async def test_webhook_mode_checks_the_secret_token(tg: FakeTelegram, service: BotService) -> None:
+async def test_webhook_mode_checks_the_secret_token(tg: FakeTelegram, service: BotService, inbox: Inbox) -> None:
     ann = tg.user(1001)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -529,7 +546,7 @@ async def test_webhook_mode_checks_the_secret_token(tg: FakeTelegram, service: B
     settings = telegram_settings(
         tg, webhook_url="https://bot.example/telegram", webhook_port=port, webhook_path="telegram"
     )
-    async with serving(service, settings, webhook_secret="s3cret"):
+    async with serving(service, inbox, settings, webhook_secret="s3cret"):
         url = f"http://127.0.0.1:{port}/telegram"
         async with aiohttp.ClientSession() as http:
             await listening(http, url)
