@@ -481,8 +481,9 @@ def bench_preview(setup: Setup, base: Any, controlnet: Any, adapter: dict[str, A
 
 
 def make_adapters(setup: Setup, pipe: Any, count: int = 2) -> list[Path]:
-    """LoRA files in the format our training writes (engine.train.lora.save_lora), with non-zero weights."""
-    from engine.train.lora import LoraTrainSettings, build_trainable, save_lora, trainable_parameters
+    """LoRA files in the format our training writes (engine.personal.lora.save_lora), with non-zero weights."""
+    from engine.personal.lora import save_lora
+    from engine.train.lora import LoraTrainSettings, build_trainable, trainable_parameters
 
     settings = LoraTrainSettings(rank=setup.lora_rank, alpha=setup.lora_rank, resolution=_resolution(pipe))
     unet = build_trainable(pipe, threading.Lock(), settings)

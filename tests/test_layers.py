@@ -55,6 +55,18 @@ def test_engine_imports_nothing_of_bot_and_never_the_database() -> None:
     assert violations("engine", forbidden, allowed_ours={"storage.blobs", "storage.errors"}) == []
 
 
+@pytest.mark.parametrize("package", ["engine/render", "engine/personal"])
+def test_drawing_and_model_files_import_nothing_of_training(package: str) -> None:
+    # Loading a trained model is not training it: the renderer and the model formats stand alone.
+    training = [
+        f"{file}: {name}"
+        for file, names in imported_modules(package).items()
+        for name in names
+        if name == "engine.train" or name.startswith("engine.train.")
+    ]
+    assert training == []
+
+
 def test_storage_imports_none_of_our_other_packages() -> None:
     assert violations("storage", {"bot", "engine", "avatarbooth"} | ML_LIBRARIES) == []
 

@@ -28,9 +28,9 @@ from diffusers import (
 from PIL import Image
 
 from engine.errors import EngineError
+from engine.personal.dreambooth import WeightsCache, WeightSwapper
+from engine.personal.ti import loaded_ti
 from engine.settings import EngineSettings
-from engine.train.dreambooth import WeightsCache, WeightSwapper
-from engine.train.ti import loaded_ti
 
 if TYPE_CHECKING:
     from engine.pipelines.base import TextToImagePipeline

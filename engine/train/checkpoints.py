@@ -20,16 +20,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from engine.errors import EngineError
 from storage.blobs import LocalBlobStore
 from storage.errors import BlobNotFound
-
-if TYPE_CHECKING:
-    from engine.train.stages import TrainingState
 
 _log = logging.getLogger(__name__)
 
@@ -42,6 +39,31 @@ _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # it becomes a file nam
 
 class CheckpointError(EngineError):
     """A checkpoint that cannot be used for this run (wrong job, other model, unknown format)."""
+
+
+class Resumable(Protocol):
+    """What a run's state must offer to be checkpointed and resumed: all this module touches of it.
+
+    LoRA's and DreamBooth's ``TrainingState`` (``engine.train.stages``) and Textual Inversion's
+    ``TiTrainingState`` (``engine.train.ti``) have it. ``step`` and ``losses`` are written back on
+    resume; the optimizer and the generator are restored in place.
+    """
+
+    step: int
+    losses: list[float]
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
+
+    @property
+    def generator(self) -> torch.Generator: ...
+
+    def modules(self) -> Mapping[str, torch.nn.Module]:
+        """Every module with weights that train, by a stable name (the checkpoint's key prefixes)."""
+        ...
+
+
+ResumableT = TypeVar("ResumableT", bound=Resumable)
 
 
 @dataclass(frozen=True)
@@ -151,11 +173,11 @@ def trainable_tensors(modules: Mapping[str, torch.nn.Module]) -> dict[str, torch
     }
 
 
-def capture(state: TrainingState, modules: Mapping[str, torch.nn.Module] | None = None) -> Checkpoint:
-    """A checkpoint of ``state``; ``modules`` are what trains (default: ``{"unet": state.unet}``)."""
+def capture(state: Resumable, modules: Mapping[str, torch.nn.Module] | None = None) -> Checkpoint:
+    """A checkpoint of ``state``; ``modules`` are what trains (default: ``state.modules()``)."""
     return Checkpoint(
         step=state.step,
-        trainable_state=trainable_tensors(modules or {"unet": state.unet}),
+        trainable_state=trainable_tensors(modules or state.modules()),
         optimizer_state=state.optimizer.state_dict(),
         rng_state=state.generator.get_state(),
         losses=list(state.losses),
@@ -164,10 +186,10 @@ def capture(state: TrainingState, modules: Mapping[str, torch.nn.Module] | None 
 
 @torch.no_grad()
 def restore(
-    state: TrainingState, checkpoint: Checkpoint, modules: Mapping[str, torch.nn.Module] | None = None
+    state: Resumable, checkpoint: Checkpoint, modules: Mapping[str, torch.nn.Module] | None = None
 ) -> None:
     """Put ``checkpoint`` into a freshly started ``state`` (same model, same optimizer set-up)."""
-    params = trainable_tensors(modules or {"unet": state.unet})
+    params = trainable_tensors(modules or state.modules())
     saved = checkpoint.trainable_state
     if params.keys() != saved.keys() or any(saved[n].shape != t.shape for n, t in params.items()):
         raise CheckpointError("the checkpoint was written for a different set of trainable weights")
@@ -190,7 +212,7 @@ class Checkpointing:
         if self.every < 1:
             raise CheckpointError(f"checkpoints must be at least 1 step apart, got {self.every}")
 
-    def resume(self, state: TrainingState, modules: Mapping[str, torch.nn.Module] | None = None) -> TrainingState:
+    def resume(self, state: ResumableT, modules: Mapping[str, torch.nn.Module] | None = None) -> ResumableT:
         """Restore the job's newest checkpoint into the fresh ``state``, if there is a usable one."""
         try:
             checkpoint = self.store.load_latest()
@@ -205,7 +227,7 @@ class Checkpointing:
         return state
 
     def after_step(
-        self, state: TrainingState, total: int, modules: Mapping[str, torch.nn.Module] | None = None
+        self, state: Resumable, total: int, modules: Mapping[str, torch.nn.Module] | None = None
     ) -> None:
         """Save a checkpoint when ``state.step`` is a multiple of ``every`` (not at the last step)."""
         if state.step % self.every == 0 and state.step < total:

@@ -1,8 +1,8 @@
 """The training stages LoRA and DreamBooth share (and Textual Inversion some of), as one module.
 
 Like diffusers' ``training_utils``: the method files (``engine.train.lora``, ``engine.train.dreambooth``,
-``engine.train.ti``) build their own trainable copies and save their own files, and import the rest
-from here; they never import each other.
+``engine.train.ti``) build their own trainable copies and save their own files (in the formats of
+``engine.personal``), and import the rest from here; they never import each other.
 
 1. data:     crops → pixel tensors in [-1, 1] (``prepare_data``) and, with class images
              (``engine.train.prior.class_images``), those too (``prepare_latents``, ``encode_in_chunks``).
@@ -33,6 +33,7 @@ from PIL import Image
 
 from engine.api import CROP_SOURCE_SIDE_KEY
 from engine.errors import EngineError
+from engine.personal import TEXT_ENCODERS  # also the key prefixes of the weights files
 from engine.train.prior import class_prompt
 from engine.progress import ProgressClock, ProgressSink
 
@@ -42,9 +43,6 @@ if TYPE_CHECKING:
     from engine.pipelines.base import TextToImagePipeline
     from engine.train.checkpoints import Checkpointing
     from engine.train.likeness import BestByLikeness
-
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-"""The text encoders' pipeline attribute names (and key prefixes in a weights file), in order."""
 
 _CLASS_CHUNK = 4  # class images encoded per VAE call: hundreds at 1024² at once would not fit in memory
 

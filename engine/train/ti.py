@@ -11,31 +11,27 @@ several vectors (``<tok>``, ``<tok>_1``, ...), the way diffusers' loader expands
    serving other users' draws while this one trains.
 3. ``training_step``    prompts from ``PROMPT_TEMPLATES`` → the copies' text embeddings → noise-prediction
    MSE through the frozen resident UNet → AdamW on the new rows only; under the lock.
-4. ``save_ti``          safetensors bytes that diffusers' ``load_textual_inversion`` reads.
+4. ``save_ti``          safetensors bytes that diffusers' ``load_textual_inversion`` reads
+   (``engine.personal.ti.write_embeddings``).
 
-Drawing with a trained word: ``loaded_ti`` (or ``load_ti`` / ``unload_ti``) adds the word to the resident
-pipeline for one draw and removes it afterwards, under the same lock as the draw.
+Drawing with a trained word (``loaded_ti``, ``load_ti`` / ``unload_ti``) is ``engine.personal.ti``'s.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import re
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
-from engine.train.checkpoints import Checkpointing, CheckpointStore
-from engine.errors import EngineError
-from engine.train.likeness import BestByLikeness, Judge
+from engine.personal.ti import SDXL_KEYS, encoder_attrs, is_sdxl, write_embeddings
 from engine.progress import ProgressClock, ProgressSink
+from engine.train.checkpoints import Checkpointing, CheckpointStore
+from engine.train.likeness import BestByLikeness, Judge
 from engine.train.stages import (
     InstanceLatents,
     NoisedBatch,
@@ -65,15 +61,6 @@ PROMPT_TEMPLATES = (
 )
 """Training captions, after the TI paper's "a photo of a {}" family, worded for face crops. ``{}`` is the
 subject, ``"<token> <class word>"``: the words ``engine.render.renderer.expand_me`` puts in a prompt for "me"."""
-
-SDXL_KEYS = ("clip_l", "clip_g")
-"""Keys of an SDXL embedding file (the common format: diffusers' advanced SDXL script, A1111, ComfyUI),
-in the order of the pipeline's (tokenizer, text_encoder), (tokenizer_2, text_encoder_2)."""
-
-
-class TextualInversionFileError(EngineError):
-    """An embedding file that cannot be added to the pipeline (wrong format, wrong width, token taken)."""
-
 
 @dataclass(frozen=True)
 class TiTrainSettings:
@@ -193,13 +180,12 @@ class TiTrainingState:
     step: int = 0
     losses: list[float] = field(default_factory=list)
 
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The new rows' modules, one per text encoder copy (what checkpoints save)."""
+        return {f"encoder{i}": encoder.embedding for i, encoder in enumerate(self.trainable.encoders)}
+
 
 # --- stage 2: the trainable copies -------------------------------------------------------------------
-
-
-def is_sdxl(pipe: DiffusionPipeline) -> bool:
-    """Whether ``pipe`` has SDXL's second text encoder (and so takes two embeddings per token)."""
-    return getattr(pipe, "text_encoder_2", None) is not None
 
 
 def placeholder_tokens(token: str, vectors: int) -> list[str]:
@@ -215,15 +201,10 @@ def check_token(pipe: DiffusionPipeline, token: str) -> None:
     """
     if not token or any(c.isspace() for c in token) or token != token.lower():
         raise TrainingInputError(f"the token must be one lower-case word without spaces, got {token!r}")
-    for attr, _ in _encoder_attrs(pipe):
+    for attr, _ in encoder_attrs(pipe):
         vocab = getattr(pipe, attr).get_vocab()
         if token in vocab or f"{token}</w>" in vocab:  # CLIP's BPE marks word ends with </w>
             raise TrainingInputError(f"the token {token!r} is already a word of the base's {attr}")
-
-
-def _encoder_attrs(pipe: DiffusionPipeline) -> list[tuple[str, str]]:
-    pairs = [("tokenizer", "text_encoder")]
-    return pairs + [("tokenizer_2", "text_encoder_2")] if is_sdxl(pipe) else pairs
 
 
 def build_trainable(
@@ -239,7 +220,7 @@ def build_trainable(
     keys = SDXL_KEYS if is_sdxl(pipe) else (token,)
     with lock:
         encoders = [
-            _copy_encoder(pipe, key, attrs, tokens, init_word) for key, attrs in zip(keys, _encoder_attrs(pipe))
+            _copy_encoder(pipe, key, attrs, tokens, init_word) for key, attrs in zip(keys, encoder_attrs(pipe))
         ]
     view = copy.copy(pipe)  # a shallow view: same modules, same config
     for encoder in encoders:  # bypass DiffusionPipeline.__setattr__: the resident config stays as it is
@@ -353,16 +334,11 @@ def _sample_batch(
 
 
 def save_ti(trainable: TiTrainable) -> bytes:
-    """The learned rows as the bytes of a safetensors file that ``load_textual_inversion`` reads.
+    """The learned rows as the bytes of an embedding file (``engine.personal.ti.write_embeddings``).
 
-    SD1.5: ``{token: [vectors, 768]}``, diffusers' own single-file format (the key is the token).
-    SDXL: ``{"clip_l": [vectors, 768], "clip_g": [vectors, 1280]}``, one ``load_textual_inversion(
-    state_dict[key], token=..., text_encoder=..., tokenizer=...)`` call per text encoder (``load_ti``).
+    Keyed by each copy's ``key``: the token for SD1.5, ``SDXL_KEYS`` for SDXL.
     """
-    from safetensors.torch import save
-
-    tensors = {e.key: e.embedding.vectors.detach().to("cpu", torch.float32).contiguous() for e in trainable.encoders}
-    return save(tensors, metadata={"format": "pt"})
+    return write_embeddings({e.key: e.embedding.vectors for e in trainable.encoders})
 
 
 # --- the run ----------------------------------------------------------------------------------------------
@@ -395,9 +371,8 @@ def train_textual_inversion(
         trainable = build_trainable(pipe, lock, token, settings.init_word or class_word, settings.vectors_per_token)
         state = start_training(trainable, settings)
     checkpointing = Checkpointing(checkpoints, settings.checkpoint_every) if checkpoints else None
-    modules = {f"encoder{i}": encoder.embedding for i, encoder in enumerate(state.trainable.encoders)}
     if checkpointing is not None:
-        state = checkpointing.resume(state, modules)  # type: ignore[arg-type]  # duck-typed state
+        state = checkpointing.resume(state, state.modules())
     scheduler = noise_scheduler_for(pipe)
     _log.info("TI training: %d crops, %d steps from step %d", len(crops), settings.steps, state.step)
     best = BestByLikeness.for_run(
@@ -410,93 +385,10 @@ def train_textual_inversion(
     while state.step < settings.steps:
         loss = training_step(state, latents, class_word, scheduler, lock, settings, resolution)
         if checkpointing is not None:
-            checkpointing.after_step(state, settings.steps, modules)  # type: ignore[arg-type]
+            checkpointing.after_step(state, settings.steps, state.modules())
         if best is not None:
             best.after_step(state, settings.steps)  # type: ignore[arg-type]  # duck-typed state
         clock.report(state.step, loss)
     if best is not None:
         best.restore_best(state)  # type: ignore[arg-type]
     return TiTrainOutcome(weights=save_ti(state.trainable), final_loss=loss, steps=state.step)
-
-
-# --- drawing with a learned word ---------------------------------------------------------------------------
-
-
-def load_ti(pipe: DiffusionPipeline, weights: bytes | str | Path, token: str) -> None:
-    """Add the word ``token`` from an embedding file (bytes or path) to ``pipe``'s tokenizers and encoders.
-
-    Uses diffusers' ``load_textual_inversion``, once per text encoder for SDXL. The caller holds the lock
-    that guards the pipeline and calls ``unload_ti`` before releasing it (or uses ``loaded_ti``). On
-    failure (``TextualInversionFileError``) nothing of the word stays, not even a copy left over from an
-    earlier draw that made loading fail.
-    """
-    tensors = _read_embedding_file(weights)
-    try:
-        for (tokenizer_attr, encoder_attr), tensor in zip(_encoder_attrs(pipe), _per_encoder(pipe, tensors)):
-            pipe.load_textual_inversion(
-                tensor,
-                token=token,
-                tokenizer=getattr(pipe, tokenizer_attr),
-                text_encoder=getattr(pipe, encoder_attr),
-            )
-    except ValueError as error:
-        unload_ti(pipe, token)
-        raise TextualInversionFileError(f"cannot add the word {token!r}: {error}") from error
-    except BaseException:
-        unload_ti(pipe, token)
-        raise
-
-
-def unload_ti(pipe: DiffusionPipeline, token: str) -> None:
-    """Remove ``token`` and its extra vectors (``token_1``, ...) from every tokenizer and text encoder.
-
-    A no-op where the word is not loaded; the embedding tables go back to their size before ``load_ti``.
-    """
-    for tokenizer_attr, encoder_attr in _encoder_attrs(pipe):
-        tokenizer, text_encoder = getattr(pipe, tokenizer_attr), getattr(pipe, encoder_attr)
-        loaded = _loaded_tokens(tokenizer, token)
-        if not loaded:
-            continue
-        pipe.unload_textual_inversion(tokens=loaded, tokenizer=tokenizer, text_encoder=text_encoder)
-        # load_textual_inversion's resize wrote the grown size into the config; put the real one back.
-        text_encoder.config.vocab_size = text_encoder.get_input_embeddings().num_embeddings
-
-
-@contextmanager
-def loaded_ti(pipe: DiffusionPipeline, weights: bytes | str | Path, token: str) -> Iterator[None]:
-    """``load_ti`` for the duration of a ``with`` block, then ``unload_ti`` whatever happens.
-
-    Hold the pipeline's lock around the whole block: no other user's draw may see the word.
-    """
-    load_ti(pipe, weights, token)
-    try:
-        yield
-    finally:
-        unload_ti(pipe, token)
-
-
-def _loaded_tokens(tokenizer: Any, token: str) -> list[str]:
-    """The tokens of the word ``token`` that ``tokenizer`` holds: ``token`` and ``token_1``, ``token_2``, ..."""
-    extra = re.compile(re.escape(token) + r"_[0-9]+")
-    return [t for t in tokenizer.added_tokens_encoder if t == token or extra.fullmatch(t)]
-
-
-def _read_embedding_file(weights: bytes | str | Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load, load_file
-
-    try:
-        return load(weights) if isinstance(weights, bytes) else load_file(str(weights))
-    except (SafetensorError, OSError) as error:
-        raise TextualInversionFileError(f"not a safetensors embedding file: {error}") from error
-
-
-def _per_encoder(pipe: DiffusionPipeline, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """The tensor for each of ``pipe``'s text encoders, in ``_encoder_attrs`` order."""
-    if is_sdxl(pipe):
-        if set(tensors) != set(SDXL_KEYS):
-            raise TextualInversionFileError(f"an SDXL embedding file holds {SDXL_KEYS}, this one {sorted(tensors)}")
-        return [tensors[key] for key in SDXL_KEYS]
-    if len(tensors) != 1:
-        raise TextualInversionFileError(f"an SD1.5 embedding file holds one tensor, this one {sorted(tensors)}")
-    return list(tensors.values())

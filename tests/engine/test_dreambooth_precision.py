@@ -13,14 +13,8 @@ from safetensors.torch import load, save, save_file
 
 from engine.pipelines.base import resident_dtype
 from engine.render.renderer import Renderer, UnetWeightsRef
-from engine.train.dreambooth import (
-    WEIGHTS_FORMAT,
-    DreamBoothSettings,
-    WeightsCache,
-    WeightSwapper,
-    train_dreambooth,
-    write_weights,
-)
+from engine.personal.dreambooth import WEIGHTS_FORMAT, WeightsCache, WeightSwapper, write_weights
+from engine.train.dreambooth import DreamBoothSettings, train_dreambooth
 from tests.support import noise_crops
 
 SIZE = 64

@@ -21,15 +21,8 @@ from engine.train.checkpoints import CheckpointStore
 from engine.train.prior import class_images
 from engine.progress import TrainingProgress
 from engine.render.renderer import AdapterRef, Renderer
-from engine.train.dreambooth import (
-    WEIGHTS_FORMAT,
-    DreamBoothSettings,
-    DreamBoothWeightsError,
-    WeightSwapper,
-    build_trainable,
-    swap_unet_weights,
-    train_dreambooth,
-)
+from engine.personal.dreambooth import WEIGHTS_FORMAT, DreamBoothWeightsError, WeightSwapper, swap_unet_weights
+from engine.train.dreambooth import DreamBoothSettings, build_trainable, train_dreambooth
 from engine.train.lora import LoraTrainSettings, train_lora
 from engine.train.stages import (
     TrainablePrompts,

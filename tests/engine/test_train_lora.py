@@ -172,7 +172,8 @@ def test_equal_adapters_are_equal_bytes_in_any_process(tiny_preset_dir: Path) ->
         f"""
         import hashlib, threading
         from diffusers import StableDiffusionXLPipeline
-        from engine.train.lora import LoraTrainSettings, build_trainable, save_lora
+        from engine.personal.lora import save_lora
+        from engine.train.lora import LoraTrainSettings, build_trainable
         pipe = StableDiffusionXLPipeline.from_pretrained({str(tiny_preset_dir / "sdxl")!r})
         unet = build_trainable(pipe, threading.Lock(), LoraTrainSettings(rank=4, alpha=4, seed=0))
         print(hashlib.sha256(save_lora(unet)).hexdigest())

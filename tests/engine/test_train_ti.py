@@ -21,21 +21,17 @@ from safetensors.torch import load, save
 
 from engine.progress import TrainingProgress
 from engine.tiny.models import IMAGE_SIZE
+from engine.personal.ti import SDXL_KEYS, TextualInversionFileError, load_ti, loaded_ti, unload_ti
 from engine.train.ti import (
-    SDXL_KEYS,
-    TextualInversionFileError,
     TiTrainingState,
     TiTrainOutcome,
     TiTrainSettings,
     build_trainable,
     check_token,
     encode_prompts,
-    load_ti,
-    loaded_ti,
     native_resolution,
     start_training,
     train_textual_inversion,
-    unload_ti,
 )
 from engine.train.stages import TrainingInputError
 from tests.support import noise_crops
