@@ -3,7 +3,8 @@
 How an interaction is answered (`InteractionReplies`):
 
 - it is acknowledged first (a deferred response, ephemeral for private replies), before any
-  database, download or queue call, well inside Discord's 3 s;
+  download or queue call, well inside Discord's 3 s (a button may first check, with one quick
+  database read, that its image is the presser's: `Conversations.answer`'s ``check``);
 - progress is edited into that response while its token is valid (15 min, less a margin); near the
   end of that window the response says the result will come as a new message;
 - results that come late (training; anything after the token ran out) arrive as a new message that

@@ -703,11 +703,12 @@ class TelegramAdapter:
             skip.line(texts.photo_label(len(uploads) + number, item.filename), self._service.settings)
             for number, (item, skip) in enumerate(skipped, start=1)
         ]
-        if uploads:
-            reply = await self._service.add_photos(user, uploads, on_progress=progress.update)
-            reply.add(*lines)
-            lines = [reply.text]
-        await progress.finish("\n".join(lines))
+        if not uploads:
+            await progress.finish("\n".join(lines))
+            return
+        reply = await self._service.add_photos(user, uploads, on_progress=progress.update)
+        reply.add(*lines)  # before the closing line: where the user stands
+        await progress.finish(reply.text)
 
     async def _fetch(self, bot: Bot, item: Item) -> bytes | Skip:
         """The file's bytes with their metadata removed, or why it was not fetched."""

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class LoraTrainSettings:
     """Hyperparameters of one LoRA training run. Defaults are for SDXL and 3-10 face crops.

@@ -24,15 +24,21 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def write_config(tmp_path: Path, tg: FakeTelegram, models: Path, telegram_extra: str) -> Path:
+    """`avatarbooth run`'s config: the tiny preset, Telegram on the fake server (plus ``telegram_extra``)."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[storage]\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[engine]\npreset = "tiny"\nmodels_dir = "{models}"\n'
+        f'[telegram]\nenabled = true\nbase_url = "{tg.base_url}"\nbase_file_url = "{tg.base_file_url}"\n'
+        + telegram_extra
+    )
+    return config
+
+
 async def test_run_serves_the_journey_on_telegram_and_stops_cleanly(tmp_path: Path, tiny_preset_dir: Path) -> None:
     async with FakeTelegram() as tg:
-        config = tmp_path / "config.toml"
-        config.write_text(
-            f'[storage]\ndata_dir = "{tmp_path / "data"}"\n'
-            f'[engine]\npreset = "tiny"\nmodels_dir = "{tiny_preset_dir.parent}"\n'
-            f'[telegram]\nenabled = true\nbase_url = "{tg.base_url}"\nbase_file_url = "{tg.base_file_url}"\n'
-            "progress_interval_s = 0.5\n"
-        )
+        config = write_config(tmp_path, tg, tiny_preset_dir.parent, "progress_interval_s = 0.5\n")
         env = {**os.environ, "TELEGRAM_TOKEN": TOKEN}
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "avatarbooth", "run", "--config", str(config),
@@ -62,17 +68,6 @@ async def test_run_serves_the_journey_on_telegram_and_stops_cleanly(tmp_path: Pa
     assert TOKEN.encode() not in logs
 
 
-def _config(tmp_path: Path, tg: FakeTelegram, models: Path) -> Path:
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f'[storage]\ndata_dir = "{tmp_path / "data"}"\n'
-        f'[engine]\npreset = "tiny"\nmodels_dir = "{models}"\n'
-        f'[telegram]\nenabled = true\nbase_url = "{tg.base_url}"\nbase_file_url = "{tg.base_file_url}"\n'
-        "album_wait_s = 0.5\npoll_timeout_s = 2\n"
-    )
-    return config
-
-
 async def _serving(config: Path, tg: FakeTelegram, log: Path) -> asyncio.subprocess.Process:
     """`avatarbooth run`, returned once it polls the fake server."""
     polls = len(tg.calls_of("getUpdates"))
@@ -90,7 +85,7 @@ async def test_a_bot_killed_mid_album_answers_the_album_once_after_its_restart(
     tmp_path: Path, tiny_preset_dir: Path
 ) -> None:
     async with FakeTelegram() as tg:
-        config = _config(tmp_path, tg, tiny_preset_dir.parent)
+        config = write_config(tmp_path, tg, tiny_preset_dir.parent, "album_wait_s = 0.5\npoll_timeout_s = 2\n")
         first = await _serving(config, tg, tmp_path / "first.log")
         second = None
         try:
