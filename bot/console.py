@@ -17,8 +17,9 @@ from typing import TextIO
 
 from bot import texts
 from bot.chat.failures import failure_text
+from bot.chat.intake import Incoming, NotReceived, take_photos
 from bot.options import parse_options, parse_train_words
-from bot.service import BotService, Reply, Upload, UserRef
+from bot.service import BotService, Reply, UserRef
 from storage.errors import StorageError
 
 _log = logging.getLogger(__name__)
@@ -168,25 +169,8 @@ class ConsoleAdapter:
             self._write(texts.NO_FILES)
             return None
         limit = self._service.settings.max_upload_bytes
-        uploads = [u for u in (self._read_upload(p, limit) for p in paths) if u is not None]
-        if not uploads:
-            return None
-        return await self._service.add_photos(self._user, uploads, on_progress=self._progress)
-
-    def _read_upload(self, name: str, limit: int) -> Upload | None:
-        """Read a file (at most one byte past the upload limit); print why when it can't be sent."""
-        path = Path(name).expanduser()
-        try:
-            with path.open("rb") as handle:
-                data = handle.read(limit + 1)  # enough for the service to refuse an oversized file
-        except FileNotFoundError:
-            self._write(texts.FILE_MISSING.format(path=name))
-            return None
-        except OSError as exc:
-            reason = "it is a folder" if path.is_dir() else exc.strerror or type(exc).__name__
-            self._write(texts.FILE_UNREADABLE.format(path=name, reason=reason))
-            return None
-        return Upload(filename=path.name, data=data)
+        files = [_incoming(path, limit) for path in paths]
+        return await take_photos(self._service, self._user, files, on_progress=self._progress)
 
     async def _photos(self, _: str) -> Reply:
         return await self._service.photos(self._user)
@@ -247,3 +231,28 @@ def _delete_written_images(out_dir: Path) -> int:
 def _copy(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
+
+
+def _incoming(name: str, limit: int) -> Incoming:
+    """A file named on the command line; reading takes at most one byte past the upload limit
+    (enough for the service to refuse a file that grew after its size was taken)."""
+    path = Path(name).expanduser()
+    try:
+        size: int | None = path.stat().st_size if path.is_file() else None
+    except OSError:
+        size = None
+
+    def read_now() -> bytes:
+        with path.open("rb") as handle:
+            return handle.read(limit + 1)
+
+    async def read() -> bytes:
+        try:
+            return await asyncio.to_thread(read_now)
+        except FileNotFoundError as exc:
+            raise NotReceived(texts.FILE_MISSING.format(path=name)) from exc
+        except OSError as exc:
+            reason = "it is a folder" if path.is_dir() else exc.strerror or type(exc).__name__
+            raise NotReceived(texts.FILE_UNREADABLE.format(path=name, reason=reason)) from exc
+
+    return Incoming(path.name, size, read)

@@ -28,6 +28,15 @@ class Upload:
 
 
 @dataclass(frozen=True)
+class Unreceived:
+    """A file the user sent that the bot did not get (too large to fetch, a failed download):
+    `why` follows its label in the reply ("not kept, …", "refused, …") and says what to do."""
+
+    filename: str | None
+    why: str
+
+
+@dataclass(frozen=True)
 class ImageOut:
     """A generated image to send: a local file (do not modify it), its face score, its row id."""
 

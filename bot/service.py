@@ -56,7 +56,7 @@ from bot.errors import (
 )
 from bot.jobs import JobClient
 from bot.quota import DrawQuota
-from bot.replies import ImageOut, Offer, Reply, ResumedWork, Upload, UserRef
+from bot.replies import ImageOut, Offer, Reply, ResumedWork, Unreceived, Upload, UserRef
 from bot.runner import JobRunner, ProgressCallback
 from bot.safety import PromptBlocklist
 from bot.settings import AUTO_CLASS_WORD, CLASS_WORD_CHOICES, BotSettings
@@ -146,9 +146,13 @@ class BotService:
     # --- photos -------------------------------------------------------------------------------
 
     async def add_photos(
-        self, user: UserRef, uploads: Sequence[Upload], on_progress: ProgressCallback | None = None
+        self,
+        user: UserRef,
+        uploads: Sequence[Upload | Unreceived],
+        on_progress: ProgressCallback | None = None,
     ) -> Reply:
-        """Check and enrol selfies: one reply line per upload, then where the user stands."""
+        """Check and enrol selfies: one reply line per file, numbered in the order they were sent
+        (those the platform did not give, `Unreceived`, with theirs), then where the user stands."""
         account = await self._consented(user)
         reply = Reply("")
         lines: list[str] = []
@@ -157,6 +161,9 @@ class BotService:
                 raise TooManyPhotos(self.settings.max_photos)
             for index, upload in enumerate(uploads, start=1):
                 label = texts.photo_label(index, upload.filename)
+                if isinstance(upload, Unreceived):
+                    lines.append(texts.photo_unreceived(label, upload.why))
+                    continue
                 try:
                     lines.append(await self._enrol(account, upload, label, reply, on_progress))
                 except QueueUnavailable as exc:

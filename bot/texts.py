@@ -252,7 +252,17 @@ def photo_accepted(label: str) -> str:
 
 
 def photo_refused(label: str, reason: str) -> str:
-    return f"{label}: refused, {reason}"
+    return f"{label}: {refused(reason)}"
+
+
+def refused(reason: str) -> str:
+    """Why a photo was refused, after its label."""
+    return f"refused, {reason}"
+
+
+def photo_unreceived(label: str, why: str) -> str:
+    """A file the platform could not give the bot (see `bot.replies.Unreceived`)."""
+    return f"{label}: {why}"
 
 
 def photo_failed(label: str, message: str) -> str:
@@ -395,8 +405,8 @@ RESUMED = "Finished work that was interrupted by a restart:"
 
 # --- console ---------------------------------------------------------------------------------------
 
-FILE_MISSING = "not sent: {path}: no such file."
-FILE_UNREADABLE = "not sent: {path}: can't read it ({reason})."
+FILE_MISSING = "not sent, there is no such file: {path}. Check the path and send it again."
+FILE_UNREADABLE = "not sent, I can't read {path} ({reason}). Give the path of an image file."
 NO_FILES = "Give one or more file paths: /photo PATH... (quote paths with spaces)."
 BAD_QUOTING = "I couldn't read that line ({reason}); check the quotes and send it again."
 IMAGE_SAVED = "saved {path}"
@@ -454,11 +464,11 @@ TELEGRAM_NOT_AN_UPLOAD = (
     "I can only use photos and image files. Send your selfies as photos or files, or see /help."
 )
 TELEGRAM_FILE_TOO_BIG = (
-    "{label}: not kept, Telegram lets bots fetch files only up to {limit_mb} MB. "
+    "not kept, Telegram lets bots fetch files only up to {limit_mb} MB. "
     "Send it as a photo (Telegram makes it smaller) or export a smaller file."
 )
 TELEGRAM_DOWNLOAD_FAILED = (
-    "{label}: not kept, I couldn't fetch it from Telegram. Send it again in a minute."
+    "not kept, I couldn't fetch it from Telegram. Send it again in a minute."
 )
 TELEGRAM_PROGRESS_DONE = "{what}: done."
 TELEGRAM_PRIVATE_ONLY = (
@@ -529,9 +539,8 @@ DISCORD_HANDOFF = (
 )
 DISCORD_CHECKING_UPLOADS = "Checking {count} photo(s)..."
 DISCORD_DOWNLOAD_FAILED = (
-    "{filename}: not kept, I couldn't download it from Discord. Send it again in a minute."
+    "not kept, I couldn't download it from Discord. Send it again in a minute."
 )
-DISCORD_NOTHING_TO_CHECK = "No photo was kept. Attach 3 to 5 selfies to /enroll and try again."
 DISCORD_DM_HINT = (
     "Send me your selfies right here as attachments, or use the slash commands: /help lists them."
 )

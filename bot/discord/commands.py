@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -12,15 +11,16 @@ from discord.ext import commands
 
 from bot import texts
 from bot.chat.actions import Verb
+from bot.chat.intake import Incoming, NotReceived, take_photos
 from bot.discord.buttons import COG_NAME, consent_view, view_without
 from bot.discord.conversations import Conversations
 from bot.discord.platform import Interaction, user_ref
 from bot.discord.replies import Answer, InteractionReplies, Replies, shows_image
 from bot.replies import Offer
-from bot.service import BotService, Reply, Upload, UserRef
+from bot.service import BotService, Reply, UserRef
 from bot.settings import CLASS_WORD_CHOICES
 from bot.styles import STYLES
-from engine.api import ASPECT_RATIOS, Refusal, TrainingMethod
+from engine.api import ASPECT_RATIOS, TrainingMethod
 
 _log = logging.getLogger(__name__)
 
@@ -58,33 +58,9 @@ class SlashCommands(commands.Cog, name=COG_NAME):
     async def enroll_attachments(
         self, user: discord.abc.User, attachments: Sequence[discord.Attachment], replies: Replies
     ) -> Answer:
-        """Download every attachment at once (their URLs expire), then let the service check them."""
-        limit = self.service.settings.max_upload_bytes
-        lines: list[str] = []
-        wanted: list[discord.Attachment] = []
-        for index, attachment in enumerate(attachments, start=1):
-            if attachment.size > limit:  # refused unread; the rest is checked by content, not name
-                label = texts.photo_label(index, attachment.filename)
-                reason = texts.refusal(Refusal.FILE_TOO_LARGE, self.service.settings)
-                lines.append(texts.photo_refused(label, reason))
-            else:
-                wanted.append(attachment)
-        downloaded = await asyncio.gather(*(a.read() for a in wanted), return_exceptions=True)
-        uploads: list[Upload] = []
-        for attachment, data in zip(wanted, downloaded):
-            if isinstance(data, bytes):
-                uploads.append(Upload(filename=attachment.filename, data=data))
-            elif isinstance(data, (discord.HTTPException, OSError)):
-                _log.warning("could not download a Discord attachment: %s", data)
-                lines.append(texts.DISCORD_DOWNLOAD_FAILED.format(filename=attachment.filename))
-            else:
-                raise data
-        if not uploads:
-            lines.append(texts.DISCORD_NOTHING_TO_CHECK)
-            return Answer(Reply("\n".join(lines)))
-        reply = await self.service.add_photos(user_ref(user), uploads, on_progress=replies.progress)
-        reply.lines[:0] = lines
-        return Answer(reply)
+        """Check the attachments (fetched at once: their URLs expire) and answer with one reply."""
+        files = [_incoming(attachment) for attachment in attachments]
+        return Answer(await take_photos(self.service, user_ref(user), files, on_progress=replies.progress))
 
     async def _enroll(self, interaction: Interaction, attachments: Sequence[discord.Attachment]) -> None:
         async def work(replies: InteractionReplies) -> Answer:
@@ -252,3 +228,14 @@ class SlashCommands(commands.Cog, name=COG_NAME):
             return Reply(texts.DISCORD_HELP)
 
         await self._answer_service_call(interaction, discord_help, private=True)
+
+
+def _incoming(attachment: discord.Attachment) -> Incoming:
+    async def read() -> bytes:
+        try:
+            return await attachment.read()
+        except (discord.HTTPException, OSError) as exc:
+            _log.warning("could not download a Discord attachment: %s", exc)
+            raise NotReceived(texts.DISCORD_DOWNLOAD_FAILED) from exc
+
+    return Incoming(attachment.filename, attachment.size, read)

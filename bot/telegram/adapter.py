@@ -54,16 +54,17 @@ from telegram.ext import (
 from bot import texts
 from bot.chat.actions import IMAGE_VERBS, Action, Verb, decode
 from bot.chat.failures import failure_text
+from bot.chat.intake import Incoming, NotReceived, take_photos
 from bot.chat.tasks import TaskSet
 from bot.inbox import Inbox
 from bot.options import parse_options, parse_train_words
 from bot.replies import Offer
-from bot.service import BotService, ProgressCallback, Reply, ResumedWork, Upload, UserRef
+from bot.service import BotService, ProgressCallback, Reply, ResumedWork, UserRef
 from bot.telegram.buttons import inline_button
 from bot.telegram.channel import PHOTO_CHECK, Channel, ProgressMessage, Unreachable, acknowledge, quietly
 from bot.telegram.clock import wait_event
 from bot.telegram.http import AiohttpRequest
-from bot.telegram.intake import Albums, Holds, Item, Skip, SkipReason, is_upload
+from bot.telegram.intake import Albums, Holds, Item, is_upload
 from bot.telegram.redaction import TokenRedaction
 from bot.telegram.settings import TELEGRAM_DOWNLOAD_LIMIT, TelegramSettings
 
@@ -696,39 +697,29 @@ class TelegramAdapter:
     ) -> None:
         if progress is None:
             progress = await channel.open_progress(PHOTO_CHECK)
-        fetched = await asyncio.gather(*(self._fetch(channel.bot, item) for item in items))
-        uploads = [Upload(item.filename, got) for item, got in zip(items, fetched) if isinstance(got, bytes)]
-        skipped = [(item, got) for item, got in zip(items, fetched) if isinstance(got, Skip)]
-        lines = [
-            skip.line(texts.photo_label(len(uploads) + number, item.filename), self._service.settings)
-            for number, (item, skip) in enumerate(skipped, start=1)
-        ]
-        if not uploads:
-            await progress.finish("\n".join(lines))
-            return
-        reply = await self._service.add_photos(user, uploads, on_progress=progress.update)
-        reply.add(*lines)  # before the closing line: where the user stands
+        files = [self._incoming(channel.bot, item) for item in items]
+        reply = await take_photos(self._service, user, files, on_progress=progress.update)
         await progress.finish(reply.text)
 
-    async def _fetch(self, bot: Bot, item: Item) -> bytes | Skip:
-        """The file's bytes with their metadata removed, or why it was not fetched."""
+    def _incoming(self, bot: Bot, item: Item) -> Incoming:
+        """The file as Telegram announces it; reading it fetches it from Telegram."""
         limit = self._settings.download_limit
-        if item.size is not None and limit is not None and item.size > limit:
-            return Skip(SkipReason.TOO_BIG_FOR_TELEGRAM, limit)
-        if item.size is not None and item.size > self._service.settings.max_upload_bytes:
-            return Skip(SkipReason.TOO_LARGE)
-        try:
-            remote = await bot.get_file(item.file_id)
-            data = bytes(await remote.download_as_bytearray())
-        except BadRequest as exc:
-            if "too big" in exc.message.lower():
-                return Skip(SkipReason.TOO_BIG_FOR_TELEGRAM, limit or TELEGRAM_DOWNLOAD_LIMIT)
-            _log.warning("could not fetch a file from Telegram: %s", exc)
-            return Skip(SkipReason.NOT_FETCHED)
-        except TelegramError as exc:
-            _log.warning("could not fetch a file from Telegram: %s", exc)
-            return Skip(SkipReason.NOT_FETCHED)
-        return data  # the service strips its metadata at the one upload boundary (bot.uploads)
+
+        async def read() -> bytes:
+            try:
+                remote = await bot.get_file(item.file_id)
+                return bytes(await remote.download_as_bytearray())
+            except BadRequest as exc:
+                if "too big" in exc.message.lower():
+                    raise NotReceived(_over(limit or TELEGRAM_DOWNLOAD_LIMIT)) from exc
+                _log.warning("could not fetch a file from Telegram: %s", exc)
+                raise NotReceived(texts.TELEGRAM_DOWNLOAD_FAILED) from exc
+            except TelegramError as exc:
+                _log.warning("could not fetch a file from Telegram: %s", exc)
+                raise NotReceived(texts.TELEGRAM_DOWNLOAD_FAILED) from exc
+
+        over = _over(limit) if limit is not None else ""
+        return Incoming(item.filename, item.size, read, platform_limit=limit, over_platform_limit=over)
 
     # --- errors, access, resuming ---------------------------------------------------------------
 
@@ -790,6 +781,10 @@ def _user_ref(user: User) -> UserRef:
     return UserRef(PLATFORM, str(user.id))
 
 
+def _over(limit: int) -> str:
+    return texts.TELEGRAM_FILE_TOO_BIG.format(limit_mb=limit // (1024 * 1024))
+
+
 class _Access(enum.Enum):
     PRIVATE = "private"  # a private chat the bot serves
     GROUP = "group"  # a group listed in allowed_chats: commands, answered privately
@@ -802,3 +797,4 @@ __all__ = [
     "TelegramStartError",
     "serve_telegram",
 ]
+

@@ -1,4 +1,5 @@
-"""Taking in uploads: the files of a message, albums gathered, updates held back.
+"""Telegram's side of taking in uploads: the file of a message, albums gathered, updates held back
+(the files themselves are fetched and answered by `bot.chat.intake`).
 
 Albums come as one update per item with a shared ``media_group_id``; items are gathered until the
 album has been quiet for ``album_wait_s`` and answered with one message. An upload the database
@@ -8,17 +9,13 @@ could not keep is held back from Telegram (the getUpdates offset) until it is an
 from __future__ import annotations
 
 import asyncio
-import enum
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 
 from telegram import Message, Update
 
-from bot import texts
 from bot.chat.tasks import TaskSet
-from bot.settings import BotSettings
 from bot.telegram.clock import now, wait_event
-from engine.api import Refusal
 
 
 @dataclass(frozen=True)
@@ -42,27 +39,6 @@ class Item:
                 update_id, message.message_id, document.file_id, document.file_size, document.file_name
             )
         return None
-
-
-class SkipReason(enum.Enum):
-    TOO_BIG_FOR_TELEGRAM = "too_big_for_telegram"
-    TOO_LARGE = "too_large"
-    NOT_FETCHED = "not_fetched"
-
-
-@dataclass(frozen=True)
-class Skip:
-    """An upload not handed to the service, and why."""
-
-    reason: SkipReason
-    limit: int = 0
-
-    def line(self, label: str, settings: BotSettings) -> str:
-        if self.reason is SkipReason.TOO_BIG_FOR_TELEGRAM:
-            return texts.TELEGRAM_FILE_TOO_BIG.format(label=label, limit_mb=self.limit // (1024 * 1024))
-        if self.reason is SkipReason.TOO_LARGE:
-            return texts.photo_refused(label, texts.refusal(Refusal.FILE_TOO_LARGE, settings))
-        return texts.TELEGRAM_DOWNLOAD_FAILED.format(label=label)
 
 
 def is_upload(update: Update) -> bool:

@@ -81,8 +81,12 @@ async def test_missing_and_unreadable_paths_are_not_sent(service: BotService, tm
     _, out, _ = await run_script(service, script, tmp_path)
     lines = out.splitlines()[1:]
     assert lines == [
-        f"not sent: {tmp_path / 'nope.jpg'}: no such file.",
-        f"not sent: {tmp_path}: can't read it (it is a folder).",
+        texts.photo_unreceived("photo 1 (nope.jpg)", texts.FILE_MISSING.format(path=tmp_path / "nope.jpg")),
+        texts.photo_unreceived(
+            f"photo 2 ({tmp_path.name})",
+            texts.FILE_UNREADABLE.format(path=tmp_path, reason="it is a folder"),
+        ),
+        texts.enrollment_standing(0, service.settings.min_photos, service.settings.max_photos),
         texts.NO_FILES,
         "I couldn't read that line (No closing quotation); check the quotes and send it again.",
     ]
@@ -96,9 +100,11 @@ async def test_quoted_paths_with_spaces_reach_the_service(service: BotService, t
     script = f"/agree\n/photo \"{folder / 'my notes.txt'}\" '{folder}/missing one.png' \"{folder}/it's.txt\"\n"
     _, out, _ = await run_script(service, script, tmp_path)
     lines = out.splitlines()[1:]
-    assert lines[0] == f"not sent: {folder}/missing one.png: no such file."
-    assert lines[1].startswith("photo 1 (my notes.txt): refused, not a photo I can read")
-    assert lines[2].startswith("photo 2 (it's.txt): refused, not a photo I can read")
+    assert lines[0].startswith("photo 1 (my notes.txt): refused, not a photo I can read")
+    assert lines[1] == texts.photo_unreceived(
+        "photo 2 (missing one.png)", texts.FILE_MISSING.format(path=f"{folder}/missing one.png")
+    )
+    assert lines[2].startswith("photo 3 (it's.txt): refused, not a photo I can read")
 
 
 @pytest.mark.slow

@@ -344,10 +344,10 @@ async def test_enroll_downloads_after_the_defer_and_checks_content_not_names(
     not_an_image = texts.refusal(Refusal.NOT_AN_IMAGE, stack.service.settings)
     too_large = texts.refusal(Refusal.FILE_TOO_LARGE, stack.service.settings)
     assert result.json["content"].splitlines() == [
-        f"photo 4 (huge.jpg): refused, {too_large}",
         "photo 1 (selfie.txt): accepted.",
         f"photo 2 (holiday.jpg): refused, {not_an_image}",
         "photo 3 (me): accepted.",
+        f"photo 4 (huge.jpg): refused, {too_large}",  # numbered as sent, though never downloaded
         "2 of 3 photos: send 1 more with /photo.",
     ]
     assert fake.original_response(int(enroll["id"]))["flags"] & EPHEMERAL

@@ -447,7 +447,10 @@ async def test_a_file_over_telegrams_download_limit_gets_a_clear_reply(
     async with serving(service, inbox, telegram_settings(tg)):
         tg.send_document(ann, b"\xff\xd8", file_name="huge.jpg", file_size=25 * 1024 * 1024)
         answer = await tg.wait_text(ann.id, "huge.jpg")
-    assert answer["text"] == texts.TELEGRAM_FILE_TOO_BIG.format(label="photo 1 (huge.jpg)", limit_mb=20)
+    assert answer["text"].splitlines() == [
+        texts.photo_unreceived("photo 1 (huge.jpg)", texts.TELEGRAM_FILE_TOO_BIG.format(limit_mb=20)),
+        texts.enrollment_standing(0, service.settings.min_photos, service.settings.max_photos),
+    ]
     assert tg.calls_of("getFile") == []
 
 
