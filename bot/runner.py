@@ -49,6 +49,10 @@ _REQUEST_TYPES: dict[JobName, _RequestType] = {
     JobName.TRAIN: TrainRequest,
     JobName.DRAW: DrawRequest,
 }
+_NAME_OF: dict[_RequestType, JobName] = {kind: name for name, kind in _REQUEST_TYPES.items()}
+UNQUEUED = ""
+"""The job id of a request built before its row exists; `JobRunner.create` drops it and `run` gives
+the row's (`engine.api.arq_job_id`)."""
 Result = TypeVar("Result", CheckPhotoResult, TrainResult, ImagesResult)
 _T = TypeVar("_T")
 _SAVE_RETRIES_S = (0.2, 1.0, 3.0)
@@ -66,10 +70,12 @@ class JobRunner:
         self.in_flight: set[int] = set()  # database job ids this process is waiting on
         self._background: set[asyncio.Task[None]] = set()  # writes retried after their command ended
 
-    async def create(
-        self, account: User, name: JobName, fields: dict[str, Any], meta: dict[str, Any]
-    ) -> Job:
-        """A job row whose payload holds the request (less its row-derived id) and reply context."""
+    async def create(self, account: User, request: JobRequest, meta: dict[str, Any]) -> Job:
+        """A job row whose payload holds the request (less its job id, which the row gives: build
+        the request with `UNQUEUED`) and the reply's context (``meta``)."""
+        name = _NAME_OF[type(request)]
+        fields = request.to_dict()
+        del fields["job_id"]
         return await self._db.create_job(
             account.id, str(name), JOB_QUEUES[name], {"request": fields, "meta": meta}
         )
@@ -240,7 +246,7 @@ class JobRunner:
 def _request_for(job: Job, queue_id: str) -> JobRequest:
     """Rebuild a job's request from its row: the stored fields plus the row-derived id."""
     fields = dict((job.payload or {}).get("request", {}))
-    request: JobRequest = _REQUEST_TYPES[JobName(job.kind)](job_id=queue_id, **fields)
+    request: JobRequest = _REQUEST_TYPES[JobName(job.kind)].from_dict({**fields, "job_id": queue_id})
     return request
 
 

@@ -32,6 +32,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,20 +58,25 @@ from bot.errors import (
 from bot.jobs import JobClient
 from bot.quota import DrawQuota
 from bot.replies import ImageOut, Offer, Reply, ResumedWork, Unreceived, Upload, UserRef
-from bot.runner import JobRunner, ProgressCallback
+from bot.runner import UNQUEUED, JobRunner, ProgressCallback
 from bot.safety import PromptBlocklist
 from bot.settings import AUTO_CLASS_WORD, CLASS_WORD_CHOICES, BotSettings
 from bot.styles import STYLES, apply_style
 from bot.uploads import RefusedUpload, accept_upload
 from engine.api import (
     ASPECT_RATIOS,
+    DEFAULT_ASPECT,
     JOB_TRIES,
     ApparentGender,
+    CheckPhotoRequest,
     CheckPhotoResult,
+    DrawRequest,
     ImagesResult,
     JobName,
+    PreviewRequest,
     Refusal,
     TrainingMethod,
+    TrainRequest,
     TrainResult,
     arq_job_id,
 )
@@ -221,12 +227,8 @@ class BotService:
         key = await asyncio.to_thread(self._blobs.put, owner, "photos", data, checked.suffix)
         photo = await self._db.add_photo(account.id, key, checked.sha256)
         references = [p.embedding_key for p in kept if p.status == PhotoStatus.ACCEPTED and p.embedding_key]
-        job = await self._runner.create(
-            account,
-            JobName.CHECK_PHOTO,
-            {"owner": owner, "photo_key": key, "reference_embedding_keys": references},
-            {"photo_id": photo.id, "label": label},
-        )
+        request = CheckPhotoRequest(UNQUEUED, owner, key, reference_embedding_keys=references)
+        job = await self._runner.create(account, request, {"photo_id": photo.id, "label": label})
         reply.job_ids.append(arq_job_id(job.kind, job.id))
         return await self._finish_check(job, photo, label, on_progress)
 
@@ -297,22 +299,23 @@ class BotService:
         """
         words = self._check_prompt(prompt, required=False) or self.settings.default_preview_prompt
         text, negative = self._styled(words, style)
-        shape = _aspect_fields(aspect)
+        shape = _aspect(aspect)
         account = await self._consented(user)
-        embeddings = await self._enrolled_embeddings(account.id)
-        count = self.settings.preview_num_images
-        fields: dict[str, Any] = {
-            "owner": owner_for(account.id),
-            "embedding_keys": embeddings,
-            "prompt": text,
-            "negative_prompt": negative,
-            "seed": _new_seed(),
-            "num_images": count,
-            "class_word": await self._class_word(account.id),
-            **shape,
-        }
+        request = PreviewRequest(
+            UNQUEUED,
+            owner_for(account.id),
+            await self._enrolled_embeddings(account.id),
+            text,
+            negative_prompt=negative,
+            seed=_new_seed(),
+            num_images=self.settings.preview_num_images,
+            class_word=await self._class_word(account.id),
+            aspect=shape,
+        )
         job = await self._quota.reserve(
-            account.id, count, lambda: self._runner.create(account, JobName.PREVIEW, fields, {"prompt": text})
+            account.id,
+            request.num_images,
+            lambda: self._runner.create(account, request, {"prompt": text}),
         )
         return await self._finish_images(job, on_progress)
 
@@ -334,30 +337,27 @@ class BotService:
         elsewhere).
         """
         text, negative = self._styled(self._check_prompt(prompt, required=True), style)
-        extra: dict[str, Any] = _aspect_fields(aspect)
+        shape = _aspect(aspect)
         account = await self._consented(user)
         model = await self._db.latest_model(account.id)
-        if negative:
-            extra["negative_prompt"] = negative
-        if boost:
-            extra["identity_boost"] = True
-        return await self._draw(account, text, model, extra, on_progress)
+        options = _DrawOptions(aspect=shape, negative_prompt=negative, identity_boost=boost)
+        return await self._draw(account, text, model, options, on_progress)
 
     async def reroll(
         self, user: UserRef, image_id: int, on_progress: ProgressCallback | None = None
     ) -> Reply:
         """The prompt of one of the user's images again, from the same model, with a new seed."""
         account, image = await self._own_image(user, image_id)
-        extra = await self._shape_of(image)
-        return await self._draw(account, image.prompt, await self._model_of(image), extra, on_progress)
+        options = _DrawOptions(aspect=await self._shape_of(image))
+        return await self._draw(account, image.prompt, await self._model_of(image), options, on_progress)
 
     async def more_like(
         self, user: UserRef, image_id: int, on_progress: ProgressCallback | None = None
     ) -> Reply:
         """Variations of one of the user's images: same prompt and model, starting from that image."""
         account, image = await self._own_image(user, image_id)
-        extra = {"variation_of": image.blob_key, **await self._shape_of(image)}
-        return await self._draw(account, image.prompt, await self._model_of(image), extra, on_progress)
+        options = _DrawOptions(aspect=await self._shape_of(image), variation_of=image.blob_key)
+        return await self._draw(account, image.prompt, await self._model_of(image), options, on_progress)
 
     async def delete_image(self, user: UserRef, image_id: int) -> Reply:
         """Delete one of the user's images (its row, and its file unless another row shares it)."""
@@ -384,12 +384,12 @@ class BotService:
             raise NotYourImage()
         return account, image
 
-    async def _shape_of(self, image: GeneratedImage) -> dict[str, Any]:
+    async def _shape_of(self, image: GeneratedImage) -> str:
         """The aspect ratio the image was drawn at, so a redraw keeps its shape."""
         job = await self._db.get_job(image.job_id) if image.job_id is not None else None
         request = (job.payload or {}).get("request") if job is not None else None
         aspect = request.get("aspect") if isinstance(request, dict) else None
-        return {"aspect": aspect} if isinstance(aspect, str) and aspect in ASPECT_RATIOS else {}
+        return aspect if isinstance(aspect, str) and aspect in ASPECT_RATIOS else DEFAULT_ASPECT
 
     async def _model_of(self, image: GeneratedImage) -> PersonalModel | None:
         if image.model_id is None:
@@ -401,7 +401,7 @@ class BotService:
         account: User,
         text: str,
         model: PersonalModel | None,
-        extra: dict[str, Any],
+        options: _DrawOptions,
         on_progress: ProgressCallback | None,
     ) -> Reply:
         """Submit a draw from ``model`` (InstantID when None) and wait for its images."""
@@ -411,27 +411,31 @@ class BotService:
             embeddings = await self._enrolled_embeddings(account.id)
         else:
             embeddings = [p.embedding_key for p in await self._accepted(account.id) if p.embedding_key]
-        count = self.settings.draw_num_images
-        fields: dict[str, Any] = {
-            "owner": owner_for(account.id),
-            "prompt": text,
-            "embedding_keys": embeddings,
-            "seed": _new_seed(),
-            "num_images": count,
-            "class_word": await self._class_word(account.id),  # InstantID's; a model has its own
-            **extra,
-        }
+        request = DrawRequest(
+            UNQUEUED,
+            owner_for(account.id),
+            text,
+            embeddings,
+            class_word=await self._class_word(account.id),  # InstantID's; a model has its own
+            seed=_new_seed(),
+            num_images=self.settings.draw_num_images,
+            aspect=options.aspect,
+            negative_prompt=options.negative_prompt,
+            variation_of=options.variation_of,
+            identity_boost=options.identity_boost,
+        )
         meta: dict[str, Any] = {"prompt": text}
         if model is not None:
-            fields |= {
-                "adapter_key": model.blob_key,
-                "method": model.method,
-                "token": model.token,
-                "class_word": model.class_word,
-            }
+            request = replace(
+                request,
+                adapter_key=model.blob_key,
+                method=model.method,
+                token=model.token,
+                class_word=model.class_word,
+            )
             meta |= {"model_id": model.id, "model_version": model.version, "method": model.method}
         job = await self._quota.reserve(
-            account.id, count, lambda: self._runner.create(account, JobName.DRAW, fields, meta)
+            account.id, request.num_images, lambda: self._runner.create(account, request, meta)
         )
         return await self._finish_images(job, on_progress)
 
@@ -530,14 +534,15 @@ class BotService:
             accepted = await self._accepted(account.id)
             if len(accepted) < self.settings.min_photos:
                 raise NotEnoughPhotos(len(accepted), self.settings.min_photos)
-            fields: dict[str, Any] = {
-                "owner": owner_for(account.id),
-                "method": chosen,
-                "crop_keys": [p.crop_key for p in accepted if p.crop_key],
-                "token": self.settings.token,
-                "class_word": named_word or await self._class_word(account.id),
-            }
-            job = await self._runner.create(account, JobName.TRAIN, fields, {"method": chosen})
+            request = TrainRequest(
+                UNQUEUED,
+                owner_for(account.id),
+                chosen,
+                [p.crop_key for p in accepted if p.crop_key],
+                self.settings.token,
+                named_word or await self._class_word(account.id),
+            )
+            job = await self._runner.create(account, request, {"method": chosen})
         if on_progress is not None:
             await on_progress(texts.TRAINING_STARTED.format(method=chosen, count=len(accepted)))
         return await self._finish_training(job, on_progress)
@@ -794,13 +799,23 @@ def _drawn_by(kind: str, meta: dict[str, Any]) -> str:
 
 
 
-def _aspect_fields(aspect: str | None) -> dict[str, Any]:
-    """The request fields for an aspect ratio the user asked for; refuses one the engine lacks."""
+def _aspect(aspect: str | None) -> str:
+    """The aspect ratio the user asked for (square when none); refuses one the engine lacks."""
     if aspect is None:
-        return {}
+        return DEFAULT_ASPECT
     if aspect.strip() not in ASPECT_RATIOS:
         raise UnknownAspect(aspect, list(ASPECT_RATIOS))
-    return {"aspect": aspect.strip()}
+    return aspect.strip()
+
+
+@dataclass(frozen=True)
+class _DrawOptions:
+    """How a draw differs from the plain one: its shape, style's negative prompt, a variation."""
+
+    aspect: str = DEFAULT_ASPECT
+    negative_prompt: str = ""
+    variation_of: str | None = None  # blob key of the image "more like this" starts from
+    identity_boost: bool = False
 
 
 def _new_seed() -> int:
