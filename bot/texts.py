@@ -243,6 +243,16 @@ def refusal(
     )
 
 
+BUTTON_LABELS = {
+    "agree": "I agree",
+    "reroll": "Draw again",
+    "more": "More like this",
+    "full": "Full size",
+    "delete": "Delete",
+}
+"""Every platform's label for each button, by `bot.chat.actions.Verb`."""
+
+
 def photo_label(index: int, filename: str | None) -> str:
     return f"photo {index} ({filename})" if filename else f"photo {index}"
 
@@ -451,11 +461,6 @@ TELEGRAM_COMMANDS = (
     ("forget", "erase everything stored about you"),
     ("help", "all commands"),
 )
-TELEGRAM_AGREE_BUTTON = "I agree"
-TELEGRAM_REROLL_BUTTON = "Draw again"
-TELEGRAM_MORE_BUTTON = "More like this"
-TELEGRAM_FULL_SIZE_BUTTON = "Full size"
-TELEGRAM_DELETE_BUTTON = "Delete"
 TELEGRAM_SEND_PHOTOS = (
     "Send your selfies right here, as photos or as files (files keep full quality); "
     "several at once is fine."
@@ -527,10 +532,6 @@ DISCORD_STYLE_OPTION = "A style preset (see /help); none keeps your prompt as it
 DISCORD_ASPECT_OPTION = "The picture's shape, width:height (square by default)"
 DISCORD_BOOST_OPTION = "Add your enrolled face to your model's drawing for a closer likeness"
 DISCORD_CONSENT_BUTTON_HINT = "Press \u201cI agree\u201d below (or send /agree) to continue."
-DISCORD_AGREE_BUTTON = "I agree"
-DISCORD_REROLL_BUTTON = "Reroll"
-DISCORD_MORE_BUTTON = "More like this"
-DISCORD_DELETE_BUTTON = "Delete"
 DISCORD_NOT_YOUR_CONSENT = (
     "This button belongs to someone else's /start. Send /start to read the consent text yourself."
 )

@@ -23,11 +23,7 @@ from bot.service import ImageOut
 
 COG_NAME = "AvatarBooth"  # the Cog that answers presses
 
-BUTTON_LABELS = {
-    Verb.REROLL: texts.DISCORD_REROLL_BUTTON,
-    Verb.MORE: texts.DISCORD_MORE_BUTTON,
-    Verb.DELETE: texts.DISCORD_DELETE_BUTTON,
-}
+BUTTON_LABELS = {verb: texts.BUTTON_LABELS[verb] for verb in (Verb.REROLL, Verb.MORE, Verb.DELETE)}
 """The buttons under each result, in the order shown (Discord has no full-size button: the
 attachment is the file)."""
 
@@ -104,7 +100,7 @@ class ChatButton(
 def consent_view(owner_id: int) -> discord.ui.View:
     """The I agree button for the user who ran /start."""
     view = discord.ui.View(timeout=None)
-    view.add_item(ChatButton.of(Action(Verb.AGREE, owner_id), label=texts.DISCORD_AGREE_BUTTON))
+    view.add_item(ChatButton.of(Action(Verb.AGREE, owner_id), label=texts.BUTTON_LABELS[Verb.AGREE]))
     return view
 
 

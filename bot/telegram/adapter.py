@@ -562,7 +562,7 @@ class TelegramAdapter:
         reply = await self._service.start(_user_ref(user))
         markup = None
         if Offer.CONSENT in reply.offers:
-            markup = InlineKeyboardMarkup([[inline_button(Action(Verb.AGREE, user.id), texts.TELEGRAM_AGREE_BUTTON)]])
+            markup = InlineKeyboardMarkup([[inline_button(Action(Verb.AGREE, user.id), texts.BUTTON_LABELS[Verb.AGREE])]])
         await channel.send(reply.text, markup)
 
     async def _photo_hint(self, channel: Channel, user: User, rest: str) -> None:
@@ -621,19 +621,11 @@ class TelegramAdapter:
     async def _send_images(self, channel: Channel, reply: Reply, owner_id: int) -> None:
         for index, image in enumerate(reply.images, start=1):
             data = await asyncio.to_thread(image.path.read_bytes)
-            reroll, more, full, delete = (Action(verb, owner_id, image.image_id) for verb in IMAGE_VERBS)
-            buttons = InlineKeyboardMarkup(
-                [
-                    [
-                        inline_button(reroll, texts.TELEGRAM_REROLL_BUTTON),
-                        inline_button(more, texts.TELEGRAM_MORE_BUTTON),
-                    ],
-                    [
-                        inline_button(full, texts.TELEGRAM_FULL_SIZE_BUTTON),
-                        inline_button(delete, texts.TELEGRAM_DELETE_BUTTON),
-                    ],
-                ]
-            )
+            keys = [
+                inline_button(Action(verb, owner_id, image.image_id), texts.BUTTON_LABELS[verb])
+                for verb in IMAGE_VERBS
+            ]
+            buttons = InlineKeyboardMarkup([keys[:2], keys[2:]])  # two rows of two
             name = f"avatarbooth-{image.image_id}{image.path.suffix or '.png'}"
             caption = texts.image_line(index, image.score)
             try:

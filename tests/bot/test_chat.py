@@ -1,14 +1,23 @@
-"""The presentation every adapter shares (bot.chat): button ids and the progress throttle."""
+"""The presentation every adapter shares (bot.chat): button ids, the progress throttle, the
+background task set and the upload intake (run through every adapter in test_every_adapter)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+from collections.abc import Awaitable, Callable
 
 import pytest
 
+from bot import texts
 from bot.chat.actions import IMAGE_VERBS, MAX_ID, PATTERN, Action, Verb, decode
+from bot.chat.intake import Incoming, NotReceived, receive
 from bot.chat.progress import ProgressThrottle
+from bot.chat.tasks import TaskSet
+from bot.replies import Unreceived, Upload
+from bot.settings import BotSettings
+from engine.api import Refusal
 
 
 @pytest.mark.parametrize("verb", list(Verb))
@@ -132,9 +141,7 @@ async def test_closing_waits_for_an_edit_in_flight_and_a_failed_edit_is_not_show
 
 # --- background tasks (bot.chat.tasks) ---------------------------------------------------------
 
-import logging  # noqa: E402  (this section was appended; kept beside the tests that use it)
 
-from bot.chat.tasks import TaskSet  # noqa: E402
 
 
 async def test_a_stop_drains_the_work_within_its_grace_cancels_the_rest_and_logs_a_failure(
@@ -207,3 +214,50 @@ async def test_a_task_started_elsewhere_is_stopped_with_the_set_while_it_is_trac
     assert not finished_block.done()
     finished_block.cancel()
     await asyncio.gather(finished_block, return_exceptions=True)
+
+
+def test_every_verb_has_one_label_for_every_platform() -> None:
+    assert set(texts.BUTTON_LABELS) == {verb.value for verb in Verb}
+    assert all(label.strip() for label in texts.BUTTON_LABELS.values())
+
+
+# --- the upload intake (bot.chat.intake) ----------------------------------------------------------
+
+
+async def test_the_intake_fetches_every_file_at_once_and_keeps_the_order_sent() -> None:
+    settings = BotSettings(max_upload_bytes=100)
+    started: list[str] = []
+    release = asyncio.Event()
+
+    def reader(name: str, data: bytes | None) -> Callable[[], Awaitable[bytes]]:
+        async def read() -> bytes:
+            started.append(name)
+            await release.wait()  # each waits for the others to have started: fetched at once
+            if data is None:
+                raise NotReceived("not kept, the platform lost it.")
+            return data
+
+        return read
+
+    def unread() -> Awaitable[bytes]:
+        raise AssertionError("a file over a limit is never read")
+
+    files = [
+        Incoming("a.jpg", 10, reader("a", b"a")),
+        Incoming("big.jpg", 101, unread),
+        Incoming("gone.jpg", 10, reader("gone", None)),
+        Incoming("huge.jpg", 50, unread, platform_limit=40, over_platform_limit="not kept, over 40."),
+        Incoming(None, None, reader("unsized", b"u")),  # a size the platform does not say
+    ]
+    receiving = asyncio.create_task(receive(files, settings))
+    while len(started) < 3:
+        await asyncio.sleep(0)
+    release.set()
+    too_large = texts.refused(texts.refusal(Refusal.FILE_TOO_LARGE, settings))
+    assert await receiving == [
+        Upload("a.jpg", b"a"),
+        Unreceived("big.jpg", too_large),
+        Unreceived("gone.jpg", "not kept, the platform lost it."),
+        Unreceived("huge.jpg", "not kept, over 40."),  # the platform's own limit says it better
+        Upload(None, b"u"),
+    ]

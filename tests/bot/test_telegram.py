@@ -148,7 +148,7 @@ async def test_the_whole_journey(
         tg.send_text(ann, "/start")
         consent = await tg.wait_text(ann.id, "Welcome to AvatarBooth")
         assert consent["text"] == texts.CONSENT
-        tg.press(ann, consent, button(consent, texts.TELEGRAM_AGREE_BUTTON))
+        tg.press(ann, consent, button(consent, texts.BUTTON_LABELS[Verb.AGREE]))
         await tg.wait_text(ann.id, "your consent is recorded")
         await tg.wait_for(lambda: "reply_markup" not in tg.messages[consent["message_id"]])
 
@@ -215,18 +215,18 @@ async def test_the_whole_journey(
             assert abs(image.width / image.height - 3 / 4) < 0.05  # sides are multiples of 16
 
         # buttons: full size, draw again, more like this, delete
-        tg.press(ann, drawn, button(drawn, texts.TELEGRAM_FULL_SIZE_BUTTON))
+        tg.press(ann, drawn, button(drawn, texts.BUTTON_LABELS[Verb.FULL]))
         document = await tg.wait_for(lambda: tg.calls_of("sendDocument"))
-        image_id = int(button(drawn, texts.TELEGRAM_DELETE_BUTTON).split(":")[-1])
+        image_id = int(button(drawn, texts.BUTTON_LABELS[Verb.DELETE]).split(":")[-1])
         full = await service.image_file(UserRef("telegram", str(ann.id)), image_id)
         assert document[0].files["document"][1] == full.read_bytes()
 
-        tg.press(ann, drawn, button(drawn, texts.TELEGRAM_REROLL_BUTTON))
+        tg.press(ann, drawn, button(drawn, texts.BUTTON_LABELS[Verb.REROLL]))
         await tg.wait_for(lambda: len(photos_in(tg, ann.id)) == 5)
-        tg.press(ann, drawn, button(drawn, texts.TELEGRAM_MORE_BUTTON))
+        tg.press(ann, drawn, button(drawn, texts.BUTTON_LABELS[Verb.MORE]))
         await tg.wait_for(lambda: len(photos_in(tg, ann.id)) == 7)
 
-        tg.press(ann, drawn, button(drawn, texts.TELEGRAM_DELETE_BUTTON))
+        tg.press(ann, drawn, button(drawn, texts.BUTTON_LABELS[Verb.DELETE]))
         await tg.wait_text(ann.id, texts.IMAGE_DELETED)
         assert drawn["message_id"] in tg.deleted
         assert await db.get_image(image_id) is None
@@ -366,12 +366,12 @@ async def test_a_button_pressed_by_another_user_does_nothing(
         tg.send_text(ann, "/preview")
         await tg.wait_for(lambda: photos_in(tg, ann.id))
         image = photos_in(tg, ann.id)[0]
-        image_id = int(button(image, texts.TELEGRAM_DELETE_BUTTON).split(":")[-1])
+        image_id = int(button(image, texts.BUTTON_LABELS[Verb.DELETE]).split(":")[-1])
         await tg.wait_text(eve.id, "Welcome")
         before = len(tg.calls)
 
-        for label in (texts.TELEGRAM_DELETE_BUTTON, texts.TELEGRAM_REROLL_BUTTON,
-                      texts.TELEGRAM_FULL_SIZE_BUTTON):
+        for label in (texts.BUTTON_LABELS[Verb.DELETE], texts.BUTTON_LABELS[Verb.REROLL],
+                      texts.BUTTON_LABELS[Verb.FULL]):
             tg.press(eve, image, button(image, label))
         # Forged: Eve's own id with Ann's image id. The service refuses it too.
         tg.press(eve, image, f"ab1:d:{eve.id}:{image_id}")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from bot import texts
+from bot.chat.actions import Verb
 from tests.bot.fake_telegram import TOKEN, FakeTelegram
 from tests.bot.test_telegram import button
 from tests.support import face_photo
@@ -48,7 +49,7 @@ async def test_run_serves_the_journey_on_telegram_and_stops_cleanly(tmp_path: Pa
             ann = tg.user(2001, "Ann")
             tg.send_text(ann, "/start")
             consent = await tg.wait_text(ann.id, "Welcome to AvatarBooth", timeout=120)
-            tg.press(ann, consent, button(consent, texts.TELEGRAM_AGREE_BUTTON))
+            tg.press(ann, consent, button(consent, texts.BUTTON_LABELS[Verb.AGREE]))
             await tg.wait_text(ann.id, "your consent is recorded")
 
             for n in range(3):
@@ -92,7 +93,7 @@ async def test_a_bot_killed_mid_album_answers_the_album_once_after_its_restart(
             bo = tg.user(2002, "Bo")
             tg.send_text(bo, "/start")
             consent = await tg.wait_text(bo.id, "Welcome to AvatarBooth", timeout=120)
-            tg.press(bo, consent, button(consent, texts.TELEGRAM_AGREE_BUTTON))
+            tg.press(bo, consent, button(consent, texts.BUTTON_LABELS[Verb.AGREE]))
             await tg.wait_text(bo.id, "your consent is recorded")
             for n in range(3):
                 tg.send_photo(bo, face_photo(n), media_group_id="album")
