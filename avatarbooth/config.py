@@ -208,6 +208,7 @@ _BOT_KEYS: dict[str, dict[str, str]] = {
         "min_side": "min_side",
         "draws_per_hour": "draws_per_hour",
         "images_per_draw": "draw_num_images",
+        "pack_best_of": "pack_best_of",
         "max_prompt_chars": "max_prompt_chars",
     },
     "identity": {"token": "token", "class_word": "class_word"},

@@ -64,6 +64,7 @@ class ConsoleAdapter:
             "/preview": self._preview,
             "/train": self._train,
             "/draw": self._draw,
+            "/pack": self._pack,
             "/styles": self._styles,
             "/status": self._status,
             "/forget": self._forget,
@@ -192,6 +193,9 @@ class ConsoleAdapter:
             self._user, options.prompt, on_progress=self._progress,
             style=options.style, aspect=options.aspect, boost=options.boost,
         )
+
+    async def _pack(self, rest: str) -> Reply:
+        return await self._service.pack(self._user, rest.strip() or None, on_progress=self._progress)
 
     async def _styles(self, _: str) -> Reply:
         return await self._service.styles()

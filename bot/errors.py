@@ -94,6 +94,16 @@ class UnknownStyleName(BotError):
         super().__init__(texts.UNKNOWN_STYLE.format(style=style, names=", ".join(names)))
 
 
+class UnknownPack(BotError):
+    def __init__(self, name: str, names: list[str]) -> None:
+        super().__init__(texts.UNKNOWN_PACK.format(name=name, names=", ".join(names)))
+
+
+class PackNeedsModel(BotError):
+    def __init__(self) -> None:
+        super().__init__(texts.PACK_NEEDS_MODEL)
+
+
 class UnknownAspect(BotError):
     def __init__(self, aspect: str, choices: Sequence[str]) -> None:
         super().__init__(texts.UNKNOWN_ASPECT.format(aspect=aspect, choices=", ".join(choices)))

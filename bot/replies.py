@@ -69,12 +69,14 @@ class Reply:
         lines: list[str] | None = None,
         closing: str | None = None,
         offers: frozenset[Offer] = frozenset(),
+        album: bool = False,
     ) -> None:
         self.lines: list[str] = list(lines) if lines is not None else ([text] if text else [])
         self.images: list[ImageOut] = images if images is not None else []
         self.job_ids: list[str] = job_ids if job_ids is not None else []
         self.closing = closing
         self.offers = offers
+        self.album = album  # a set of images (a pack): sent as albums, without buttons under each
 
     @property
     def text(self) -> str:

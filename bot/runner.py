@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from bot import texts
 from bot.errors import BotError, ErasedMeanwhile, JobFailed, JobLost, QueueUnavailable, ResultNotSaved
 from bot.jobs import JobClient, JobRequest, ProgressFields
+from bot.replies import ImageOut
 from bot.settings import BotSettings
 from engine.api import (
     JOB_QUEUES,
@@ -49,6 +51,14 @@ _REQUEST_TYPES: dict[JobName, _RequestType] = {
     JobName.TRAIN: TrainRequest,
     JobName.DRAW: DrawRequest,
 }
+@dataclass(frozen=True)
+class Drawn:
+    """A preview's or draw's images as recorded (best first), and how many were withheld."""
+
+    images: list[ImageOut]
+    withheld: int = 0
+
+
 _NAME_OF: dict[_RequestType, JobName] = {kind: name for name, kind in _REQUEST_TYPES.items()}
 UNQUEUED = ""
 """The job id of a request built before its row exists; `JobRunner.create` drops it and `run` gives
@@ -123,6 +133,33 @@ class JobRunner:
             self.in_flight.discard(job.id)
         await self._check_not_erased(job, raw)
         return await self._parse(job, raw, result_type)
+
+    async def record_images(self, job: Job, result: ImagesResult) -> Drawn:
+        """A preview's or draw's images recorded as the user's, best first, and the job done.
+
+        Withheld images (the NSFW check) are never shown: their black stand-ins are deleted unless a
+        row already uses the same blob.
+        """
+        await self.require_owned(job, result.image_keys)
+        meta = (job.payload or {}).get("meta") or {}
+        prompt = str(meta.get("prompt", result.prompt_used))
+        model_id = meta.get("model_id")
+        flags = result.flagged or [False] * len(result.image_keys)
+        scores = result.scores + [None] * (len(result.image_keys) - len(result.scores))
+        for key in {key for key, flagged in zip(result.image_keys, flags) if flagged}:
+            if await self._db.count_images_with_blob(job.user_id, key) == 0:
+                await asyncio.to_thread(self._blobs.delete, key)
+        images: list[ImageOut] = []
+        for key, score, flagged in zip(result.image_keys, scores, flags):
+            if flagged:
+                continue
+            row = await self._db.add_image(
+                job.user_id, job.id, key, prompt, result.seed, score,
+                model_id=model_id if isinstance(model_id, int) else None,
+            )
+            images.append(ImageOut(await asyncio.to_thread(self._blobs.path, key), score, row.id))
+        await self._db.update_job(job.id, state=JobState.DONE, progress=1.0, result=result.to_dict())
+        return Drawn(images, withheld=len(result.image_keys) - len(images))
 
     async def _parse(self, job: Job, raw: dict[str, Any], result_type: type[Result]) -> Result:
         what = texts.job_label(job.kind)

@@ -31,7 +31,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from bot.errors import (
     MethodNotEnabled,
     NotYourImage,
     NotEnoughPhotos,
+    PackNeedsModel,
     PromptBlocked,
     PromptTooLong,
     QueueUnavailable,
@@ -56,6 +57,8 @@ from bot.errors import (
     UnknownMethod,
 )
 from bot.jobs import JobClient
+from bot.pack_maker import PackMaker, pack_key
+from bot.packs import Pack, find_pack, load_packs
 from bot.quota import DrawQuota
 from bot.replies import ImageOut, Offer, Reply, ResumedWork, Unreceived, Upload, UserRef
 from bot.runner import UNQUEUED, JobRunner, ProgressCallback
@@ -98,8 +101,6 @@ from storage.errors import StorageError
 _log = logging.getLogger(__name__)
 
 
-
-
 class BotService:
     """The conversation, over the database, the blob store and the job queue."""
 
@@ -114,6 +115,7 @@ class BotService:
         clock: Callable[[], float] = time.time,
         blocklist: PromptBlocklist | None = None,
         runner: JobRunner | None = None,
+        packs: Mapping[str, Pack] | None = None,
     ) -> None:
         self._db = db
         self._blocklist = blocklist if blocklist is not None else PromptBlocklist.default()
@@ -124,6 +126,9 @@ class BotService:
         self._quota = DrawQuota(db, settings, clock)
         self._runner = runner if runner is not None else JobRunner(db, blobs, jobs, settings)
         self._user_locks: dict[int, asyncio.Lock] = {}
+        self.packs = packs if packs is not None else load_packs()
+        note = texts.TINY_NOTE if preset_name == "tiny" else None
+        self._packs = PackMaker(db, blobs, self._runner, self._quota, settings, note=note)
 
     # --- consent and help ---------------------------------------------------------------------
 
@@ -343,6 +348,21 @@ class BotService:
         options = _DrawOptions(aspect=shape, negative_prompt=negative, identity_boost=boost)
         return await self._draw(account, text, model, options, on_progress)
 
+    async def pack(
+        self, user: UserRef, name: str | None, on_progress: ProgressCallback | None = None
+    ) -> Reply:
+        """The avatar pack ``name`` from the user's newest model (see `bot.pack_maker`); no name:
+        the list of packs."""
+        if not (name or "").strip():
+            return Reply(texts.packs_list([(p.name, p.title, p.count, p.description) for p in self.packs.values()]))
+        pack = find_pack(self.packs, name or "")
+        account = await self._consented(user)
+        model = await self._db.latest_model(account.id)
+        if model is None:
+            raise PackNeedsModel()
+        embeddings = [p.embedding_key for p in await self._accepted(account.id) if p.embedding_key]
+        return await self._packs.start(account, pack, model, embeddings, on_progress)
+
     async def reroll(
         self, user: UserRef, image_id: int, on_progress: ProgressCallback | None = None
     ) -> Reply:
@@ -442,33 +462,15 @@ class BotService:
     async def _finish_images(self, job: Job, on_progress: ProgressCallback | None) -> Reply:
         """Wait for a preview or draw, record its images, and say which model drew them."""
         result = await self._runner.run(job, ImagesResult, on_progress)
-        await self._runner.require_owned(job, result.image_keys)
-        meta = _meta(job)
-        images: list[ImageOut] = []
-        lines = [_drawn_by(job.kind, meta)]
-        prompt = str(meta.get("prompt", result.prompt_used))
-        model_id = meta.get("model_id")
-        flags = result.flagged or [False] * len(result.image_keys)
-        scores = result.scores + [None] * (len(result.image_keys) - len(result.scores))
-        withheld = {key for key, flagged in zip(result.image_keys, flags) if flagged}
-        for key in withheld:  # a black stand-in: never shown, not kept unless a row already uses it
-            if await self._db.count_images_with_blob(job.user_id, key) == 0:
-                await asyncio.to_thread(self._blobs.delete, key)
-        shown = [(k, score) for k, score, flagged in zip(result.image_keys, scores, flags) if not flagged]
-        for index, (key, score) in enumerate(shown, start=1):
-            row = await self._db.add_image(
-                job.user_id, job.id, key, prompt, result.seed, score,
-                model_id=model_id if isinstance(model_id, int) else None,
-            )
-            images.append(ImageOut(await asyncio.to_thread(self._blobs.path, key), score, row.id))
-            lines.append(texts.image_line(index, score))
-        if len(shown) < len(result.image_keys):
-            lines.append(texts.images_withheld(len(result.image_keys) - len(shown)))
+        drawn = await self._runner.record_images(job, result)
+        lines = [_drawn_by(job.kind, _meta(job))]
+        lines += [texts.image_line(index, image.score) for index, image in enumerate(drawn.images, start=1)]
+        if drawn.withheld:
+            lines.append(texts.images_withheld(drawn.withheld))
         note = self._images_note(result)
         if note:
             lines.append(note)
-        await self._db.update_job(job.id, state=JobState.DONE, progress=1.0, result=result.to_dict())
-        return Reply("\n".join(lines), images, [arq_job_id(job.kind, job.id)])
+        return Reply("\n".join(lines), drawn.images, [arq_job_id(job.kind, job.id)])
 
     def _images_note(self, result: ImagesResult) -> str | None:
         return texts.TINY_NOTE if self._preset_name == "tiny" else result.note
@@ -676,8 +678,19 @@ class BotService:
         if not stale:
             return None
         reply = Reply(texts.RESUMED)
+        packs: dict[str, list[Job]] = {}
         for job in stale:
-            reply.add(await self._resume(job, reply, on_progress))
+            if (key := pack_key(job)) is not None:
+                packs.setdefault(key, []).append(job)
+            else:
+                reply.add(await self._resume(job, reply, on_progress))
+        for key in packs:  # with the images made before the restart, which are not made again
+            whole = [job for job in await self._db.list_jobs(account.id) if pack_key(job) == key]
+            made = await self._packs.finish(whole, on_progress)
+            reply.add(*made.lines)
+            reply.images.extend(made.images)
+            reply.job_ids.extend(made.job_ids)
+            reply.album = True
         return reply
 
     async def resume_all(
@@ -753,7 +766,6 @@ class BotService:
         return self._user_locks.setdefault(user_id, asyncio.Lock())
 
 
-
 _CLASS_WORDS = {ApparentGender.FEMALE: "woman", ApparentGender.MALE: "man"}
 
 
@@ -780,8 +792,6 @@ def _check_class_word(word: str | None) -> str | None:
     return named
 
 
-
-
 def _meta(job: Job) -> dict[str, Any]:
     meta = (job.payload or {}).get("meta", {})
     return meta if isinstance(meta, dict) else {}
@@ -793,10 +803,6 @@ def _drawn_by(kind: str, meta: dict[str, Any]) -> str:
     if "model_version" in meta:
         return texts.DRAWN_BY_MODEL.format(method=meta.get("method"), version=meta["model_version"])
     return texts.DRAWN_BY_INSTANTID
-
-
-
-
 
 
 def _aspect(aspect: str | None) -> str:

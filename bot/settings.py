@@ -37,6 +37,7 @@ class BotSettings:
     enabled_methods: tuple[str, ...] = ("lora", "ti")  # dreambooth is opt-in: gigabytes per user
     preview_num_images: int = 1
     draw_num_images: int = 2
+    pack_best_of: int = 2  # each pack image is the best of this many by likeness
     interactive_timeout_s: int = 300
     training_timeout_s: int = 3600
     consent_version: str = "1"
@@ -46,7 +47,9 @@ class BotSettings:
             raise ValueError(
                 f"min_photos ({self.min_photos}) must not exceed max_photos ({self.max_photos})"
             )
-        for name, count in (("preview", self.preview_num_images), ("draw", self.draw_num_images)):
+        for name, count in (
+            ("preview", self.preview_num_images), ("draw", self.draw_num_images), ("pack image", self.pack_best_of)
+        ):
             if not 1 <= count <= MAX_IMAGES_PER_REQUEST:
                 raise ValueError(
                     f"images per {name} must be between 1 and {MAX_IMAGES_PER_REQUEST}, not {count}"

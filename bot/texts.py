@@ -47,6 +47,8 @@ Commands:
   /draw [--style S] [--ar W:H] [--boost] PROMPT
                                  draw a picture, e.g. /draw --ar 3:4 me as an astronaut
   /styles                        the style presets for --style
+  /pack [NAME]                   a pack of avatars in several styles from your model
+                                 (/pack alone lists the packs)
   /status                        your photos, models and running jobs
   /forget                        erase everything stored about you
   /help                          this list
@@ -70,6 +72,11 @@ TRAINING_ALREADY_RUNNING = (
     "Your model is already training. Wait for it to finish (see /status) before starting another."
 )
 NO_MODEL_YET = "You have no personal model yet. Use /train to make one."
+PACK_NEEDS_MODEL = (
+    "A pack is drawn from your own model, and you have none yet. Use /train lora to make one "
+    "(it takes a while), then send /pack again."
+)
+UNKNOWN_PACK = "There is no pack called {name!r}. Choose one of: {names} (/pack lists them)."
 UNKNOWN_METHOD = "I don't know the training method {method!r}. Choose one of: {choices}."
 UNKNOWN_CLASS_WORD = (
     "I can't train you as {word!r}. Choose one of: {choices}, e.g. /train lora {example}; "
@@ -350,6 +357,32 @@ DRAWN_BY_INSTANTID = (
 )
 
 
+def packs_list(packs: list[tuple[str, str, int, str]]) -> str:
+    """/pack without a name: (name, title, count, description) of each pack."""
+    lines = ["Packs (send /pack NAME, e.g. /pack " + packs[0][0] + "):"]
+    lines += [f"  {name}: {title}, {count} images. {description}".rstrip() for name, title, count, description in packs]
+    return "\n".join(lines)
+
+
+def pack_progress(title: str, done: int, count: int, line: str | None = None) -> str:
+    head = f"Pack {title}: {done} of {count} images done"
+    return f"{head}; image {done + 1}: {line}" if line else head + "."
+
+
+PACK_DONE = "Your pack {title}: {count} images from your {method} model v{version}, each the best of {best_of}."
+PACK_IMAGE_LOST = "It was deleted or could not be finished; send /pack again for a new set."
+PACK_RESUMED_NOTE = "({done} of them were made before the restart and were not made again.)"
+
+
+def pack_image_line(index: int, subject: str, score: float | None) -> str:
+    likeness = "no face found to compare" if score is None else f"likeness {score:.2f}"
+    return f"image {index} ({subject}): {likeness}"
+
+
+def pack_image_failed(index: int, subject: str, message: str) -> str:
+    return f"image {index} ({subject}): not made. {message}"
+
+
 def image_line(index: int, score: float | None) -> str:
     if score is None:
         return f"image {index}: no face found to compare"
@@ -457,6 +490,7 @@ TELEGRAM_COMMANDS = (
     ("train", "train your personal model"),
     ("draw", "draw a picture, e.g. /draw me as an astronaut"),
     ("styles", "the style presets for /draw --style"),
+    ("pack", "a pack of avatars from your model; /pack lists them"),
     ("status", "your photos, models and running jobs"),
     ("forget", "erase everything stored about you"),
     ("help", "all commands"),
@@ -504,12 +538,13 @@ Commands:
                                  woman, man or person, by your photos unless named)
   /draw prompt [style] [aspect] [boost]
                                  draw a picture, e.g. /draw me as an astronaut
+  /pack [name]                   a pack of avatars in several styles from your model
   /status                        your photos, models and running jobs
   /forget                        erase everything stored about you
   /help                          this list
 style: a look from a menu (anime, oil painting, ...); aspect: the shape (3:4, 16:9, ...);
 boost: adds your enrolled face to your model's drawing for a closer likeness.
-Under each picture: Reroll, More like this, Delete (only for you)."""
+Under each picture: Draw again, More like this, Delete (only for you)."""
 DISCORD_COMMANDS = {
     "start": "What is stored and why; agree to it",
     "agree": "Give your consent (nothing is stored before this)",
@@ -519,10 +554,12 @@ DISCORD_COMMANDS = {
     "preview": "An instant picture of you, before any training",
     "train": "Train your personal model",
     "draw": "Draw a picture of you, e.g. me as an astronaut",
+    "pack": "A pack of avatars in several styles from your own model",
     "status": "Your photos, models and running jobs",
     "forget": "Erase everything stored about you",
     "help": "All commands",
 }
+DISCORD_PACK_OPTION = "Which pack"
 DISCORD_PHOTO_OPTION = "Selfie {n}: one face, well lit and in focus"
 DISCORD_PREVIEW_PROMPT_OPTION = "What to picture (optional), e.g. me as an astronaut"
 DISCORD_TRAIN_METHOD_OPTION = "Training method (lora is the default)"

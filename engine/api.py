@@ -264,6 +264,8 @@ class DrawRequest(_Message):
     # With a LoRA model on an SDXL preset: draw through InstantID with the LoRA active, so the
     # face embedding pulls the likeness further. Ignored where that is not possible.
     identity_boost: bool = False
+    # Best-of-N: render ``num_images``, keep (store and return) only the best ``keep`` by likeness.
+    keep: int | None = None
 
 
 @dataclass(frozen=True)

@@ -252,7 +252,7 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
         strength=request.variation_strength,
     )
     records = _records(app, request.embedding_keys) if request.embedding_keys else []
-    return _store_ranked(app, request.owner, images, records, request.seed, prompt)
+    return _store_ranked(app, request.owner, images, records, request.seed, prompt, keep=request.keep)
 
 
 def _draw_boosted(
@@ -299,7 +299,8 @@ def _instantid_images(
         while_locked=while_locked,
         bbox=pose.bbox,
     )
-    return _store_ranked(app, request.owner, images, records, request.seed, prompt)
+    keep = request.keep if isinstance(request, DrawRequest) else None
+    return _store_ranked(app, request.owner, images, records, request.seed, prompt, keep=keep)
 
 
 def _step(app: WorkerContext, job_id: str, done: int, total: int) -> None:
@@ -451,8 +452,11 @@ def _store_ranked(
     records: list[FaceRecord],
     seed: int,
     prompt: str,
+    *,
+    keep: int | None = None,
 ) -> ImagesResult:
-    """NSFW-screen, then best-of-N: rank by ArcFace cosine to the enrolled mean embedding, store.
+    """NSFW-screen, then best-of-N: rank by ArcFace cosine to the enrolled mean embedding, store
+    the best ``keep`` (all when None; the rest are never written).
 
     A flagged image is stored black (never its content) and ranked last with no score.
     """
@@ -463,6 +467,7 @@ def _store_ranked(
         for image, flagged in zip(screened.images, screened.flagged, strict=True)
     ]
     scored.sort(key=lambda item: (item[1], -2.0 if item[0] is None else -item[0]))
+    scored = scored[:keep] if keep is not None else scored
     keys = [app.blobs.put(owner, "images", _png_bytes(image), ".png") for _, _, image in scored]
     return ImagesResult(
         image_keys=keys,

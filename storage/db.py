@@ -450,6 +450,11 @@ class Database:
         )
         return GeneratedImage(**_fields(_present(row)))
 
+    async def images_of_job(self, job_id: int) -> list[GeneratedImage]:
+        """The images a job made, in the order they were recorded (best first)."""
+        rows = await self._read_all(f"SELECT {_IMAGE} FROM images WHERE job_id = ? ORDER BY id", (job_id,))
+        return [GeneratedImage(**_fields(row)) for row in rows]
+
     async def get_image(self, image_id: int) -> GeneratedImage | None:
         """One generated image by id, or None."""
         row = await self._read_one(f"SELECT {_IMAGE} FROM images WHERE id = ?", (image_id,))
@@ -475,13 +480,14 @@ class Database:
 
     async def count_reserved_images(self, user_id: int, since: float, kinds: Sequence[str]) -> int:
         """Images that the user's unfinished jobs of ``kinds`` (created at or after ``since``) will
-        make: their payloads' ``request.num_images``. Quotas count them with the images already made,
+        make: their payloads' ``request.keep`` (best-of-N keeps that many), else ``request.num_images``. Quotas count them with the images already made,
         so that requests sent at once cannot all pass the check before any image exists."""
         if not kinds:
             return 0
         marks = ", ".join("?" for _ in kinds)
         row = await self._read_one(
-            "SELECT COALESCE(SUM(COALESCE(json_extract(payload, '$.request.num_images'), 1)), 0) FROM jobs"
+            "SELECT COALESCE(SUM(COALESCE(json_extract(payload, '$.request.keep'),"
+            " json_extract(payload, '$.request.num_images'), 1)), 0) FROM jobs"
             f" WHERE user_id = ? AND created_at >= ? AND state IN ('queued', 'running') AND kind IN ({marks})",
             (user_id, since, *kinds),
         )

@@ -18,6 +18,7 @@ from bot.discord.platform import Interaction, user_ref
 from bot.discord.replies import Answer, InteractionReplies, Replies, shows_image
 from bot.replies import Offer
 from bot.service import BotService, Reply, UserRef
+from bot.packs import load_packs
 from bot.settings import CLASS_WORD_CHOICES
 from bot.styles import STYLES
 from engine.api import ASPECT_RATIOS, TrainingMethod
@@ -29,6 +30,8 @@ _TRAIN_CHOICES = [app_commands.Choice(name=m.value, value=m.value) for m in Trai
 _SUBJECT_CHOICES = [app_commands.Choice(name=word, value=word) for word in CLASS_WORD_CHOICES]
 # Choices rather than free text: Discord shows them as a menu and refuses anything else itself.
 _STYLE_CHOICES = [app_commands.Choice(name=s.title, value=s.name) for s in STYLES.values()]
+# A menu of the packs shipped in bot/packs.toml (checked when the service is built, too).
+_PACK_CHOICES = [app_commands.Choice(name=p.title, value=p.name) for p in load_packs().values()][:25]
 _ASPECT_CHOICES = [app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_RATIOS]
 _PHOTO_DESCRIPTIONS = {
     name: texts.DISCORD_PHOTO_OPTION.format(n=n) for n, name in enumerate(PHOTO_OPTIONS, start=1)
@@ -212,6 +215,14 @@ class SlashCommands(commands.Cog, name=COG_NAME):
             interaction,
             lambda u, p: self.service.draw(u, prompt, on_progress=p, style=style, aspect=aspect, boost=boost),
             private=False,
+        )
+
+    @app_commands.command(name="pack", description=texts.DISCORD_COMMANDS["pack"])
+    @app_commands.describe(name=texts.DISCORD_PACK_OPTION)
+    @app_commands.choices(name=_PACK_CHOICES)
+    async def pack(self, interaction: Interaction, name: str | None = None) -> None:
+        await self._answer_service_call(
+            interaction, lambda u, p: self.service.pack(u, name, on_progress=p), private=name is None
         )
 
     @app_commands.command(name="status", description=texts.DISCORD_COMMANDS["status"])

@@ -39,6 +39,7 @@ from bot.service import ImageOut, Reply
 _log = logging.getLogger(__name__)
 
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024  # bytes per file where no interaction says otherwise
+ALBUM_SIZE = 10  # the most files one Discord message holds
 TOKEN_LIFETIME = timedelta(minutes=15)
 TOKEN_MARGIN = timedelta(seconds=60)  # stop using a token this long before it expires
 _IMAGE_FILE = re.compile(r"avatarbooth-(?P<image_id>[0-9]+)\.[a-z]+")
@@ -197,6 +198,9 @@ class InteractionReplies:
         if self._update:
             await self._interaction.followup.send(clip(reply.text), ephemeral=True)
             return
+        if reply.album:
+            await self._deliver_album(reply)
+            return
         if announce or not self._token_usable():
             await self._announce(reply, answer.view)
             return
@@ -230,6 +234,27 @@ class InteractionReplies:
             except discord.HTTPException as exc:  # e.g. no permission to post there
                 _log.warning("could not post a result in the channel, sending it by DM: %s", exc)
         await user.send(clip(reply.text), files=[f.to_file() for f in files], **buttons)
+
+    async def _deliver_album(self, reply: Reply) -> None:
+        """A pack: the reply with its first 10 images (a message's most), then messages of 10 more;
+        no buttons (one row per image would not fit)."""
+        limit = min(self._interaction.filesize_limit, DEFAULT_UPLOAD_LIMIT)
+        files = await self._files(reply.images, limit)
+        chunks = [files[start : start + ALBUM_SIZE] for start in range(0, len(files), ALBUM_SIZE)] or [[]]
+        if self._token_usable():
+            await self._interaction.edit_original_response(
+                content=clip(reply.text), attachments=[f.to_file() for f in chunks[0]]
+            )
+            for chunk in chunks[1:]:
+                await self._interaction.followup.send(files=[f.to_file() for f in chunk])
+            return
+        user = self._interaction.user
+        channel = self._interaction.channel
+        place: discord.abc.Messageable = channel if isinstance(channel, discord.abc.Messageable) and not self._private else user
+        mentions = discord.AllowedMentions(users=[user])
+        for number, chunk in enumerate(chunks):
+            content = clip(f"{user.mention} {reply.text}") if number == 0 else None
+            await place.send(content, files=[f.to_file() for f in chunk], allowed_mentions=mentions)
 
     async def _files(self, images: Sequence[ImageOut], limit: int) -> list[ImageFile]:
         return await asyncio.to_thread(image_files, images, limit)

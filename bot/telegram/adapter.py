@@ -71,6 +71,7 @@ from bot.telegram.settings import TELEGRAM_DOWNLOAD_LIMIT, TelegramSettings
 _log = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
+ALBUM_SIZE = 10  # the most photos one Telegram album (sendMediaGroup) holds
 ALLOWED_UPDATES = ("message", "callback_query")
 _PAGE = 100  # the most updates getUpdates returns at once
 _HELD_RETRY_S = 0.5  # how long to wait for a held upload to settle before polling again
@@ -536,6 +537,7 @@ class TelegramAdapter:
             "preview": self._job_command("preview", self._preview),
             "train": self._job_command("training", self._train, notify=True),
             "draw": self._job_command("drawing", self._draw),
+            "pack": self._pack,
             "styles": self._quick_command(lambda u, _: self._service.styles()),
             "status": self._quick_command(lambda u, _: self._service.status(u)),
             "forget": self._quick_command(lambda u, _: self._service.forget(u)),
@@ -556,6 +558,15 @@ class TelegramAdapter:
         return await self._service.draw(
             user, options.prompt, on_progress=on_progress,
             style=options.style, aspect=options.aspect, boost=options.boost,
+        )
+
+    async def _pack(self, channel: Channel, user: User, rest: str) -> None:
+        """/pack NAME: one progress message for the whole pack, then its albums; /pack: the list."""
+        if not rest.strip():
+            await channel.send((await self._service.pack(_user_ref(user), None)).text)
+            return
+        await self._run_with_progress(
+            channel, user.id, "pack", lambda p: self._service.pack(_user_ref(user), rest, on_progress=p)
         )
 
     async def _start(self, channel: Channel, user: User, rest: str) -> None:
@@ -619,6 +630,8 @@ class TelegramAdapter:
         await self._send_images(channel, reply, owner_id)
 
     async def _send_images(self, channel: Channel, reply: Reply, owner_id: int) -> None:
+        if reply.album:
+            return await self._send_albums(channel, reply)
         for index, image in enumerate(reply.images, start=1):
             data = await asyncio.to_thread(image.path.read_bytes)
             keys = [
@@ -633,6 +646,20 @@ class TelegramAdapter:
             except BadRequest as exc:  # too large or oddly shaped for a photo: send the file
                 _log.info("sending image %d as a document: %s", image.image_id, exc)
                 await channel.send_document(data, name, caption, buttons)
+
+    async def _send_albums(self, channel: Channel, reply: Reply) -> None:
+        """A pack's images as albums of up to 10 (Telegram's limit), each captioned with its score."""
+        photos = []
+        for index, image in enumerate(reply.images, start=1):
+            data = await asyncio.to_thread(image.path.read_bytes)
+            photos.append((data, f"avatarbooth-{image.image_id}{image.path.suffix or '.png'}",
+                           texts.image_line(index, image.score)))
+        for start in range(0, len(photos), ALBUM_SIZE):
+            chunk = photos[start : start + ALBUM_SIZE]
+            if len(chunk) == 1:  # an album holds at least two
+                await channel.send_photo(*chunk[0], None)
+            else:
+                await channel.send_album(chunk)
 
     async def _act_on_button(self, channel: Channel, query: CallbackQuery, action: Action) -> None:
         user = _user_ref(query.from_user)

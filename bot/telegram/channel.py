@@ -8,10 +8,10 @@ pointed there (or told how to open it).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
-from telegram import Bot, InlineKeyboardMarkup, Message, ReplyParameters
+from telegram import Bot, InlineKeyboardMarkup, InputMediaPhoto, Message, ReplyParameters
 from telegram.error import BadRequest, Forbidden, TelegramError
 
 from bot import texts
@@ -64,6 +64,13 @@ class Channel:
                 self.chat_id, data, caption=caption, filename=filename, reply_markup=markup,
                 reply_parameters=self._reply_parameters(),
             )
+        )
+
+    async def send_album(self, photos: Sequence[tuple[bytes, str, str]]) -> Sequence[Message]:
+        """2 to 10 photos (data, file name, caption) as one album; albums carry no buttons."""
+        media = [InputMediaPhoto(data, caption=caption, filename=name) for data, name, caption in photos]
+        return await self._deliver(
+            self.bot.send_media_group(self.chat_id, media, reply_parameters=self._reply_parameters())
         )
 
     async def send_document(

@@ -30,6 +30,7 @@ TOKEN = "123456789:AAFakeTokenForTestsOnly-do_not_log_me"
 DOWNLOAD_LIMIT = 20 * 1024 * 1024
 _JSON_PARAMS = {
     "reply_markup",
+    "media",
     "reply_parameters",
     "allowed_updates",
     "entities",
@@ -357,6 +358,29 @@ class FakeTelegram:
         if params.get("caption"):
             extra["caption"] = params["caption"]
         return self._new_message(params, extra)
+
+    async def _m_sendMediaGroup(self, params: dict[str, Any], files: dict[str, tuple[str, bytes]]) -> Any:
+        """An album: 2 to 10 photos uploaded as ``attach://<name>`` parts; one message each, sharing
+        a ``media_group_id``. Albums carry no buttons (the Bot API has no reply_markup here)."""
+        media = params.get("media")
+        if not isinstance(media, list) or not 2 <= len(media) <= 10:
+            raise _ApiError(400, "Bad Request: wrong number of media in the album (2 to 10)")
+        if "reply_markup" in params:
+            raise _ApiError(400, "Bad Request: albums take no reply_markup")
+        group = f"G{next(self._message_ids)}"
+        sent = []
+        for item in media:
+            reference = str(item.get("media", ""))
+            if item.get("type") != "photo" or not reference.startswith("attach://"):
+                raise _ApiError(400, "Bad Request: an album item must be an uploaded photo")
+            _, data = files[reference.removeprefix("attach://")]
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+            extra: dict[str, Any] = {"photo": [self._photo_size(data, width, height)], "media_group_id": group}
+            if item.get("caption"):
+                extra["caption"] = item["caption"]
+            sent.append(self._new_message(params, extra))
+        return sent
 
     async def _m_sendDocument(self, params: dict[str, Any], files: dict[str, tuple[str, bytes]]) -> Any:
         name, data = files["document"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import io
 import logging
 import os
@@ -30,6 +31,7 @@ from bot.discord.bot import serve_discord
 from bot.discord.replies import fit_under
 from bot.discord.settings import DiscordSettings
 from bot.jobs import JobClient
+from bot.packs import load_packs
 from bot.service import BotService, Reply, ResumedWork, Upload, UserRef
 from bot.settings import BotSettings
 from engine.api import ASPECT_RATIOS, Refusal
@@ -51,7 +53,7 @@ from tests.support import face_photo, running_worker
 
 TOKEN = "MTA5OTk5.fake-discord-bot-token.do-not-log-me"
 COMMANDS = {
-    "start", "agree", "enroll", "photo", "photos", "preview", "train", "draw", "status", "forget", "help"
+    "start", "agree", "enroll", "photo", "photos", "preview", "train", "draw", "pack", "status", "forget", "help"
 }
 MIB = 1024 * 1024
 
@@ -691,3 +693,35 @@ async def test_buttons_sent_with_the_previous_id_format_still_work(
         ]
     assert await stack.db.get_image(first.id) is None
     assert await stack.db.get_image(second.id) is not None
+
+
+@pytest.mark.slow
+async def test_a_pack_is_one_progress_message_then_messages_of_at_most_ten_images(
+    fake: FakeDiscord, stack: Stack, place: Place, alice: Person
+) -> None:
+    portraits = load_packs()["portraits"]
+    packs = {"portraits": dataclasses.replace(portraits, count=12)}  # more than one message holds
+    service = BotService(
+        stack.db, LocalBlobStore(stack.blobs_dir), stack.service._jobs,  # noqa: SLF001
+        stack.service.settings, preset_name="tiny", packs=packs,
+    )
+    async with stack.worker(), serving(fake, service, place):
+        await enrolled(stack, alice)
+        await service.train(user_of(alice))
+        start = len(fake.requests)
+        pack = await command(fake, alice, place, "pack", options={"name": "portraits"})
+        done = await fake.wait_for(edit_of(pack, "Your pack Portraits: 12 images"))
+        rest = await fake.wait_for(followup_of(pack))
+
+    assert len(done.files) == 10 and len(rest.files) == 2
+    message = fake.original_response(int(pack["id"]))
+    assert custom_ids(message) == [] and len(message["attachments"]) == 10  # no buttons under a pack
+    lines = done.json["content"].splitlines()
+    assert [line.split(" (")[0] for line in lines[1:13]] == [f"image {n}" for n in range(1, 13)]
+    progress = [
+        r for r in fake.requests[start:]
+        if r.method == "PATCH" and r.path.endswith(f"/{pack['token']}/messages/@original")
+    ]
+    assert len(progress) > 1
+    assert all((r.json or {}).get("content", "").startswith("Pack Portraits: ") for r in progress[:-1])
+    assert progress[-1] is done  # the progress message became the result: no second message

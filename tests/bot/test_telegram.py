@@ -580,3 +580,36 @@ def test_settings_refuse_what_cannot_work() -> None:
     own_server = TelegramSettings(base_url="http://h/bot", base_file_url="http://h/file/bot")
     assert own_server.download_limit is None
     assert "token" not in {f for f in TelegramSettings.__dataclass_fields__}
+
+
+# --- packs -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_pack_is_one_progress_message_then_one_album(
+    tg: FakeTelegram, service: BotService, inbox: Inbox, db: Database, worker: None
+) -> None:
+    ann = tg.user(1001)
+    user = UserRef("telegram", str(ann.id))
+    await service.agree(user)
+    await service.add_photos(user, [Upload(f"selfie-{n}.jpg", face_photo(n)) for n in range(3)])
+    await service.train(user)
+    async with serving(service, inbox, telegram_settings(tg)):
+        tg.send_text(ann, "/pack")
+        listed = await tg.wait_text(ann.id, "Packs (send /pack NAME")
+        tg.send_text(ann, "/pack portraits")
+        done = await tg.wait_text(ann.id, "Your pack Portraits")
+        album = await tg.wait_for(lambda: [m for m in photos_in(tg, ann.id) if "media_group_id" in m][7:])
+
+    assert "portraits: Portraits, 8 images." in listed["text"]
+    pack_messages = tg.sent_to(ann.id)[1:]  # after the list: the progress message, then the album
+    assert pack_messages[0] is done  # the one progress message, edited into the result
+    assert [m for m in pack_messages if "text" in m] == [done]
+    photos = [m for m in pack_messages if "photo" in m]
+    assert len(photos) == 8 and len({m["media_group_id"] for m in photos}) == 1
+    assert all("reply_markup" not in m for m in photos)  # albums carry no buttons
+    assert [m["caption"].split(": ")[0] for m in photos] == [f"image {n}" for n in range(1, 9)]
+    assert album
+    edits = [str(c.params["text"]) for c in tg.calls_of("editMessageText") if c.params.get("message_id") == done["message_id"]]
+    counts = [int(t.split(": ")[1].split(" of ")[0]) for t in edits if t.startswith("Pack Portraits: ")]
+    assert counts and counts == sorted(counts)  # one message, edited as the images come (throttled)

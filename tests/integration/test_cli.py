@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import struct
 import subprocess
@@ -92,6 +93,7 @@ def test_piped_chat_runs_the_journey_and_refuses_bad_files_without_storing_them(
             "/preview",
             "/train lora",
             "/draw me as an astronaut",
+            "/pack portraits",
             "/status",
         ]
     )
@@ -108,7 +110,12 @@ def test_piped_chat_runs_the_journey_and_refuses_bad_files_without_storing_them(
     assert text.count(": accepted") == 3
     assert "lora model v1 is ready" in text
     assert "Drawn by your lora model v1" in text
-    assert sorted(p.name for p in out.glob("*.png")) == ["draw-1-1.png", "draw-1-2.png", "preview-1.png"]
+    packed = [f"pack-1-{n}.png" for n in range(1, 9)]
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(["draw-1-1.png", "draw-1-2.png", "preview-1.png", *packed])
+    # The pack: 8 images, each line naming its score ("no face found" on the tiny preset's noise).
+    assert "Your pack Portraits: 8 images from your lora model v1, each the best of 2." in text
+    scored = [line for line in text.splitlines() if re.fullmatch(r"image \d \(.+\): (likeness \d\.\d\d|no face found to compare)", line)]
+    assert len(scored) == 8, text
 
     # None of the refused files was stored: three photo rows, three photo blobs, all accepted.
     with sqlite3.connect(tmp_path / "data" / "avatarbooth.sqlite3") as db:
