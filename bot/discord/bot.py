@@ -23,7 +23,7 @@ from bot.discord.buttons import ChatButton, result_view, view_kwargs
 from bot.discord.commands import SlashCommands
 from bot.discord.conversations import Conversations
 from bot.discord.platform import PLATFORM, Interaction, clip
-from bot.discord.replies import ALBUM_SIZE, DEFAULT_UPLOAD_LIMIT, image_files
+from bot.discord.replies import DEFAULT_UPLOAD_LIMIT, album_messages, image_files
 from bot.discord.settings import DiscordSettings
 from bot.service import BotService, Reply, ResumedWork
 
@@ -113,8 +113,7 @@ class AvatarBoothBot(commands.Bot):
             channel = await self.create_dm(discord.Object(user_id))
             files = await asyncio.to_thread(image_files, reply.images, DEFAULT_UPLOAD_LIMIT)
             if reply.album:  # a pack: messages of 10 files, no buttons
-                chunks = [files[start : start + ALBUM_SIZE] for start in range(0, len(files), ALBUM_SIZE)]
-                for number, chunk in enumerate(chunks or [[]]):
+                for number, chunk in enumerate(album_messages(files)):
                     await channel.send(clip(reply.text) if number == 0 else None, files=[f.to_file() for f in chunk])
                 return
             await channel.send(

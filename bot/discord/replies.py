@@ -100,6 +100,11 @@ def image_files(images: Sequence[ImageOut], limit: int) -> list[ImageFile]:
     return files
 
 
+def album_messages(files: list[ImageFile]) -> list[list[ImageFile]]:
+    """A pack's files split into messages of at most ALBUM_SIZE (one message, empty, for none)."""
+    return [files[start : start + ALBUM_SIZE] for start in range(0, len(files), ALBUM_SIZE)] or [[]]
+
+
 def shows_image(filename: str, image_id: int) -> bool:
     """Whether an attachment named `filename` is the file `image_files` made for `image_id`."""
     match = _IMAGE_FILE.fullmatch(filename)
@@ -240,7 +245,7 @@ class InteractionReplies:
         no buttons (one row per image would not fit)."""
         limit = min(self._interaction.filesize_limit, DEFAULT_UPLOAD_LIMIT)
         files = await self._files(reply.images, limit)
-        chunks = [files[start : start + ALBUM_SIZE] for start in range(0, len(files), ALBUM_SIZE)] or [[]]
+        chunks = album_messages(files)
         if self._token_usable():
             await self._interaction.edit_original_response(
                 content=clip(reply.text), attachments=[f.to_file() for f in chunks[0]]
