@@ -149,17 +149,13 @@ class JobRunner:
         for key in {key for key, flagged in zip(result.image_keys, flags) if flagged}:
             if await self._db.count_images_with_blob(job.user_id, key) == 0:
                 await asyncio.to_thread(self._blobs.delete, key)
-        images: list[ImageOut] = []
-        for key, score, flagged in zip(result.image_keys, scores, flags):
-            if flagged:
-                continue
-            row = await self._db.add_image(
-                job.user_id, job.id, key, prompt, result.seed, score,
-                model_id=model_id if isinstance(model_id, int) else None,
-            )
-            images.append(ImageOut(await asyncio.to_thread(self._blobs.path, key), score, row.id))
-        await self._db.update_job(job.id, state=JobState.DONE, progress=1.0, result=result.to_dict())
-        return Drawn(images, withheld=len(result.image_keys) - len(images))
+        shown = [(key, score) for key, score, flagged in zip(result.image_keys, scores, flags) if not flagged]
+        rows = await self._db.finish_images(
+            job.id, shown, prompt, result.seed, result.to_dict(),
+            model_id=model_id if isinstance(model_id, int) else None,
+        )
+        images = [ImageOut(await asyncio.to_thread(self._blobs.path, row.blob_key), row.score, row.id) for row in rows]
+        return Drawn(images, withheld=len(result.image_keys) - len(shown))
 
     async def _parse(self, job: Job, raw: dict[str, Any], result_type: type[Result]) -> Result:
         what = texts.job_label(job.kind)

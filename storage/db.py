@@ -450,6 +450,42 @@ class Database:
         )
         return GeneratedImage(**_fields(_present(row)))
 
+    async def finish_images(
+        self,
+        job_id: int,
+        images: Sequence[tuple[str, float | None]],
+        prompt: str,
+        seed: int,
+        result: dict[str, Any],
+        model_id: int | None = None,
+    ) -> list[GeneratedImage]:
+        """Record a job's images (blob key and score, best first) and mark the job done, in one
+        transaction, so a job is never done without its images nor has images while still active.
+        A second call for the same job returns the images the first recorded (nothing is added)."""
+        encoded = _encode_json("job result", result)
+        now = self._clock()
+        async with self._write() as conn:
+            job = await _fetch_one(conn, "SELECT user_id FROM jobs WHERE id = ?", (job_id,))
+            if job is None:
+                raise RecordNotFound(f"job {job_id} does not exist; it may have been erased with its user")
+            rows = list(await conn.execute_fetchall(
+                f"SELECT {_IMAGE} FROM images WHERE job_id = ? ORDER BY id", (job_id,)
+            ))
+            if not rows:
+                for blob_key, score in images:
+                    row = await _fetch_one(
+                        conn,
+                        "INSERT INTO images (user_id, job_id, model_id, blob_key, prompt, seed, score,"
+                        f" created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_IMAGE}",
+                        (job[0], job_id, model_id, blob_key, prompt, seed, score, now),
+                    )
+                    rows.append(_present(row))
+            await conn.execute(
+                "UPDATE jobs SET state = 'done', progress = 1, result = ?, updated_at = ? WHERE id = ?",
+                (encoded, now, job_id),
+            )
+        return [GeneratedImage(**_fields(row)) for row in rows]
+
     async def images_of_job(self, job_id: int) -> list[GeneratedImage]:
         """The images a job made, in the order they were recorded (best first)."""
         rows = await self._read_all(f"SELECT {_IMAGE} FROM images WHERE job_id = ? ORDER BY id", (job_id,))

@@ -470,6 +470,28 @@ async def test_images_and_count_since(db: Database, clock: FakeClock) -> None:
     assert await db.count_images_since(bob.id, 0) == 1
 
 
+async def test_finish_images_records_the_images_and_the_job_done_together_once(db: Database) -> None:
+    alice = await db.get_or_create_user("console", "alice")
+    job = await db.create_job(alice.id, "draw", "interactive", {})
+    keys = [("u1/images/a.png", 0.7), ("u1/images/b.png", None)]
+
+    # A statement failing half-way (the second image has no key) leaves neither images nor a done job.
+    with pytest.raises(StorageError):
+        await db.finish_images(job.id, [keys[0], (None, 0.1)], "me", 3, {"n": 1})  # type: ignore[list-item]
+    assert await db.images_of_job(job.id) == []
+    assert (await db.get_job(job.id)).state == "queued"  # type: ignore[union-attr]
+
+    first = await db.finish_images(job.id, keys, "me", 3, {"n": 2}, model_id=None)
+    again = await db.finish_images(job.id, [("u1/images/c.png", 0.9)], "me", 3, {"n": 3})
+
+    assert [(image.blob_key, image.score, image.job_id) for image in first] == [(*keys[0], job.id), (*keys[1], job.id)]
+    assert again == first == await db.images_of_job(job.id)  # a retried write adds nothing
+    done = await db.get_job(job.id)
+    assert done is not None and done.state == "done" and done.progress == 1.0
+    with pytest.raises(RecordNotFound):
+        await db.finish_images(job.id + 99, keys, "me", 3, {})
+
+
 # -- erasure ----------------------------------------------------------------------------------
 
 
