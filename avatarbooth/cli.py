@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     command("run", "serve Telegram and/or Discord (as enabled in config) with a worker and the embedded Valkey")
     worker = command("worker", "run a worker alone (for more GPUs or hosts); needs a Redis URL")
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    evaluate = command("eval", "measure likeness: enrol each person's photos but one, train, draw, score against it")
+    evaluate.add_argument("dir", type=Path, metavar="DIR", help="one sub-folder per person, each with 4 or more photos")
+    evaluate.add_argument(
+        "--methods", default="preview,lora,ti", help="any of preview, lora, ti, dreambooth (default: %(default)s)"
+    )
+    evaluate.add_argument("--json", action="store_true", help="end stdout with one JSON line: every number")
     models = commands.add_parser("models", help="fetch model weights", description="fetch model weights")
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     pull = models_commands.add_parser(
@@ -70,7 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "worker":
             return _run_worker(config, burst=args.burst)
         if args.command == "models":
-            return _pull(config, antelopev2_zip=args.antelopev2_zip)
+            from avatarbooth.models import pull_eval
+
+            code = _pull(config, antelopev2_zip=args.antelopev2_zip)
+            return max(code, pull_eval(config.engine.models_dir)) if args.eval else code
+        if args.command == "eval":
+            from avatarbooth.eval import run_eval
+
+            return run_eval(config, args.dir, methods=args.methods, as_json=args.json)
         if args.command == "run":
             return asyncio.run(_serve_platforms(config))
         if args.command == "demo":

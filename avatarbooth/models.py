@@ -255,6 +255,35 @@ MANIFESTS: dict[str, tuple[Component, ...]] = {
 }
 """What ``pull`` fetches for each real preset."""
 
+EVAL_DIR = "eval"
+"""Folder under ``models_dir`` for what ``avatarbooth eval`` alone uses (``models pull --eval``)."""
+CLIP_DIR = "clip"
+"""The CLIP model's folder inside ``EVAL_DIR``: a transformers ``CLIPModel`` folder."""
+CLIP_REPO = "openai/clip-vit-large-patch14"
+# Seen as Hugging Face cache folders models--openai--clip-vit-large-patch14/snapshots/<sha>/ in public code.
+CLIP_REVISION = "32bd64288804d66eefd0ccbe215aa642df71cc41"
+
+_CLIP_EVAL = Component(
+    "CLIP ViT-L/14 (prompt adherence in `avatarbooth eval`, about 1.7 GB; the chat never loads it)",
+    "MIT licence (https://github.com/openai/CLIP); its model card keeps deployed use out of scope: "
+    "here it only scores eval images.",
+    files=(
+        *_hub(CLIP_REPO, "config.json", "preprocessor_config.json", *_CLIP_TOKENIZER, into=CLIP_DIR,
+              revision=CLIP_REVISION),
+        HubFile(
+            CLIP_REPO,
+            tuple((name, f"{CLIP_DIR}/{name}") for name in ("model.safetensors", "pytorch_model.bin")),
+            revision=CLIP_REVISION,
+        ),
+    ),
+)
+
+
+def pull_eval(models_dir: Path, *, hub: HubClient | None = None, report: Report = print) -> int:
+    """Fetch and verify the CLIP model ``avatarbooth eval`` scores prompts with, into ``models_dir/eval/clip``."""
+    return pull(EVAL_DIR, models_dir, hub=hub, report=report, components=(_CLIP_EVAL,))
+
+
 def with_base_model(preset: str, repo_id: str) -> tuple[Component, ...]:
     """``preset``'s manifest with its base model taken from ``repo_id`` (a fine-tuned SDXL or SD1.5
     checkpoint in diffusers' folder layout). Such repositories often have no ``.fp16.`` files, so the
@@ -767,7 +796,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     pull_parser.add_argument("--models-dir", type=Path, required=True, help="the models folder (DATA/models)")
     add_pull_arguments(pull_parser)
     args = parser.parse_args(None if argv is None else list(argv))
-    return pull(args.preset, args.models_dir, antelopev2_zip=args.antelopev2_zip)
+    code = pull(args.preset, args.models_dir, antelopev2_zip=args.antelopev2_zip)
+    return max(code, pull_eval(args.models_dir)) if args.eval else code
 
 
 def add_pull_arguments(parser: Any) -> None:
@@ -778,6 +808,9 @@ def add_pull_arguments(parser: Any) -> None:
         default=None,
         metavar="PATH",
         help="use this local copy of insightface's antelopev2.zip instead of downloading it",
+    )
+    parser.add_argument(
+        "--eval", action="store_true", help="also fetch the CLIP model `avatarbooth eval` scores prompt adherence with"
     )
 
 if __name__ == "__main__":
