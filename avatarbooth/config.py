@@ -58,7 +58,8 @@ class AppConfig:
 
 _SECTIONS = {"storage", "queue", "engine", "limits", "identity", "training", "telegram", "discord", "safety"}
 _ENGINE_KEYS = {
-    "preset", "device", "dtype", "models_dir", "preview_steps", "draw_steps", "base_model", "dreambooth_cache_gib",
+    "preset", "device", "dtype", "models_dir", "preview_steps", "draw_steps", "face_detail", "base_model",
+    "dreambooth_cache_gib",
 }
 _DTYPES = ("auto", "float16", "bfloat16", "float32")  # engine.pipelines.base.RESIDENT_DTYPES, without importing torch
 _DREAMBOOTH_OPTIMIZERS = ("adamw", "adafactor")
@@ -174,6 +175,7 @@ def _engine_settings(
         train_steps=_optional_positive_int(training, "steps"),
         preview_steps=_optional_positive_int(engine, "preview_steps"),
         draw_steps=_optional_positive_int(engine, "draw_steps"),
+        face_detail=bool(_bool(engine, "face_detail", True)),
         random_flip=_bool(training, "random_flip", False),
         train_text_encoder=_bool(training, "train_text_encoder", False),
         gradient_checkpointing=_bool(training, "gradient_checkpointing", None),

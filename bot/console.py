@@ -19,6 +19,7 @@ from bot import texts
 from bot.chat.failures import failure_text
 from bot.chat.intake import Incoming, NotReceived, take_photos
 from bot.options import parse_options, parse_train_words
+from bot.replies import ImageOut
 from bot.service import BotService, Reply, UserRef
 from storage.errors import StorageError
 
@@ -56,6 +57,7 @@ class ConsoleAdapter:
         self.written_images: list[Path] = []
         self.job_ids: list[str] = []
         self._numbers: dict[str, int] = {}  # the last image number used per command
+        self._last_images: list[ImageOut] = []  # the newest result's, for /upscale N
         self._handlers: dict[str, Handler] = {
             "/start": self._start,
             "/agree": self._agree,
@@ -65,6 +67,7 @@ class ConsoleAdapter:
             "/train": self._train,
             "/draw": self._draw,
             "/pack": self._pack,
+            "/upscale": self._upscale,
             "/styles": self._styles,
             "/status": self._status,
             "/forget": self._forget,
@@ -124,6 +127,7 @@ class ConsoleAdapter:
             self._write(reply.text)
         if not reply.images:
             return
+        self._last_images = list(reply.images)
         number = self._next_number(kind)
         for index, image in enumerate(reply.images, start=1):
             part = "" if len(reply.images) == 1 else f"-{index}"
@@ -197,6 +201,19 @@ class ConsoleAdapter:
     async def _pack(self, rest: str) -> Reply:
         return await self._service.pack(self._user, rest.strip() or None, on_progress=self._progress)
 
+    async def _upscale(self, rest: str) -> Reply | None:
+        """/upscale [N]: image N (from 1) of the newest result, the console's 2× upscale button."""
+        count = len(self._last_images)
+        if not count:
+            self._write(texts.CONSOLE_NOTHING_TO_UPSCALE)
+            return None
+        number = int(rest) if rest.isdigit() else 0 if rest else 1
+        if not 1 <= number <= count:
+            self._write(texts.CONSOLE_NO_SUCH_IMAGE.format(count=count, number=rest))
+            return None
+        image_id = self._last_images[number - 1].image_id
+        return await self._service.upscale(self._user, image_id, on_progress=self._progress)
+
     async def _styles(self, _: str) -> Reply:
         return await self._service.styles()
 
@@ -207,6 +224,7 @@ class ConsoleAdapter:
         """Erase the user, and the images this console wrote for them (this session's and earlier
         ones', by their names) from the output folder: a copy outside the data folder is a trace too."""
         reply = await self._service.forget(self._user)
+        self._last_images.clear()
         if not self._forget_saved_images:
             return reply
         removed = await asyncio.to_thread(_delete_written_images, self._out_dir)

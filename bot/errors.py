@@ -104,6 +104,14 @@ class PackNeedsModel(BotError):
         super().__init__(texts.PACK_NEEDS_MODEL)
 
 
+class UpscaleLimit(BotError):
+    """An image upscaled as often as the bot allows (`bot.upscale.MAX_UPSCALES`)."""
+
+    def __init__(self, upscales: int) -> None:
+        super().__init__(texts.UPSCALE_LIMIT.format(factor=2**upscales))
+        self.upscales = upscales
+
+
 class UnknownAspect(BotError):
     def __init__(self, aspect: str, choices: Sequence[str]) -> None:
         super().__init__(texts.UNKNOWN_ASPECT.format(aspect=aspect, choices=", ".join(choices)))

@@ -153,7 +153,7 @@ class PackMaker:
         images.extend(drawn.images)
         if not drawn.images:
             return [texts.pack_image_failed(item.index + 1, item.subject, texts.images_withheld(drawn.withheld))]
-        return [texts.pack_image_line(item.index + 1, item.subject, drawn.images[0].score)]
+        return [texts.pack_image_line(item.index + 1, item.subject, drawn.images[0].score, drawn.images[0].detail)]
 
     async def _made(self, item: _Item, images: list[ImageOut]) -> list[str]:
         """An image made before a restart: read back from its row, not made again."""

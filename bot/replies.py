@@ -43,6 +43,9 @@ class ImageOut:
     path: Path
     score: float | None
     image_id: int
+    # Where the face-detail pass ran and found a face: the likeness as drawn and after the pass
+    # (``score`` is the better one's: that image is the one sent).
+    detail: tuple[float, float] | None = None
 
 
 class Offer(enum.StrEnum):
@@ -70,6 +73,7 @@ class Reply:
         closing: str | None = None,
         offers: frozenset[Offer] = frozenset(),
         album: bool = False,
+        as_files: bool = False,
     ) -> None:
         self.lines: list[str] = list(lines) if lines is not None else ([text] if text else [])
         self.images: list[ImageOut] = images if images is not None else []
@@ -77,6 +81,8 @@ class Reply:
         self.closing = closing
         self.offers = offers
         self.album = album  # a set of images (a pack): sent as albums, without buttons under each
+        # images sent as files, never as photos a chat app recompresses (an upscale, at full size)
+        self.as_files = as_files
 
     @property
     def text(self) -> str:

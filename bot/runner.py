@@ -154,7 +154,11 @@ class JobRunner:
             job.id, shown, prompt, result.seed, result.to_dict(),
             model_id=model_id if isinstance(model_id, int) else None,
         )
-        images = [ImageOut(await asyncio.to_thread(self._blobs.path, row.blob_key), row.score, row.id) for row in rows]
+        detail = _detail_scores(result)
+        images = [
+            ImageOut(await asyncio.to_thread(self._blobs.path, row.blob_key), row.score, row.id, detail.get(row.blob_key))
+            for row in rows
+        ]
         return Drawn(images, withheld=len(result.image_keys) - len(shown))
 
     async def _parse(self, job: Job, raw: dict[str, Any], result_type: type[Result]) -> Result:
@@ -281,6 +285,12 @@ def _request_for(job: Job, queue_id: str) -> JobRequest:
     fields = dict((job.payload or {}).get("request", {}))
     request: JobRequest = _REQUEST_TYPES[JobName(job.kind)].from_dict({**fields, "job_id": queue_id})
     return request
+
+
+def _detail_scores(result: ImagesResult) -> dict[str, tuple[float, float]]:
+    """Blob key → (likeness as drawn, after the face-detail pass), for the images the pass ran on."""
+    pairs = zip(result.image_keys, result.drawn_scores, result.detailed_scores)  # empty from older workers
+    return {key: (drawn, detailed) for key, drawn, detailed in pairs if drawn is not None and detailed is not None}
 
 
 def _fraction(fields: ProgressFields) -> float | None:

@@ -65,6 +65,7 @@ from bot.runner import UNQUEUED, JobRunner, ProgressCallback
 from bot.safety import PromptBlocklist
 from bot.settings import AUTO_CLASS_WORD, CLASS_WORD_CHOICES, BotSettings
 from bot.styles import STYLES, apply_style
+from bot.upscale import Upscaler
 from bot.uploads import RefusedUpload, accept_upload
 from engine.api import (
     ASPECT_RATIOS,
@@ -129,6 +130,7 @@ class BotService:
         self.packs = packs if packs is not None else load_packs()
         note = texts.TINY_NOTE if preset_name == "tiny" else None
         self._packs = PackMaker(db, blobs, self._runner, self._quota, settings, note=note)
+        self._upscales = Upscaler(db, self._runner, self._quota, note=note)
 
     # --- consent and help ---------------------------------------------------------------------
 
@@ -379,6 +381,12 @@ class BotService:
         options = _DrawOptions(aspect=await self._shape_of(image), variation_of=image.blob_key)
         return await self._draw(account, image.prompt, await self._model_of(image), options, on_progress)
 
+    async def upscale(self, user: UserRef, image_id: int, on_progress: ProgressCallback | None = None) -> Reply:
+        """One of the user's images at twice its size, sent as a file (see `bot.upscale`)."""
+        account, image = await self._own_image(user, image_id)
+        model, aspect, word = await self._model_of(image), await self._shape_of(image), await self._class_word(account.id)
+        return await self._upscales.start(account, image, model, aspect=aspect, class_word=word, on_progress=on_progress)
+
     async def delete_image(self, user: UserRef, image_id: int) -> Reply:
         """Delete one of the user's images (its row, and its file unless another row shares it)."""
         account, image = await self._own_image(user, image_id)
@@ -464,7 +472,7 @@ class BotService:
         result = await self._runner.run(job, ImagesResult, on_progress)
         drawn = await self._runner.record_images(job, result)
         lines = [_drawn_by(job.kind, _meta(job))]
-        lines += [texts.image_line(index, image.score) for index, image in enumerate(drawn.images, start=1)]
+        lines += [texts.image_line(index, image.score, image.detail) for index, image in enumerate(drawn.images, start=1)]
         if drawn.withheld:
             lines.append(texts.images_withheld(drawn.withheld))
         note = self._images_note(result)

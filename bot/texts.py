@@ -49,6 +49,7 @@ Commands:
   /styles                        the style presets for --style
   /pack [NAME]                   a pack of avatars in several styles from your model
                                  (/pack alone lists the packs)
+  /upscale [N]                   image N (1 by default) of the last result at twice its size
   /status                        your photos, models and running jobs
   /forget                        erase everything stored about you
   /help                          this list
@@ -255,6 +256,7 @@ BUTTON_LABELS = {
     "reroll": "Draw again",
     "more": "More like this",
     "full": "Full size",
+    "upscale": "2× upscale",
     "delete": "Delete",
 }
 """Every platform's label for each button, by `bot.chat.actions.Verb`."""
@@ -357,6 +359,25 @@ DRAWN_BY_INSTANTID = (
 )
 
 
+UPSCALING = "upscaling"
+"""The progress label of an upscale (its steps are those of every tile together)."""
+
+
+def upscaled(width: int, height: int, upscales: int) -> str:
+    """The first line of an upscale's reply; ``upscales``: how many times the image was enlarged."""
+    factor = 2**upscales
+    return (
+        f"Here it is at {factor}× its drawn size, {width}×{height} pixels, sent as a file so that "
+        "nothing recompresses it."
+    )
+
+
+UPSCALE_LIMIT = (
+    "This image is already {factor}× its drawn size, the largest I make. Save it as it is, or press "
+    "2× upscale under one of your smaller images."
+)
+
+
 def packs_list(packs: list[tuple[str, str, int, str]]) -> str:
     """/pack without a name: (name, title, count, description) of each pack."""
     lines = ["Packs (send /pack NAME, e.g. /pack " + packs[0][0] + "):"]
@@ -374,19 +395,30 @@ PACK_IMAGE_LOST = "It was deleted or could not be finished; send /pack again for
 PACK_RESUMED_NOTE = "({done} of them were made before the restart and were not made again.)"
 
 
-def pack_image_line(index: int, subject: str, score: float | None) -> str:
+def pack_image_line(
+    index: int, subject: str, score: float | None, detail: tuple[float, float] | None = None
+) -> str:
     likeness = "no face found to compare" if score is None else f"likeness {score:.2f}"
-    return f"image {index} ({subject}): {likeness}"
+    return f"image {index} ({subject}): {likeness}{_detail_note(detail)}"
 
 
 def pack_image_failed(index: int, subject: str, message: str) -> str:
     return f"image {index} ({subject}): not made. {message}"
 
 
-def image_line(index: int, score: float | None) -> str:
+def image_line(index: int, score: float | None, detail: tuple[float, float] | None = None) -> str:
     if score is None:
         return f"image {index}: no face found to compare"
-    return f"image {index}: face similarity {score:.2f}"
+    return f"image {index}: face similarity {score:.2f}{_detail_note(detail)}"
+
+
+def _detail_note(detail: tuple[float, float] | None) -> str:
+    """What the face-detail pass did, e.g. ' (face detail: 0.52 -> 0.61, kept)'."""
+    if detail is None:
+        return ""
+    drawn, detailed = detail
+    verdict = "kept" if detailed > drawn else "not kept, the drawing looked more like you"
+    return f" (face detail: {drawn:.2f} -> {detailed:.2f}, {verdict})"
 
 
 # --- status, forget ---------------------------------------------------------------------------------
@@ -453,6 +485,13 @@ FILE_UNREADABLE = "not sent, I can't read {path} ({reason}). Give the path of an
 NO_FILES = "Give one or more file paths: /photo PATH... (quote paths with spaces)."
 BAD_QUOTING = "I couldn't read that line ({reason}); check the quotes and send it again."
 IMAGE_SAVED = "saved {path}"
+CONSOLE_NOTHING_TO_UPSCALE = (
+    "There is no image to upscale yet in this session: make one with /draw or /preview, then send /upscale."
+)
+CONSOLE_NO_SUCH_IMAGE = (
+    "The last result has {count} image(s), so there is no image {number}. Send /upscale with a number "
+    "from 1 to {count}."
+)
 def images_withheld(count: int) -> str:
     """Images the NSFW check replaced: say so, and what to do instead."""
     what = "1 image was" if count == 1 else f"{count} images were"
@@ -482,7 +521,7 @@ Commands:
   /forget                        erase everything stored about you
   /help                          this list
 Selfies: send 3 to 5 right here, as photos or as files (files keep full quality); an album is fine.
-Under each picture: Draw again, More like this, Full size, Delete."""
+Under each picture: Draw again, More like this, 2× upscale (sent as a file), Full size, Delete."""
 TELEGRAM_COMMANDS = (
     ("start", "what is stored and why; agree"),
     ("photos", "your photos and whether each was accepted"),
@@ -544,7 +583,7 @@ Commands:
   /help                          this list
 style: a look from a menu (anime, oil painting, ...); aspect: the shape (3:4, 16:9, ...);
 boost: adds your enrolled face to your model's drawing for a closer likeness.
-Under each picture: Draw again, More like this, Delete (only for you)."""
+Under each picture: Draw again, More like this, 2× upscale, Delete (only for you)."""
 DISCORD_COMMANDS = {
     "start": "What is stored and why; agree to it",
     "agree": "Give your consent (nothing is stored before this)",

@@ -266,6 +266,10 @@ class DrawRequest(_Message):
     identity_boost: bool = False
     # Best-of-N: render ``num_images``, keep (store and return) only the best ``keep`` by likeness.
     keep: int | None = None
+    # Blob key of an earlier image to upscale 2× (the upscale button), re-denoised lightly with the
+    # prompt, model and negative prompt given; one image, so num_images, keep, aspect, the variation
+    # and the boost are ignored.
+    upscale_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -278,6 +282,10 @@ class ImagesResult(_Message):
     prompt_used: str
     note: str | None = None  # e.g. that the tiny preset's images are noise
     flagged: list[bool] = field(default_factory=list)  # per image: withheld by the NSFW check
+    # Per image, where the face-detail pass ran (else None): the likeness of the image as drawn, and of
+    # the pass's result. ``scores`` holds the better of the two: that image is the one stored.
+    drawn_scores: list[float | None] = field(default_factory=list)
+    detailed_scores: list[float | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

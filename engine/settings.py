@@ -25,6 +25,7 @@ class EngineSettings:
     train_steps: int | None = None  # None: the preset's default
     preview_steps: int | None = None
     draw_steps: int | None = None
+    face_detail: bool = True  # every draw's face redrawn at the model's resolution, kept when it looks more like the user
     # [training] switches, for every method that has them (engine.train.methods applies them):
     random_flip: bool = False  # mirrored crops as augmentation; off: they erase facial asymmetries
     train_text_encoder: bool = False  # LoRA/DreamBooth also train the text encoders (EasyPhoto does)

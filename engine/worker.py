@@ -61,12 +61,14 @@ from engine.api import (
 )
 from engine.pipelines.base import ResidentBase, resident_dtype
 from engine.errors import EngineError, PreviewUnavailable
-from engine.faces.analyzer import FaceAnalyzer, FaceRecord, cosine, identity_embedding, mean_embedding
+from engine.faces.analyzer import FaceAnalyzer, FaceRecord, identity_embedding, mean_embedding
 from engine.pipelines.instantid import pose_index, render_preview
 from engine.pipelines.nsfw import NsfwChecker
 from engine.presets import Preset, load_preset
 from engine.progress import TrainingProgress
 from engine.train.checkpoints import CheckpointStore
+from engine.ranking import FaceRedraw, Ranking
+from engine.render.detail import DETAIL_STRENGTH
 from engine.render.renderer import (
     AdapterRef,
     EmbeddingRef,
@@ -76,6 +78,7 @@ from engine.render.renderer import (
     UnetWeightsRef,
     expand_me,
 )
+from engine.render.upscale import upscale
 from engine.settings import EngineSettings
 from engine.train.likeness import judge_by_faces
 from engine.train.memory import GIB, MemoryPlan, NotEnoughGpuMemory, TrainingShape, check_fits, plan_training
@@ -194,10 +197,15 @@ def do_preview(app: WorkerContext, request: PreviewRequest) -> ImagesResult:
 
     Raises ``PreviewUnavailable`` on an SD1.5 preset (InstantID is SDXL-only), before reading anything.
     """
+    return _preview(app, request, detail=False)  # a preview is for speed: no face-detail pass
+
+
+def _preview(app: WorkerContext, request: PreviewRequest, *, detail: bool) -> ImagesResult:
     app.base.require_instantid()
     prompt = expand_me(request.prompt, "a", request.class_word)  # no personal token yet
     return _instantid_images(
-        app, request, prompt, steps=app.settings.preview_steps, out_size=_output_size(app, request.aspect)
+        app, request, prompt, steps=app.settings.preview_steps, out_size=_output_size(app, request.aspect),
+        detail=detail,
     )
 
 
@@ -207,7 +215,10 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
     The fallback is InstantID on SDXL presets, and the plain base drawing "a <class word>" on SD1.5.
     ``identity_boost`` with a LoRA on an SDXL preset draws through InstantID with the LoRA active;
     elsewhere (no model, another method, SD1.5, a variation) it is ignored and the draw goes on as usual.
+    With ``upscale_of`` the request is an upscale of that image instead (`_upscale`).
     """
+    if request.upscale_of is not None:
+        return _upscale(app, request)
     size = _output_size(app, request.aspect)
     if request.adapter_key is None and request.variation_of is None and app.base.instantid is not None:
         fallback = PreviewRequest(
@@ -221,7 +232,7 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
             class_word=request.class_word or "person",
             aspect=request.aspect,
         )
-        return do_preview(app, fallback)
+        return _preview(app, fallback, detail=True)
     personalisation = _personalisation(app, request)
     if (
         request.identity_boost
@@ -238,21 +249,52 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
     if request.variation_of is not None:
         variation_of = Image.open(io.BytesIO(app.blobs.get(request.variation_of))).convert("RGB")
     app.report(request.job_id, stage="rendering")
-    images = app.renderer.draw(
-        prompt,
+    steps = app.settings.draw_steps or app.preset.inference_steps
+
+    def draw(start: Image.Image | None, strength: float, **options: Any) -> list[Image.Image]:
+        return app.renderer.draw(
+            prompt, adapter=personalisation, negative_prompt=request.negative_prompt, seed=request.seed,
+            steps=steps, guidance=app.preset.guidance_scale, variation_of=start, strength=strength, **options,
+        )
+
+    images = draw(
+        variation_of, request.variation_strength, num_images=request.num_images, size=size,
         on_step=lambda done, total: _step(app, request.job_id, done, total),
-        adapter=personalisation,
-        negative_prompt=request.negative_prompt,
-        seed=request.seed,
-        num_images=request.num_images,
-        size=size,
-        steps=app.settings.draw_steps or app.preset.inference_steps,
-        guidance=app.preset.guidance_scale,
-        variation_of=variation_of,
-        strength=request.variation_strength,
     )
     records = _records(app, request.embedding_keys) if request.embedding_keys else []
-    return _store_ranked(app, request.owner, images, records, request.seed, prompt, keep=request.keep)
+    redraw: FaceRedraw
+    if isinstance(personalisation, AdapterRef) and app.base.instantid is not None and records:
+        lora = personalisation
+        redraw = _instantid_redraw(app, request, records, prompt, steps, lambda: app.renderer.lora_active(lora))
+    else:  # TI and DreamBooth (InstantID is not wired to them) and SD1.5: the user's model alone
+        res = app.preset.resolution
+        redraw = lambda crop, _kps, _box: draw(  # noqa: E731
+            crop, DETAIL_STRENGTH, size=(res, res), on_step=lambda *_: _detail_step(app, request.job_id)
+        )[0]
+    return _store_ranked(
+        app, request.owner, images, records, request.seed, prompt, keep=request.keep, redraw=redraw
+    )
+
+
+def _upscale(app: WorkerContext, request: DrawRequest) -> ImagesResult:
+    """The image ``upscale_of`` at twice its size, re-denoised lightly by the base with the user's
+    model when the request names one (`engine.render.upscale`); NSFW-screened and scored like a draw."""
+    assert request.upscale_of is not None
+    personalisation = _personalisation(app, request)
+    if personalisation is not None and request.token and request.class_word:
+        prompt = expand_me(request.prompt, request.token, request.class_word)
+    else:
+        prompt = expand_me(request.prompt, "a", request.class_word or "person")
+    app.report(request.job_id, stage="upscaling")
+    with Image.open(io.BytesIO(app.blobs.get(request.upscale_of))) as source:
+        image = upscale(
+            app.renderer, source, resolution=app.preset.resolution, prompt=prompt, seed=request.seed,
+            steps=app.settings.draw_steps or app.preset.inference_steps, guidance=app.preset.guidance_scale,
+            adapter=personalisation, negative_prompt=request.negative_prompt,
+            on_step=lambda done, total: _step(app, request.job_id, done, total),
+        )
+    records = _records(app, request.embedding_keys) if request.embedding_keys else []
+    return _store_ranked(app, request.owner, [image], records, request.seed, prompt)
 
 
 def _draw_boosted(
@@ -267,6 +309,7 @@ def _draw_boosted(
         steps=app.settings.draw_steps or app.preset.inference_steps,
         out_size=size,
         while_locked=lambda: app.renderer.lora_active(adapter),
+        detail=True,
     )
 
 
@@ -278,10 +321,12 @@ def _instantid_images(
     steps: int | None,
     out_size: tuple[int, int] | None,
     while_locked: Callable[[], AbstractContextManager[object]] | None = None,
+    detail: bool = False,
 ) -> ImagesResult:
     """InstantID from the mean raw embedding of the request's enrolled faces, posed like the most
     frontal and largest of them (``pose_index``), the identity tokens masked to that face's region
-    (``render_preview``), stored and ranked."""
+    (``render_preview``), stored and ranked; with ``detail`` the faces get the face-detail pass,
+    through InstantID too."""
     records = _records(app, request.embedding_keys)
     pose = records[pose_index(records)]
     images = render_preview(
@@ -300,7 +345,35 @@ def _instantid_images(
         bbox=pose.bbox,
     )
     keep = request.keep if isinstance(request, DrawRequest) else None
-    return _store_ranked(app, request.owner, images, records, request.seed, prompt, keep=keep)
+    redraw = _instantid_redraw(app, request, records, prompt, steps, while_locked) if detail else None
+    return _store_ranked(app, request.owner, images, records, request.seed, prompt, keep=keep, redraw=redraw)
+
+
+
+def _instantid_redraw(
+    app: WorkerContext,
+    request: PreviewRequest | DrawRequest,
+    records: list[FaceRecord],
+    prompt: str,
+    steps: int | None,
+    while_locked: Callable[[], AbstractContextManager[object]] | None,
+) -> FaceRedraw:
+    """The face-detail redraw through InstantID on the enrolled faces, posed by the face as drawn."""
+
+    def redraw(crop: Image.Image, kps: np.ndarray, box: np.ndarray) -> Image.Image:
+        return render_preview(
+            app.base, identity_embedding(records), kps, crop.size, prompt=prompt,
+            negative_prompt=request.negative_prompt, seed=request.seed, num_images=1, steps=steps,
+            callback=lambda *_: _detail_step(app, request.job_id), out_size=crop.size,
+            while_locked=while_locked, bbox=box.reshape(-1), init_image=crop, strength=DETAIL_STRENGTH,
+        )[0].resize(crop.size)  # a 1024² square is drawn at 1016² (instantid_size)
+
+    return redraw
+
+
+def _detail_step(app: WorkerContext, job_id: str) -> None:
+    app.check_cancelled(job_id)
+    app.report(job_id, stage="face detail")
 
 
 def _step(app: WorkerContext, job_id: str, done: int, total: int) -> None:
@@ -454,39 +527,28 @@ def _store_ranked(
     prompt: str,
     *,
     keep: int | None = None,
+    redraw: FaceRedraw | None = None,
 ) -> ImagesResult:
-    """NSFW-screen, then best-of-N: rank by ArcFace cosine to the enrolled mean embedding, store
-    the best ``keep`` (all when None; the rest are never written).
+    """NSFW-screen, then best-of-N: rank by ArcFace cosine to the enrolled mean embedding, keep the
+    best ``keep`` (all when None; the rest are never written), give each kept face the face-detail
+    pass when ``redraw`` is given and the config has it on, and store them, best first.
 
     A flagged image is stored black (never its content) and ranked last with no score.
     """
-    screened = app.nsfw.screen(images)
     target = mean_embedding(records) if records else None
-    scored = [
-        (None if flagged else _face_score(app, image, target), flagged, image)
-        for image, flagged in zip(screened.images, screened.flagged, strict=True)
-    ]
-    scored.sort(key=lambda item: (item[1], -2.0 if item[0] is None else -item[0]))
-    scored = scored[:keep] if keep is not None else scored
-    keys = [app.blobs.put(owner, "images", _png_bytes(image), ".png") for _, _, image in scored]
+    ranking = Ranking(app.faces, app.nsfw, app.preset.resolution)
+    ranked = ranking.rank(images, target, keep=keep, redraw=redraw if app.settings.face_detail else None)
+    keys = [app.blobs.put(owner, "images", _png_bytes(item.image), ".png") for item in ranked]
     return ImagesResult(
         image_keys=keys,
-        scores=[score for score, _, _ in scored],
+        scores=[item.score for item in ranked],
         seed=seed,
         prompt_used=prompt,
         note=app.preset.note,
-        flagged=[flagged for _, flagged, _ in scored],
+        flagged=[item.flagged for item in ranked],
+        drawn_scores=[item.drawn_score for item in ranked],
+        detailed_scores=[item.detailed_score for item in ranked],
     )
-
-
-def _face_score(app: WorkerContext, image: Image.Image, target: np.ndarray | None) -> float | None:
-    if target is None:
-        return None
-    faces = app.faces.detect(np.asarray(image.convert("RGB")))
-    if not faces:
-        return None
-    largest = max(faces, key=lambda f: (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
-    return round(cosine(largest.embedding, target), 4)
 
 
 def _png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
@@ -595,7 +657,7 @@ def _check_owned(request: CheckPhotoRequest | PreviewRequest | TrainRequest | Dr
     prefix = f"{request.owner}/"
     for field_ in dataclasses.fields(request):
         name, value = field_.name, getattr(request, field_.name)
-        if not (name.endswith(("_key", "_keys")) or name == "variation_of") or value is None:
+        if not (name.endswith(("_key", "_keys")) or name in ("variation_of", "upscale_of")) or value is None:
             continue
         for key in value if isinstance(value, list) else [value]:
             if not isinstance(key, str) or not key.startswith(prefix) or "/../" in f"/{key}/":

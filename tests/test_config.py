@@ -36,6 +36,15 @@ def test_training_switches_reach_the_engine_settings(tmp_path: Path) -> None:
     assert not load_config(ROOT / "config.toml", env={}).engine.keep_best_by_likeness  # opt-in
 
 
+def test_the_face_detail_pass_is_on_unless_switched_off(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[engine]\nface_detail = false\n")
+    assert not load_config(path, env={}).engine.face_detail
+    path.write_text("")
+    assert load_config(path, env={}).engine.face_detail
+    assert load_config(ROOT / "config.toml", env={}).engine.face_detail
+
+
 def test_precision_memory_and_optimizer_settings_reach_the_engine(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[engine]\ndtype = "bfloat16"\ndreambooth_cache_gib = 0.5\n'
@@ -82,6 +91,7 @@ def test_the_preset_flag_wins_over_the_file(tmp_path: Path) -> None:
         ("[limits]\nmin_photos = 6\n", r"min_photos \(6\) must not exceed max_photos \(5\)"),
         ("[engine\n", "not valid TOML"),
         ('[training]\nrandom_flip = "yes"\n', "random_flip must be true or false"),
+        ("[engine]\nface_detail = 1\n", "face_detail must be true or false"),
         ('[engine]\ndtype = "half"\n', "dtype must be one of 'auto', 'float16', 'bfloat16', 'float32'"),
         ("[engine]\ndreambooth_cache_gib = -1\n", "dreambooth_cache_gib must be a number of GiB"),
         ('[training]\ndreambooth_optimizer = "sgd"\n', "dreambooth_optimizer must be one of 'adamw', 'adafactor'"),

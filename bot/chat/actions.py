@@ -6,6 +6,8 @@ bytes) and Discord's custom ids (100 characters)::
 
     ab2:<verb>:<owner's platform user id>:<image id>      e.g. ab2:reroll:4711:42, ab2:agree:4711:0
 
+Verbs added since (``upscale``) use the same format.
+
 The formats of the previous release still decode, so buttons already sent keep working:
 Telegram's ``ab1:<a|r|m|f|d>:<owner>:<image>`` and Discord's ``ab:<reroll|more|delete>:<image>:<owner>``
 and ``ab:agree:<owner>``.
@@ -27,10 +29,11 @@ class Verb(enum.StrEnum):
     REROLL = "reroll"  # draw the same prompt again
     MORE = "more"  # variations of this image
     FULL = "full"  # send the image as a file, at full size
+    UPSCALE = "upscale"  # the image at twice its size, re-detailed by the model that drew it
     DELETE = "delete"  # delete the image
 
 
-IMAGE_VERBS = (Verb.REROLL, Verb.MORE, Verb.FULL, Verb.DELETE)
+IMAGE_VERBS = (Verb.REROLL, Verb.MORE, Verb.UPSCALE, Verb.FULL, Verb.DELETE)
 """The verbs of the buttons under a result, in the order they are shown."""
 
 _TELEGRAM_LETTERS = {"a": Verb.AGREE, "r": Verb.REROLL, "m": Verb.MORE, "f": Verb.FULL, "d": Verb.DELETE}

@@ -1,4 +1,4 @@
-"""The buttons: Reroll / More like this / Delete under results, and I agree under /start.
+"""The buttons: Reroll / More like this / 2× upscale / Delete under results, and I agree under /start.
 
 Their custom ids are the ones every adapter uses (`bot.chat.actions`): they carry what the button
 does, whose it is and which image it acts on, so one `DynamicItem` (`ChatButton`) resolves them after
@@ -23,7 +23,7 @@ from bot.service import ImageOut
 
 COG_NAME = "AvatarBooth"  # the Cog that answers presses
 
-BUTTON_LABELS = {verb: texts.BUTTON_LABELS[verb] for verb in (Verb.REROLL, Verb.MORE, Verb.DELETE)}
+BUTTON_LABELS = {verb: texts.BUTTON_LABELS[verb] for verb in (Verb.REROLL, Verb.MORE, Verb.UPSCALE, Verb.DELETE)}
 """The buttons under each result, in the order shown (Discord has no full-size button: the
 attachment is the file)."""
 

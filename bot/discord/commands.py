@@ -85,6 +85,8 @@ class SlashCommands(commands.Cog, name=COG_NAME):
         async def work(replies: InteractionReplies) -> Answer:
             if verb is Verb.REROLL:
                 return Answer(await self.service.reroll(user, image_id, on_progress=replies.progress))
+            if verb is Verb.UPSCALE:  # an attachment is the file itself: nothing recompresses it
+                return Answer(await self.service.upscale(user, image_id, on_progress=replies.progress))
             return Answer(await self.service.more_like(user, image_id, on_progress=replies.progress))
 
         # A forged button (its owner's id on someone else's image) is refused before a public

@@ -638,9 +638,12 @@ class TelegramAdapter:
                 inline_button(Action(verb, owner_id, image.image_id), texts.BUTTON_LABELS[verb])
                 for verb in IMAGE_VERBS
             ]
-            buttons = InlineKeyboardMarkup([keys[:2], keys[2:]])  # two rows of two
+            buttons = InlineKeyboardMarkup([keys[row : row + 2] for row in range(0, len(keys), 2)])  # rows of two
             name = f"avatarbooth-{image.image_id}{image.path.suffix or '.png'}"
-            caption = texts.image_line(index, image.score)
+            caption = texts.image_line(index, image.score, image.detail)
+            if reply.as_files:  # at full size (an upscale): Telegram would recompress a photo
+                await channel.send_document(data, name, caption, buttons)
+                continue
             try:
                 await channel.send_photo(data, name, caption, buttons)
             except BadRequest as exc:  # too large or oddly shaped for a photo: send the file
@@ -653,7 +656,7 @@ class TelegramAdapter:
         for index, image in enumerate(reply.images, start=1):
             data = await asyncio.to_thread(image.path.read_bytes)
             photos.append((data, f"avatarbooth-{image.image_id}{image.path.suffix or '.png'}",
-                           texts.image_line(index, image.score)))
+                           texts.image_line(index, image.score, image.detail)))
         for start in range(0, len(photos), ALBUM_SIZE):
             chunk = photos[start : start + ALBUM_SIZE]
             if len(chunk) == 1:  # an album holds at least two
@@ -670,12 +673,13 @@ class TelegramAdapter:
             await channel.send(reply.text)
             if query.message is not None and query.message.chat.id == channel.chat_id:
                 await quietly(channel.remove_buttons(query.message.message_id))
-        elif action.verb in (Verb.REROLL, Verb.MORE):
+        elif action.verb in (Verb.REROLL, Verb.MORE, Verb.UPSCALE):
             # A forged button (someone else's image, or none) is refused before "drawing..." opens.
             await service.check_image(user, image_id)
-            draw = service.reroll if action.verb is Verb.REROLL else service.more_like
+            draw = {Verb.REROLL: service.reroll, Verb.MORE: service.more_like, Verb.UPSCALE: service.upscale}[action.verb]
+            label = texts.UPSCALING if action.verb is Verb.UPSCALE else "drawing"
             await self._run_with_progress(
-                channel, action.owner, "drawing", lambda p: draw(user, image_id, on_progress=p)
+                channel, action.owner, label, lambda p: draw(user, image_id, on_progress=p)
             )
         elif action.verb is Verb.FULL:
             path = await service.image_file(user, image_id)

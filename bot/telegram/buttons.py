@@ -1,8 +1,8 @@
 """Inline buttons carrying the shared button ids (`bot.chat.actions`).
 
-Results come as photos with buttons (draw again, more like this, full size, delete) whose callback
-data carry the verb, the image id and the requester's Telegram id, so they keep working after a
-restart and do nothing for anyone else. Every id fits Telegram's 64 bytes of callback data.
+Results come as photos with buttons (draw again, more like this, 2× upscale, full size, delete) whose
+callback data carry the verb, the image id and the requester's Telegram id, so they keep working
+after a restart and do nothing for anyone else. Every id fits Telegram's 64 bytes of callback data.
 """
 
 from __future__ import annotations

@@ -275,6 +275,8 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         num_images: int = 1,
         callback: StepCallback | None = None,
         face_mask: Image.Image | None = None,
+        init_image: Image.Image | None = None,
+        strength: float = 1.0,
     ) -> list[Image.Image]:
         """Draw ``num_images`` images of the face ``face_embedding`` (512,) posed by ``keypoint_image``.
 
@@ -282,10 +284,15 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         ``face_mask`` (white where the face goes, the keypoint image's size; ``face_region_mask``) limits
         the identity tokens' share of the UNet's cross-attention to that region, through diffusers'
         ``ip_adapter_masks``; None: they act on the whole image. IdentityNet sees them either way.
+        With ``init_image`` the images start from it (image-to-image, e.g. the face-detail pass): it is
+        encoded, noised to the timestep ``strength`` of the way up, and only the remaining steps run
+        (``strength`` 1 redraws it entirely; the last ``round(steps * strength)`` steps are taken).
         """
         self._check_identity_inputs(face_embedding, keypoint_image, generator, num_images)
         if face_mask is not None and face_mask.size != keypoint_image.size:
             raise ValueError(f"face_mask is {face_mask.size}, the keypoint image {keypoint_image.size}")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must lie in (0, 1], got {strength}")
         width, height = keypoint_image.size
         do_cfg = guidance_scale > 1.0
         text = self._encode_text(prompt, negative_prompt, num_images, do_cfg)
@@ -295,18 +302,52 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             self.controlnet.dtype, do_classifier_free_guidance=do_cfg,
         )
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
-        latents = self.prepare_latents(  # noise scaled by the first timestep's sigma
-            num_images, self.unet.config.in_channels, height, width, text["embeds"].dtype,
-            self._execution_device, list(generator),
-        )
+        timesteps = self.scheduler.timesteps
+        if init_image is None:
+            latents = self.prepare_latents(  # noise scaled by the first timestep's sigma
+                num_images, self.unet.config.in_channels, height, width, text["embeds"].dtype,
+                self._execution_device, list(generator),
+            )
+        else:
+            image = init_image.convert("RGB").resize((width, height))
+            latents, timesteps = self._noised(image, strength, list(generator), text["embeds"].dtype)
         masks = None if face_mask is None else [self._identity_mask(face_mask)]
         self.identity.set_scale(ip_adapter_scale)
         with self.identity.attached(self.unet):
             latents = self._denoise(
-                latents, text, tokens, control, (height, width), guidance_scale, identity_strength,
+                latents, timesteps, text, tokens, control, (height, width), guidance_scale, identity_strength,
                 list(generator), callback, masks,
             )
         return self._decode(latents)
+
+    def _noised(
+        self, image: Image.Image, strength: float, generator: list[torch.Generator], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``image``'s latents (one per generator) noised to the step where ``strength`` of the denoising
+        is left, and the timesteps from there on; the scheduler is set to begin there (its timesteps
+        already set)."""
+        order = self.scheduler.order
+        total = len(self.scheduler.timesteps) // order
+        start = min(total - 1, max(0, total - round(total * strength)))
+        timesteps = self.scheduler.timesteps[start * order :]
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(start * order)
+        pixels = self.image_processor.preprocess(image).to(self._execution_device)
+        upcast = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        try:
+            clean = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
+        finally:
+            if upcast:
+                self.vae.to(dtype=torch.float16)
+        clean = (clean * self.vae.config.scaling_factor).to(dtype)
+        noise = torch.cat([
+            torch.randn(clean.shape, generator=g, device=g.device, dtype=dtype).to(self._execution_device)
+            for g in generator
+        ])
+        first = timesteps[:1].repeat(len(generator))
+        return self.scheduler.add_noise(clean.expand(len(generator), -1, -1, -1), noise, first), timesteps
 
     def _identity_mask(self, face_mask: Image.Image) -> torch.Tensor:
         """The mask as IPAdapterAttnProcessor2_0 takes it: (1, images of the adapter = 1, height, width),
@@ -357,6 +398,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
     def _denoise(
         self,
         latents: torch.Tensor,
+        timesteps: torch.Tensor,
         text: dict[str, torch.Tensor],
         tokens: torch.Tensor,
         control: torch.Tensor,
@@ -367,7 +409,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         callback: StepCallback | None,
         identity_masks: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The denoising loop over the scheduler's timesteps (already set).
+        """The denoising loop over ``timesteps`` (the scheduler's, already set, or their tail).
 
         IdentityNet sees the identity tokens; the UNet sees text + identity tokens, the latter masked to
         ``identity_masks`` when given (diffusers' ``ip_adapter_masks``: one per adapter).
@@ -377,7 +419,6 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         unet_tokens = tokens if identity_masks is None else tokens[:, None]
         attention = None if identity_masks is None else {"ip_adapter_masks": identity_masks}
         do_cfg = guidance_scale > 1.0  # the conditioning then holds [unconditional, conditional]
-        timesteps = self.scheduler.timesteps
         for index, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
@@ -435,6 +476,8 @@ def render_preview(
     while_locked: Callable[[], AbstractContextManager[object]] | None = None,
     bbox: np.ndarray | None = None,
     mask_identity: bool = True,
+    init_image: Image.Image | None = None,
+    strength: float = 1.0,
 ) -> list[Image.Image]:
     """Zero-shot InstantID images of one face, with the preset's guidance and identity weights.
 
@@ -447,6 +490,7 @@ def render_preview(
     InstantID's demo does by default ("enhance non-face region"); IdentityNet sees them either way.
     Image ``i`` is seeded with ``seed + i``, so each image is reproducible on its own. Holds ``base.gpu_lock`` while drawing;
     ``while_locked`` (e.g. a user's LoRA made active on the shared UNet) is entered inside the lock.
+    With ``init_image`` the images start from it at ``strength`` (``InstantIDPipeline.__call__``).
     Raises ``PreviewUnavailable`` on a base without InstantID (SD1.5).
     """
     instantid = base.require_instantid()
@@ -471,4 +515,6 @@ def render_preview(
             num_images=num_images,
             callback=callback,
             face_mask=face_mask,
+            init_image=init_image,
+            strength=strength,
         )

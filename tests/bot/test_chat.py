@@ -74,7 +74,19 @@ def test_a_button_belongs_to_its_owner_only() -> None:
     action = Action(Verb.DELETE, 4711, 42)
     assert action.belongs_to(4711) and action.belongs_to("4711")
     assert not action.belongs_to(4712)
-    assert IMAGE_VERBS == (Verb.REROLL, Verb.MORE, Verb.FULL, Verb.DELETE)
+    assert IMAGE_VERBS == (Verb.REROLL, Verb.MORE, Verb.UPSCALE, Verb.FULL, Verb.DELETE)
+
+
+def test_the_upscale_button_round_trips_in_the_current_format_only() -> None:
+    action = Action(Verb.UPSCALE, 4711, 42)
+    assert action.encode() == "ab2:upscale:4711:42"
+    assert decode("ab2:upscale:4711:42") == action
+    assert decode(Action(Verb.UPSCALE, MAX_ID - 1, MAX_ID - 1).encode()) == Action(Verb.UPSCALE, MAX_ID - 1, MAX_ID - 1)
+    assert decode("ab2:upscale:4711:0") is None  # it names an image
+    # The previous releases had no upscale button: their formats never decode to one.
+    assert decode("ab1:u:4711:42") is None
+    assert decode("ab:upscale:42:4711") is None
+    assert decode("ab1:f:4711:42") == Action(Verb.FULL, 4711, 42)  # and theirs still work beside it
 
 
 class _Clock:

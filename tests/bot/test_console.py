@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from bot import texts
 from bot.console import ConsoleAdapter
@@ -66,6 +67,12 @@ async def test_a_bot_error_is_printed_as_its_message(service: BotService, tmp_pa
     assert out.splitlines() == [texts.CONSENT_REQUIRED, texts.EMPTY_PROMPT]
 
 
+async def test_upscale_before_any_image_says_how_to_make_one(service: BotService, tmp_path: Path) -> None:
+    _, out, console = await run_script(service, "/upscale\n/upscale 3\n", tmp_path)
+    assert out.splitlines() == [texts.CONSOLE_NOTHING_TO_UPSCALE] * 2
+    assert console.job_ids == []
+
+
 async def test_train_reads_a_method_and_a_class_word(service: BotService, tmp_path: Path) -> None:
     _, out, _ = await run_script(service, "/train lora astronaut\n/train Astronaut\n/train woman\n", tmp_path)
     assert out.splitlines() == [
@@ -116,21 +123,28 @@ async def test_images_are_written_with_readable_names(
         photos.append(tmp_path / f"selfie {n}.jpg")
         photos[-1].write_bytes(face_photo(n))
     quoted = " ".join(f"'{p}'" for p in photos)
-    script = f"/agree\n/photo {quoted}\n/preview\n/draw me as an astronaut\n/preview a painting\n"
+    script = (
+        f"/agree\n/photo {quoted}\n/preview\n/draw me as an astronaut\n/preview a painting\n"
+        "/upscale 2\n/upscale\n"  # image 2 of nothing but the painting: refused; then the painting, 2×
+    )
     out_dir = tmp_path / "out"
     async with running_worker(valkey_url, tmp_path / "blobs", tiny_preset_dir.parent):
         _, out, console = await run_script(service, script, out_dir)
     assert "photo 3 (selfie 2.jpg): accepted." in out
     names = [p.name for p in console.written_images]
-    assert names == ["preview-1.png", "draw-1-1.png", "draw-1-2.png", "preview-2.png"]
+    assert names == ["preview-1.png", "draw-1-1.png", "draw-1-2.png", "preview-2.png", "upscale-1.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in console.written_images)
-    assert console.job_ids == [*(f"check_photo-{n}" for n in (1, 2, 3)), "preview-4", "draw-5", "preview-6"]
+    assert console.job_ids == [*(f"check_photo-{n}" for n in (1, 2, 3)), "preview-4", "draw-5", "preview-6", "draw-7"]
     assert f"saved {out_dir / 'draw-1-2.png'}" in out
     assert texts.TINY_NOTE in out
+    assert texts.CONSOLE_NO_SUCH_IMAGE.format(count=1, number=2) in out
+    assert texts.upscaled(256, 256, 1) in out
+    with Image.open(console.written_images[-1]) as upscaled, Image.open(console.written_images[-2]) as painting:
+        assert upscaled.size == (2 * painting.width, 2 * painting.height)
 
     (out_dir / "my notes.txt").write_text("not ours")  # the user's own file in the folder stays
     _, out, _ = await run_script(service, "/forget\n", out_dir)
-    assert texts.CONSOLE_FORGOTTEN_FILES.format(count=4, folder=out_dir) in out
+    assert texts.CONSOLE_FORGOTTEN_FILES.format(count=5, folder=out_dir) in out
     assert [p.name for p in out_dir.iterdir()] == ["my notes.txt"]
 
 

@@ -438,7 +438,8 @@ async def test_preview_and_draw_send_images_with_buttons_for_the_requester_only(
         previewed = fake.original_response(int(preview["id"]))
         (image_id,) = image_ids(previewed)
         assert custom_ids(previewed) == [
-            Action(verb, alice.id, image_id).encode() for verb in (Verb.REROLL, Verb.MORE, Verb.DELETE)
+            Action(verb, alice.id, image_id).encode()
+            for verb in (Verb.REROLL, Verb.MORE, Verb.UPSCALE, Verb.DELETE)
         ]
 
         draw = await command(
@@ -454,7 +455,7 @@ async def test_preview_and_draw_send_images_with_buttons_for_the_requester_only(
         message = fake.original_response(int(draw["id"]))
         assert not message["flags"] & EPHEMERAL  # results are public, so their buttons last
         assert len(drawn.files) == 2 and len(message["attachments"]) == 2
-        assert [action_of(i).verb for i in custom_ids(message)] == [Verb.REROLL, Verb.MORE, Verb.DELETE] * 2
+        assert [action_of(i).verb for i in custom_ids(message)] == [Verb.REROLL, Verb.MORE, Verb.UPSCALE, Verb.DELETE] * 2
         first, second = image_ids(message)
 
         jobs_before = len(await stack.db.list_jobs(await account_id(stack, alice)))
@@ -495,6 +496,45 @@ async def test_buttons_still_work_after_the_bot_is_rebuilt(
     assert len(fake.identified) == 2
     image = await stack.db.get_image(image_id)
     assert image is not None and image.prompt == "me on a boat"
+
+
+async def test_the_upscale_button_posts_twice_the_size_as_an_attachment_with_its_buttons(
+    fake: FakeDiscord, stack: Stack, place: Place, alice: Person
+) -> None:
+    mallory = Person.new("mallory")
+    async with stack.worker(), serving(fake, stack.service, place):
+        await enrolled(stack, alice)
+        preview = await command(fake, alice, place, "preview")
+        await fake.wait_for(edit_of(preview, texts.PREVIEW_DONE), timeout=120)
+        previewed = fake.original_response(int(preview["id"]))
+        (source_id,) = image_ids(previewed)
+        upscale = Action(Verb.UPSCALE, alice.id, source_id).encode()
+        assert upscale in custom_ids(previewed)
+
+        stranger = await press(fake, mallory, place, previewed, upscale)  # not hers: refused, nothing made
+        refused = await fake.wait_for(callback_of(stranger))
+        assert refused.json["data"]["content"] == texts.NOT_YOUR_IMAGE
+        pressed = await press(fake, alice, place, previewed, upscale)
+        ack = await fake.wait_for(callback_of(pressed))
+        assert ack.json == {"type": 5}  # a public "thinking..." that becomes the result
+        result = await fake.wait_for(edit_of(pressed, "2× its drawn size"), timeout=120)
+
+    lines = result.json["content"].splitlines()
+    assert lines[0] == texts.upscaled(256, 256, 1) and lines[1].startswith("image 1: ")
+    (attachment,) = result.files
+    image = decoded(attachment[1])
+    assert (image.format, image.size) == ("PNG", (256, 256))  # the stored file as it is: not re-encoded
+    message = fake.original_response(int(pressed["id"]))
+    (upscaled_id,) = image_ids(message)
+    assert upscaled_id != source_id
+    assert custom_ids(message) == [
+        Action(verb, alice.id, upscaled_id).encode() for verb in (Verb.REROLL, Verb.MORE, Verb.UPSCALE, Verb.DELETE)
+    ]
+    source, upscaled = await stack.db.get_image(source_id), await stack.db.get_image(upscaled_id)
+    assert source is not None and upscaled is not None and upscaled.prompt == source.prompt
+    assert (await stack.service.image_file(user_of(alice), upscaled_id)).read_bytes() == attachment[1]
+    jobs = await stack.db.list_jobs(await account_id(stack, alice))
+    assert [j.payload["request"]["upscale_of"] for j in jobs if j.kind == "draw" and j.payload] == [source.blob_key]
 
 
 async def test_the_defer_goes_out_before_any_slow_call_and_a_stop_is_announced(
@@ -549,7 +589,7 @@ async def test_after_the_token_expires_the_result_is_a_new_message_in_the_channe
     assert posted.json["content"].startswith(f"<@{alice.id}> Drawn with the instant preview model")
     assert len(posted.files) == 2
     (announced,) = [m for m in fake.messages.values() if m["content"] == posted.json["content"]]
-    assert len(custom_ids(announced)) == 6  # the buttons come along
+    assert len(custom_ids(announced)) == 8  # the buttons come along: four under each image
 
 
 def _minutes_ago(minutes: float) -> float:
@@ -687,7 +727,7 @@ async def test_buttons_sent_with_the_previous_id_format_still_work(
         deleted = await fake.wait_for(followup_of(deleting))
         assert deleted.json["content"] == texts.IMAGE_DELETED
         assert deleted.json["flags"] & EPHEMERAL
-        # The buttons left are rewritten in the current format.
+        # The buttons left are rewritten in the current format (no upscale: the message had none).
         assert custom_ids(fake.messages[int(message["id"])]) == [
             Action(verb, alice.id, second.id).encode() for verb in (Verb.REROLL, Verb.MORE, Verb.DELETE)
         ]

@@ -424,6 +424,55 @@ async def test_a_forged_draw_button_is_refused_before_any_drawing_message(
     assert await db.list_jobs(await user_id(db, eve)) == []
 
 
+async def test_the_upscale_button_sends_twice_the_size_as_a_document_until_the_limit(
+    tg: FakeTelegram, service: BotService, inbox: Inbox, db: Database, blobs_dir: Path, worker: None
+) -> None:
+    ann = tg.user(1001, "Ann")
+    user = UserRef("telegram", str(ann.id))
+    await service.agree(user)
+    await service.add_photos(user, [Upload(f"selfie-{n}.jpg", face_photo(n)) for n in range(3)])
+    upscale = texts.BUTTON_LABELS[Verb.UPSCALE]
+    async with serving(service, inbox, telegram_settings(tg)):
+        tg.send_text(ann, "/preview")
+        preview = (await tg.wait_for(lambda: photos_in(tg, ann.id), timeout=120))[0]
+        rows = [[key["text"] for key in row] for row in preview["reply_markup"]["inline_keyboard"]]
+        assert rows == [[texts.BUTTON_LABELS[v] for v in pair] for pair in (
+            (Verb.REROLL, Verb.MORE), (Verb.UPSCALE, Verb.FULL), (Verb.DELETE,))]
+
+        tg.press(ann, preview, button(preview, upscale))
+        done = await tg.wait_text(ann.id, "2× its drawn size", timeout=120)
+        (first,) = await tg.wait_for(lambda: tg.calls_of("sendDocument"), timeout=30)
+        documents = lambda: [m for m in tg.sent_to(ann.id) if "document" in m]  # noqa: E731
+        document = documents()[0]
+        # The second upscale starts from the first one's own button.
+        tg.press(ann, document, button(document, upscale))
+        await tg.wait_text(ann.id, "4× its drawn size", timeout=120)
+        second = (await tg.wait_for(lambda: documents()[1:], timeout=30))[0]
+        tg.press(ann, second, button(second, upscale))
+        await tg.wait_text(ann.id, texts.UPSCALE_LIMIT.format(factor=4), timeout=30)
+
+    opened = [c.params["text"] for c in tg.calls_of("sendMessage") if c.params["chat_id"] == ann.id]
+    # One progress message per press; the refused one became the refusal (no job was made: below).
+    assert opened.count(texts.progress(texts.UPSCALING, {})) == 3
+    assert done["text"].splitlines()[0] == texts.upscaled(256, 256, 1)
+    assert done["text"].splitlines()[1].startswith("image 1: ")
+    assert texts.TINY_NOTE in done["text"]
+    with Image.open(io.BytesIO(first.files["document"][1])) as image:
+        assert (image.format, image.size) == ("PNG", (256, 256))  # the file itself, twice the 128-px preview
+    with Image.open(io.BytesIO(tg.calls_of("sendDocument")[1].files["document"][1])) as image:
+        assert image.size == (512, 512)
+    assert document["caption"].startswith("image 1: ")
+
+    source_id = int(button(preview, upscale).split(":")[-1])
+    upscaled_id = int(button(document, upscale).split(":")[-1])
+    source, upscaled = await db.get_image(source_id), await db.get_image(upscaled_id)
+    assert source is not None and upscaled is not None and upscaled_id != source_id
+    assert upscaled.prompt == source.prompt
+    assert upscaled.blob_key.startswith(owner_for(await user_id(db, ann)) + "/images/")
+    requests = [j.payload["request"] for j in await db.list_jobs(await user_id(db, ann)) if j.kind == "draw" and j.payload]
+    assert [r["upscale_of"] for r in requests] == [source.blob_key, upscaled.blob_key]  # no third job
+
+
 # --- Telegram's limits -----------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from engine.pipelines.base import ResidentBase
 from engine.faces.analyzer import FaceRecord
@@ -326,3 +327,46 @@ def test_render_preview_draws_a_1024_square_at_1016(base: ResidentBase) -> None:
     (image,) = render_preview(base, face(1), KPS * 8, (1024, 1024), PROMPT, "", 7, 1, steps=1, out_size=(1024, 1024))
 
     assert image.size == (1016, 1016)
+
+
+def test_an_init_image_starts_the_denoising_part_of_the_way_down(base: ResidentBase) -> None:
+    """Image-to-image (the face-detail pass): the last ``strength`` of the steps run, from the init
+    image's latents noised to that step, so the first UNet input still carries the image. (The tiny
+    VAE's latents are small, about 0.04 once scaled: only the last steps' noise leaves them visible.)"""
+    first_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (sample, timestep) of each draw's first step
+
+    def record(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if not first_inputs or first_inputs[-1][0] is None:
+            first_inputs.append((args[0].detach().clone(), torch.as_tensor(args[1]).clone()))
+
+    def draw(**extra: Any) -> None:
+        handle = base.unet.register_forward_pre_hook(record)
+        try:
+            render_preview(base, face(1), KPS, SIZE, PROMPT, "", 7, 1, steps=10, **extra)
+        finally:
+            handle.remove()
+
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    steps: list[tuple[int, int]] = []
+    draw(init_image=init, strength=0.1, callback=lambda done, total: steps.append((done, total)))
+    assert steps == [(1, 1)]
+    pipe = base.require_instantid()
+    pipe.scheduler.set_timesteps(10)
+    (started, t_started), = first_inputs
+    assert float(t_started) == float(pipe.scheduler.timesteps[9])
+
+    with torch.no_grad():
+        clean = pipe.vae.encode(pipe.image_processor.preprocess(init)).latent_dist.mode().flatten()
+    first_inputs.clear()
+    draw()  # no init image: pure noise, unrelated to that image
+    (unrelated, t_unrelated), = first_inputs
+    assert float(t_unrelated) == float(pipe.scheduler.timesteps[0])
+    assert torch.corrcoef(torch.stack([clean, started[1].flatten()]))[0, 1] > 0.5  # the conditional half
+    assert abs(float(torch.corrcoef(torch.stack([clean, unrelated[1].flatten()]))[0, 1])) < 0.2
+
+
+@pytest.mark.parametrize("strength", [0.0, 1.5])
+def test_an_init_image_needs_a_strength_in_range(base: ResidentBase, strength: float) -> None:
+    init = Image.new("RGB", SIZE)
+    with pytest.raises(ValueError, match="strength"):
+        render_preview(base, face(1), KPS, SIZE, PROMPT, "", 0, 1, steps=2, init_image=init, strength=strength)
