@@ -9,10 +9,11 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from avatarbooth.config import KNOWN_PRESETS, AppConfig, ConfigError, load_config, secret
+from avatarbooth.config import KNOWN_PRESETS, AppConfig, ConfigError, checked_metrics_port, load_config, secret
 from avatarbooth.models import add_pull_arguments, pull, with_base_model
 
 if TYPE_CHECKING:
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     command("run", "serve Telegram and/or Discord (as enabled in config) with a worker and the embedded Valkey")
     worker = command("worker", "run a worker alone (for more GPUs or hosts); needs a Redis URL")
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    worker.add_argument(
+        "--metrics-port", type=int, default=None, metavar="PORT",
+        help="serve /metrics and /healthz on this port (0: none; default: [metrics] worker_port)",
+    )
     evaluate = command("eval", "measure likeness: enrol each person's photos but one, train, draw, score against it")
     evaluate.add_argument("dir", type=Path, metavar="DIR", help="one sub-folder per person, each with 4 or more photos")
     evaluate.add_argument(
@@ -74,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command == "worker":
-            return _run_worker(config, burst=args.burst)
+            return _run_worker(config, burst=args.burst, metrics_port=args.metrics_port)
         if args.command == "models":
             from avatarbooth.models import pull_eval
 
@@ -155,7 +160,7 @@ async def _serve_platforms(config: AppConfig) -> int:
     if missing:
         print(f"avatarbooth: set {' and '.join(missing)} in the environment or in .env", file=sys.stderr)
         return 2
-    async with serve_chat(config) as running:
+    async with serve_chat(config, serve_metrics=True) as running:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -208,7 +213,7 @@ async def _platform(
             raise StartupError("Discord rejected DISCORD_TOKEN: check the bot token in the developer portal") from e
 
 
-def _run_worker(config: AppConfig, *, burst: bool) -> int:
+def _run_worker(config: AppConfig, *, burst: bool, metrics_port: int | None = None) -> int:
     if not config.engine.redis_url:
         print(
             "avatarbooth: a worker alone needs a queue server: set [queue] redis_url in config.toml "
@@ -216,6 +221,12 @@ def _run_worker(config: AppConfig, *, burst: bool) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        port = config.metrics.worker_port if metrics_port is None else checked_metrics_port(metrics_port, "--metrics-port")
+    except ConfigError as e:
+        print(f"avatarbooth: {e}", file=sys.stderr)
+        return 2
+    from avatarbooth.metrics import MetricsError, serving
     from engine.errors import EngineError
     from engine.worker import run_worker
 
@@ -225,13 +236,18 @@ def _run_worker(config: AppConfig, *, burst: bool) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
-        await run_worker(config.engine, burst=burst)
+        async with AsyncExitStack() as stack:
+            if port is not None:
+                await stack.enter_async_context(
+                    serving("worker", config.engine.redis_url, host=config.metrics.host, port=port)
+                )
+            await run_worker(config.engine, burst=burst)
 
     try:
         asyncio.run(serve())
     except asyncio.CancelledError:
         _log.info("worker stopped")
-    except EngineError as e:
+    except (EngineError, MetricsError) as e:
         print(f"avatarbooth worker: {e}", file=sys.stderr)
         return 1
     return 0

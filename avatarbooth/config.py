@@ -31,6 +31,16 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """``[metrics]``: where `avatarbooth run` and `avatarbooth worker` serve /metrics and /healthz
+    (docs/operations.md). A port of None is off; both are off unless config.toml sets them."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None  # the chat side (`avatarbooth run`)
+    worker_port: int | None = None  # each worker (`avatarbooth worker`; `--metrics-port` overrides)
+
+
+@dataclass(frozen=True)
 class AppConfig:
     config_path: Path | None
     data_dir: Path
@@ -41,6 +51,7 @@ class AppConfig:
     telegram: TelegramSettings = TelegramSettings()
     discord: DiscordSettings = DiscordSettings()
     blocklist: PromptBlocklist | None = None  # None: the built-in list
+    metrics: MetricsSettings = MetricsSettings()
 
     @property
     def database_path(self) -> Path:
@@ -56,7 +67,9 @@ class AppConfig:
         return dataclasses.replace(self, redis_url=url, engine=engine)
 
 
-_SECTIONS = {"storage", "queue", "engine", "limits", "identity", "training", "telegram", "discord", "safety"}
+_SECTIONS = {
+    "storage", "queue", "engine", "limits", "identity", "training", "telegram", "discord", "safety", "metrics",
+}
 _ENGINE_KEYS = {
     "preset", "device", "dtype", "models_dir", "preview_steps", "draw_steps", "face_detail", "base_model",
     "dreambooth_cache_gib",
@@ -91,6 +104,7 @@ def load_config(
         telegram=_table_settings(TelegramSettings, "telegram", _section(raw, "telegram")),
         discord=_table_settings(DiscordSettings, "discord", _section(raw, "discord")),
         blocklist=_blocklist(_section(raw, "safety"), base_dir),
+        metrics=_metrics_settings(_section(raw, "metrics")),
     )
 
 
@@ -278,6 +292,29 @@ def _coerce_value(section: str, key: str, value: Any, default: Any) -> Any:
     if default is None or isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int)):
         return value
     raise ConfigError(f"[{section}] {key} must be a {type(default).__name__}, got {value!r}")
+
+
+def _metrics_settings(table: Mapping[str, Any]) -> MetricsSettings:
+    unknown = set(table) - {"host", "port", "worker_port"}
+    if unknown:
+        raise ConfigError(f"[metrics] unknown setting(s) {sorted(unknown)}; known: host, port, worker_port")
+    host = table.get("host", MetricsSettings.host)
+    if not isinstance(host, str) or not host.strip():
+        raise ConfigError(f"[metrics] host must be an address to listen on, like \"127.0.0.1\", got {host!r}")
+    port = checked_metrics_port(table.get("port"), "[metrics] port")
+    worker_port = checked_metrics_port(table.get("worker_port"), "[metrics] worker_port")
+    if port is not None and port == worker_port:  # `run` starts a worker beside itself, on the same host
+        raise ConfigError(f"[metrics] port and worker_port are both {port}: give the worker another port")
+    return MetricsSettings(host=host.strip(), port=port, worker_port=worker_port)
+
+
+def checked_metrics_port(value: object, where: str) -> int | None:
+    """A TCP port to serve metrics on, or None (off) for 0 or unset."""
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ConfigError(f"{where} must be a TCP port (1-65535), or 0 for off, got {value!r}")
+    return value
 
 
 def _blocklist(table: Mapping[str, Any], base_dir: Path) -> PromptBlocklist | None:

@@ -52,9 +52,11 @@ class Running:
 
 @asynccontextmanager
 async def serve_chat(
-    config: AppConfig, *, start_worker: bool = True, status: IO[str] = sys.stderr
+    config: AppConfig, *, start_worker: bool = True, status: IO[str] = sys.stderr, serve_metrics: bool = False
 ) -> AsyncIterator[Running]:
-    """Start (embedded Valkey →) worker → database, blobs and service; stop them in reverse order."""
+    """Start (embedded Valkey →) worker → database, blobs, metrics and service; stop them in reverse
+    order. ``serve_metrics`` (`avatarbooth run`): /metrics and /healthz where ``[metrics]`` says, and
+    the worker started here serves its own at ``worker_port``; otherwise neither does."""
     async with AsyncExitStack() as stack:
         url = config.redis_url
         children: list[Child] = []
@@ -66,7 +68,7 @@ async def serve_chat(
             children.append(valkey)
         config = config.with_redis_url(url)
         if start_worker:
-            worker = stack.enter_context(WorkerProcess(config))
+            worker = stack.enter_context(WorkerProcess(config, metrics=serve_metrics))
             print(f"starting the worker (preset {config.engine.preset}); its log: {worker.log_path}", file=status)
             await worker.wait_ready(url)
             children.append(worker)
@@ -75,6 +77,18 @@ async def serve_chat(
         db = await stack.enter_async_context(Database.open(config.database_path))
         jobs = await stack.enter_async_context(await JobClient.connect(url))
         blobs = LocalBlobStore(config.engine.blobs_dir)
+        observer = None
+        if serve_metrics and config.metrics.port is not None:
+            from avatarbooth.metrics import MetricsError, serving
+
+            try:
+                metrics = await stack.enter_async_context(
+                    serving("chat", url, host=config.metrics.host, port=config.metrics.port, database=db)
+                )
+            except MetricsError as e:
+                raise StartupError(str(e)) from e
+            print(f"metrics at http://{config.metrics.host}:{metrics.port}/metrics", file=status)
+            observer = metrics.jobs
         service = BotService(
             db,
             blobs,
@@ -82,7 +96,7 @@ async def serve_chat(
             config.bot,
             preset_name=config.engine.preset,
             blocklist=config.blocklist,
-            runner=JobRunner(db, blobs, jobs, config.bot),
+            runner=JobRunner(db, blobs, jobs, config.bot, observer=observer),
         )
         settling = asyncio.create_task(_settle_erasures(service), name="avatarbooth-erasures")
         try:
@@ -174,8 +188,9 @@ _CHILD_NAMES = {"WorkerProcess": "the worker", "EmbeddedValkey": "the embedded V
 class WorkerProcess:
     """``avatarbooth worker`` as a child process, logging to the data folder."""
 
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, *, metrics: bool = False) -> None:
         self._config = config
+        self._metrics = metrics  # False: the child serves no metrics, whatever [metrics] worker_port says
         self.log_path = config.data_dir / "logs" / "worker.log"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -203,6 +218,8 @@ class WorkerProcess:
         command = [sys.executable, "-m", "avatarbooth", "worker", "--preset", self._config.engine.preset]
         if self._config.config_path is not None:
             command += ["--config", str(self._config.config_path)]
+        if not self._metrics:
+            command += ["--metrics-port", "0"]
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(guarded(command), stdout=log, stderr=subprocess.STDOUT, env=env)
 

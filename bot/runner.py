@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from bot import texts
 from bot.errors import BotError, ErasedMeanwhile, JobFailed, JobLost, QueueUnavailable, ResultNotSaved
@@ -30,6 +31,7 @@ from engine.api import (
     JobFailure,
     JobName,
     PreviewRequest,
+    TrainingMethod,
     TrainRequest,
     TrainResult,
     arq_job_id,
@@ -69,14 +71,30 @@ _SAVE_RETRIES_S = (0.2, 1.0, 3.0)
 """Waits between attempts to record a finished job (a busy or briefly failing database)."""
 
 
+class JobObserver(Protocol):
+    """Told how each job `JobRunner.run` waited on ended (the composition root's metrics).
+
+    ``kind`` is a `JobName` value, ``method`` a `TrainingMethod` value or ``"none"``, ``outcome`` one
+    of `OUTCOMES`: a fixed, small set each, never anything of the user's."""
+
+    def job_finished(self, kind: str, method: str, outcome: str, seconds: float) -> None: ...
+
+
+OUTCOMES = ("done", "failed", "timed_out", "lost", "queue_unavailable", "erased", "cancelled")
+
+
 class JobRunner:
     """Creates, submits, awaits and records jobs over the database, the blob store and the queue."""
 
-    def __init__(self, db: Database, blobs: BlobStore, jobs: JobClient, settings: BotSettings) -> None:
+    def __init__(
+        self, db: Database, blobs: BlobStore, jobs: JobClient, settings: BotSettings,
+        *, observer: JobObserver | None = None,
+    ) -> None:
         self._db = db
         self._blobs = blobs
         self._jobs = jobs
         self._settings = settings
+        self._observer = observer
         self.in_flight: set[int] = set()  # database job ids this process is waiting on
         self._background: set[asyncio.Task[None]] = set()  # writes retried after their command ended
 
@@ -93,7 +111,25 @@ class JobRunner:
     async def run(
         self, job: Job, result_type: type[Result], on_progress: ProgressCallback | None
     ) -> Result:
-        """Submit (idempotently), wait with progress, and parse the result of a job row."""
+        """Submit (idempotently), wait with progress, and parse the result of a job row; the
+        observer, if any, is told how it ended and how long it took."""
+        if self._observer is None:
+            return await self._run(job, result_type, on_progress)
+        started, outcome = time.monotonic(), "cancelled"
+        try:
+            result = await self._run(job, result_type, on_progress)
+            outcome = "done"
+            return result
+        except BaseException as exc:
+            outcome = _outcome_of(exc)
+            raise
+        finally:
+            kind = job.kind if job.kind in {n.value for n in JobName} else "other"
+            self._observer.job_finished(kind, _method_of(job), outcome, time.monotonic() - started)
+
+    async def _run(
+        self, job: Job, result_type: type[Result], on_progress: ProgressCallback | None
+    ) -> Result:
         name = JobName(job.kind)
         queue_id = arq_job_id(job.kind, job.id)
         try:
@@ -278,6 +314,26 @@ class JobRunner:
                 await on_progress(line)
 
         return sink
+
+
+def _outcome_of(exc: BaseException) -> str:
+    """The `OUTCOMES` value of a job that `JobRunner.run` ended with ``exc``."""
+    if isinstance(exc, JobLost):
+        return "lost"
+    if isinstance(exc, JobFailed):
+        return "timed_out" if isinstance(exc.__cause__, TimeoutError) else "failed"
+    if isinstance(exc, QueueUnavailable):
+        return "queue_unavailable"
+    if isinstance(exc, ErasedMeanwhile):
+        return "erased"
+    return "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
+
+
+def _method_of(job: Job) -> str:
+    """The training method a job trains or draws with; "none" for the rest (never free text)."""
+    request = (job.payload or {}).get("request")
+    method = request.get("method") if isinstance(request, dict) else None
+    return method if isinstance(method, str) and method in {m.value for m in TrainingMethod} else "none"
 
 
 def _request_for(job: Job, queue_id: str) -> JobRequest:

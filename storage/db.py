@@ -500,6 +500,14 @@ class Database:
         """Remove one image row (its blob is the caller's to delete). A missing id does nothing."""
         await self._write_one("DELETE FROM images WHERE id = ?", (image_id,))
 
+    async def count_enrolled_users(self) -> int:
+        """How many users have an accepted photo or a personal model (for the operator's metrics)."""
+        row = await self._read_one(
+            "SELECT COUNT(*) FROM users u WHERE EXISTS (SELECT 1 FROM photos p WHERE p.user_id = u.id"
+            " AND p.status = 'accepted') OR EXISTS (SELECT 1 FROM models m WHERE m.user_id = u.id)", (),
+        )
+        return int(_present(row)[0])
+
     async def count_images_with_blob(self, user_id: int, blob_key: str) -> int:
         """How many of the user's image rows point at ``blob_key`` (equal images share one blob)."""
         row = await self._read_one(
