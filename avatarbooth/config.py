@@ -72,7 +72,7 @@ _SECTIONS = {
 }
 _ENGINE_KEYS = {
     "preset", "device", "dtype", "models_dir", "preview_steps", "draw_steps", "face_detail", "base_model",
-    "dreambooth_cache_gib",
+    "dreambooth_cache_gib", "lora_hotswap", "hotswap_rank", "compile_unet",
 }
 _DTYPES = ("auto", "float16", "bfloat16", "float32")  # engine.pipelines.base.RESIDENT_DTYPES, without importing torch
 _DREAMBOOTH_OPTIMIZERS = ("adamw", "adafactor")
@@ -190,6 +190,9 @@ def _engine_settings(
         preview_steps=_optional_positive_int(engine, "preview_steps"),
         draw_steps=_optional_positive_int(engine, "draw_steps"),
         face_detail=bool(_bool(engine, "face_detail", True)),
+        lora_hotswap=bool(_bool(engine, "lora_hotswap", False)),
+        hotswap_rank=_positive_int(engine, "hotswap_rank", EngineSettings.hotswap_rank),
+        compile_unet=bool(_bool(engine, "compile_unet", False)),
         random_flip=_bool(training, "random_flip", False),
         train_text_encoder=_bool(training, "train_text_encoder", False),
         gradient_checkpointing=_bool(training, "gradient_checkpointing", None),

@@ -13,6 +13,13 @@ times each piece of work twice, once through our engine and once the plain way:
   switch            making a user's LoRA the active one
                       ours: the Renderer's switch to an adapter it holds
                       plain: load_lora_weights + set_adapters
+  switch_hotswap    the same switch with the hotswap slot (engine.render.hotswap: weights copied in place)
+                      ours: Renderer(hotswap_rank=...) switching between two users it has read once
+                      plain: load_lora_weights + set_adapters
+  draw_compiled     a draw with a user's LoRA, alternating two users, the UNet under torch.compile
+                      ours: the hotswap Renderer after Renderer.compile (warm-up time and recompilations
+                            while switching reported beside it; recompilations should be 0)
+                      plain: the same draws before compiling (eager diffusers + peft)
   lora_step         one LoRA training step (batch 1)
                       ours: engine.train.lora stages (cached latents, build_trainable, training_step)
                       plain: diffusers' DreamBooth LoRA script defaults (peft add_adapter, VAE encode per step)
@@ -172,6 +179,8 @@ TARGETS = {
     "draw_with_switch_speedup_min": 3.0,
     "switch_ms_max": 5.0,  # for a ~44 MB SDXL rank-16 LoRA
     "lora_step_speedup_min": 3.0,
+    "switch_hotswap_ms_max": 5.0,  # issue 15, one H100
+    "draw_compiled_ms_max": 1000.0,  # a draw with a user's LoRA, issue 15, one H100
 }
 
 _log = logging.getLogger("bench.gpu")
@@ -239,6 +248,7 @@ class Setup:
     repeats: int
     lora_rank: int
     work_dir: Path
+    compile_backend: str = "inductor"  # torch.compile's backend for draw_compiled
 
 
 def build_sdxl(setup: Setup) -> tuple[Any, Any, dict[str, dict[str, torch.Tensor]]]:
@@ -254,7 +264,7 @@ def build_sdxl(setup: Setup) -> tuple[Any, Any, dict[str, dict[str, torch.Tensor
 
     torch.manual_seed(0)
     if setup.tiny:
-        from engine import tiny
+        from engine.tiny import models as tiny
 
         pipe = tiny._tiny_sdxl_pipeline(0)
         controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
@@ -295,7 +305,7 @@ def build_sd15(setup: Setup) -> Any:
 
     torch.manual_seed(1)
     if setup.tiny:
-        from engine import tiny
+        from engine.tiny import models as tiny
 
         pipe = tiny._tiny_sd15_pipeline(0)
     else:
@@ -322,7 +332,7 @@ def build_sd15(setup: Setup) -> Any:
 
 def _tokenizer() -> Any:
     """A CLIP tokenizer built offline (engine.tiny.models' byte-level BPE); ids stay inside the 49408-row tables."""
-    from engine import tiny
+    from engine.tiny import models as tiny
 
     return tiny._tiny_clip_tokenizer()
 
@@ -550,29 +560,89 @@ def bench_draw_and_switch(setup: Setup, pipe: Any, lock: threading.Lock, adapter
         renderer.forget(ref.adapter_id)
     plain_draw_t = measure(plain_draw, setup.device, setup.repeats)
 
-    # Plain switch: load + activate only; removing the previous user's adapter is left out of the time.
-    times = []
-    for _ in range(max(setup.repeats, 5) + 1):
-        plain_switch_cleanup()
-        _sync(setup.device)
-        start = time.perf_counter()
-        plain_switch()
-        _sync(setup.device)
-        times.append((time.perf_counter() - start) * 1000)
-    plain_switch_cleanup()
-    plain_switch_t = Timing(statistics.median(times[1:]), None)  # the first run is the warm-up
+    plain_switch_t = _timed_apart(setup, plain_switch, plain_switch_cleanup)
     return {
         "draw_with_switch": compare(ours_draw_t, plain_draw_t),
         "switch": compare(ours_switch_t, plain_switch_t),
     }
 
 
+def _timed_apart(setup: Setup, switch: Callable[[], Any], cleanup: Callable[[], None]) -> Timing:
+    """The plain switch: load + activate only; removing the previous user's adapter is left out of the time."""
+    times = []
+    for _ in range(max(setup.repeats, 5) + 1):
+        cleanup()
+        _sync(setup.device)
+        start = time.perf_counter()
+        switch()
+        _sync(setup.device)
+        times.append((time.perf_counter() - start) * 1000)
+    cleanup()
+    return Timing(statistics.median(times[1:]), None)  # the first run is the warm-up
+
+
+def bench_hotswap(setup: Setup, pipe: Any, adapters: list[Path]) -> dict[str, Any]:
+    """switch_hotswap and draw_compiled, on a pipeline over a LoRA-free copy of the UNet (the hotswap
+    slot opens before any LoRA; the resident pipe has had the other items' adapters)."""
+    from engine.render.renderer import AdapterRef, Renderer
+    from engine.train.stages import remove_adapters
+
+    unet = copy.deepcopy(pipe.unet)
+    remove_adapters(unet)
+    hot = type(pipe)(**{**pipe.components, "unet": unet})
+    hot.set_progress_bar_config(disable=True)
+    lock = threading.Lock()
+    renderer = Renderer(hot, lock, hotswap_rank=max(16, setup.lora_rank))
+    refs = [AdapterRef(f"user{i}", path) for i, path in enumerate(adapters)]
+    turn = iter(range(10**9))
+
+    def hotswap_switch() -> None:  # what a draw does around the denoising, as the "switch" item
+        with lock:
+            renderer._activate(refs[next(turn) % 2])
+        hot.disable_lora()
+
+    def plain_switch() -> None:
+        index = next(turn) % 2
+        pipe.load_lora_weights(str(adapters[index]), adapter_name=f"plain{index}")
+        pipe.set_adapters([f"plain{index}"])
+
+    def plain_cleanup() -> None:
+        for name in [n for n in getattr(pipe.unet, "peft_config", {}) or {} if n.startswith("plain")]:
+            pipe.delete_adapters([name])
+
+    # Both users' files are read in the warm-up and kept in memory: the switches only copy weights.
+    switch = compare(measure(hotswap_switch, setup.device, max(setup.repeats, 5), warmup=len(refs)),
+                     _timed_apart(setup, plain_switch, plain_cleanup))
+    resolution = _resolution(hot)
+
+    def user_draw() -> None:
+        adapter = refs[next(turn) % 2]
+        renderer.draw(PROMPT, adapter=adapter, steps=setup.steps, size=(resolution, resolution), guidance=5.0)
+
+    eager = measure(user_draw, setup.device, setup.repeats, warmup=len(refs))  # both files read before timing
+    start = time.perf_counter()
+    renderer.compile(size=(resolution, resolution), backend=setup.compile_backend)
+    warm_up_s = time.perf_counter() - start
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = measure(user_draw, setup.device, setup.repeats, warmup=len(refs))
+    draw = compare(compiled, eager) | {
+        "steps": setup.steps,
+        "backend": setup.compile_backend,
+        "compile_warm_up_s": round(warm_up_s, 2),
+        "recompilations_while_switching": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
+    }
+    torch._dynamo.reset()
+    del renderer, hot, unet
+    _free(setup.device)
+    return {"switch_hotswap": switch, "draw_compiled": draw}
+
+
 def bench_lora_step(setup: Setup, pipe: Any, lock: threading.Lock) -> dict[str, Any]:
     """One LoRA training step: engine.train.lora's stages vs the DreamBooth LoRA script's defaults."""
     from peft import LoraConfig
 
-    from engine import train_lora as ours
-    from engine import training_stages as stages
+    from engine.train import lora as ours
+    from engine.train import stages
 
     resolution = _resolution(pipe)
     settings = ours.LoraTrainSettings(rank=setup.lora_rank, alpha=setup.lora_rank, resolution=resolution, steps=10**9)
@@ -635,7 +705,8 @@ def bench_lora_step(setup: Setup, pipe: Any, lock: threading.Lock) -> dict[str, 
 
 def bench_ti_step(setup: Setup, pipe: Any, lock: threading.Lock) -> dict[str, Any]:
     """One Textual Inversion step: engine.train.ti's stages vs diffusers' textual_inversion example."""
-    from engine import train_ti, training_stages
+    from engine.train import stages as training_stages
+    from engine.train import ti as train_ti
 
     resolution = _resolution(pipe)
     settings = train_ti.TiTrainSettings(steps=10**9, resolution=resolution)
@@ -782,6 +853,8 @@ def family_sdxl(setup: Setup, errors: dict[str, str]) -> dict[str, Any]:
         adapters = make_adapters(setup, pipe)
         out["adapter_mb"] = round(adapters[0].stat().st_size / 2**20, 2)
         out.update(bench_draw_and_switch(setup, pipe, lock, adapters))
+    with section(errors, "sdxl.hotswap"):
+        out.update(bench_hotswap(setup, pipe, adapters))
     return out
 
 
@@ -801,6 +874,8 @@ def family_sd15(setup: Setup, errors: dict[str, str]) -> dict[str, Any]:
         adapters = make_adapters(setup, pipe)
         out["adapter_mb"] = round(adapters[0].stat().st_size / 2**20, 2)
         out.update(bench_draw_and_switch(setup, pipe, lock, adapters))
+    with section(errors, "sd15.hotswap"):
+        out.update(bench_hotswap(setup, pipe, adapters))
     return out
 
 
@@ -822,6 +897,14 @@ def targets(report: dict[str, Any], setup: Setup) -> dict[str, Any]:
         },
         "sdxl_switch_ms": {"value": switch, "max": switch_max, "met": _met(switch, lambda v: v <= switch_max, applies)},
         "sdxl_lora_step_speedup": {"value": step, "min": step_min, "met": _met(step, lambda v: v >= step_min, applies)},
+        **{
+            f"sdxl_{item}_ms": {"value": value, "max": limit, "met": _met(value, lambda v, m=limit: v <= m, applies)}
+            for item, limit in (
+                ("switch_hotswap", TARGETS["switch_hotswap_ms_max"]),
+                ("draw_compiled", TARGETS["draw_compiled_ms_max"]),
+            )
+            for value in [sdxl.get(item, {}).get("ours_ms")]
+        },
     }
 
 
@@ -840,6 +923,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: bf16 on CUDA, else fp32")
     parser.add_argument("--lora-rank", type=int, default=None, help="rank of the users' LoRAs (default 16, tiny 4)")
+    parser.add_argument(
+        "--compile-backend", default=None, help="torch.compile backend for draw_compiled (default inductor, tiny eager)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each section's progress to stderr")
     return parser.parse_args(argv)
@@ -865,6 +951,7 @@ def main(argv: list[str] | None = None) -> int:
             repeats=max(1, args.repeats),
             lora_rank=args.lora_rank or (4 if args.tiny else 16),
             work_dir=Path(tmp),
+            compile_backend=args.compile_backend or ("eager" if args.tiny else "inductor"),
         )
         report = run(setup, [args.only] if args.only else ["sdxl", "sd15"])
     text = json.dumps(report, indent=2)

@@ -25,6 +25,11 @@ class EngineSettings:
     train_steps: int | None = None  # None: the preset's default
     preview_steps: int | None = None
     draw_steps: int | None = None
+    # Users' UNet LoRAs copied into one slot in place (diffusers' LoRA hotswap) instead of one adapter each;
+    # a LoRA with text-encoder weights, a rank above hotswap_rank or other target modules loads the old way.
+    lora_hotswap: bool = False
+    hotswap_rank: int = 16  # the slot's rank: at least every user's LoRA rank ([training] trains 16)
+    compile_unet: bool = False  # torch.compile the resident UNet at start-up (warm-up draw); with lora_hotswap, switching users does not recompile
     face_detail: bool = True  # every draw's face redrawn at the model's resolution, kept when it looks more like the user
     # [training] switches, for every method that has them (engine.train.methods applies them):
     random_flip: bool = False  # mirrored crops as augmentation; off: they erase facial asymmetries

@@ -127,7 +127,8 @@ class WorkerContext:
         device = _pick_device(settings.device)
         base = ResidentBase.load(preset, device=device, dtype=resident_dtype(device.split(":", 1)[0], settings.dtype))
         faces = FaceAnalyzer(preset.face_models_dir, preset.face_checks)
-        renderer = Renderer(base.text2img, base.gpu_lock, dreambooth_cache_bytes=settings.dreambooth_cache_bytes)
+        size = (preset.resolution, preset.resolution)
+        renderer = Renderer.from_settings(base.text2img, base.gpu_lock, settings, size)
         nsfw = NsfwChecker.load(preset.safety_checker_dir, device)
         gpu_bytes = None
         if base.device.type == "cuda":

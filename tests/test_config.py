@@ -54,6 +54,15 @@ def test_precision_memory_and_optimizer_settings_reach_the_engine(tmp_path: Path
     assert engine.dreambooth_optimizer == "adafactor"
 
 
+def test_hotswap_and_compile_are_opt_in_and_reach_the_engine(tmp_path: Path) -> None:
+    shipped = load_config(ROOT / "config.toml", env={}).engine
+    assert not shipped.lora_hotswap and not shipped.compile_unet and shipped.hotswap_rank == 16
+    path = tmp_path / "c.toml"
+    path.write_text("[engine]\nlora_hotswap = true\nhotswap_rank = 32\ncompile_unet = true\n")
+    engine = load_config(path, env={}).engine
+    assert engine.lora_hotswap and engine.hotswap_rank == 32 and engine.compile_unet
+
+
 def test_images_per_draw_sets_how_many_candidates_a_draw_ranks(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[limits]\nimages_per_draw = 1\n")
@@ -95,6 +104,8 @@ def test_the_preset_flag_wins_over_the_file(tmp_path: Path) -> None:
         ('[engine]\ndtype = "half"\n', "dtype must be one of 'auto', 'float16', 'bfloat16', 'float32'"),
         ("[engine]\ndreambooth_cache_gib = -1\n", "dreambooth_cache_gib must be a number of GiB"),
         ('[training]\ndreambooth_optimizer = "sgd"\n', "dreambooth_optimizer must be one of 'adamw', 'adafactor'"),
+        ("[engine]\nhotswap_rank = 0\n", "hotswap_rank must be a positive whole number"),
+        ('[engine]\ncompile_unet = "on"\n', "compile_unet must be true or false"),
     ],
 )
 def test_bad_settings_are_named_with_what_to_fix(tmp_path: Path, text: str, message: str) -> None:

@@ -5,6 +5,11 @@ adapter's id as its name) and afterwards only switched on with ``set_adapters``;
 never reloaded. A bounded number of adapters stays loaded, least recently used dropped first. Between
 draws the LoRA layers are left disabled, so whoever else uses the shared UNet (InstantID previews)
 sees the plain base.
+
+With ``hotswap_rank`` the renderer instead keeps one slot (``engine.render.hotswap``) and copies each
+user's UNet LoRA into it in place, so a UNet under ``torch.compile`` switches users without
+recompiling; the LoRAs it cannot take (text-encoder weights, a higher rank, other modules) load the
+ordinary way beside it, with a log line saying why.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 from diffusers import (
@@ -28,6 +33,7 @@ from diffusers import (
 from PIL import Image
 
 from engine.errors import EngineError
+from engine.render.hotswap import HotswapSlot, SlotWeights, compile_unet
 from engine.personal.dreambooth import WeightsCache, WeightSwapper
 from engine.personal.ti import loaded_ti
 from engine.settings import EngineSettings
@@ -101,16 +107,57 @@ class Renderer:
         *,
         max_adapters: int = DEFAULT_MAX_ADAPTERS,
         dreambooth_cache_bytes: int = DEFAULT_DREAMBOOTH_CACHE_BYTES,
+        hotswap_rank: int | None = None,
     ) -> None:
+        """``hotswap_rank``: open a hotswap slot of that rank (≥ every user's LoRA rank to be swapped);
+        None loads every LoRA as its own adapter. The slot must open before any LoRA is loaded."""
         if max_adapters < 1:
             raise ValueError(f"max_adapters must be at least 1, got {max_adapters}")
         self._pipe = pipe
         self._lock = lock
         self._max_adapters = max_adapters
         self._loaded: OrderedDict[str, Path] = OrderedDict()  # adapter id → file, least recent first
+        self._slot = HotswapSlot(pipe, hotswap_rank) if hotswap_rank is not None else None
+        self._swappable: OrderedDict[str, SlotWeights] = OrderedDict()  # packed once for the slot, least recent first
         self._img2img: Img2ImgPipeline | None = None
         self._weight_swapper: WeightSwapper | None = None
         self.dreambooth_weights = WeightsCache(dreambooth_cache_bytes)
+
+    @classmethod
+    def from_settings(
+        cls, pipe: TextToImagePipeline, lock: threading.Lock, settings: EngineSettings, size: tuple[int, int]
+    ) -> Renderer:
+        """The worker's renderer: hotswap and ``torch.compile`` as configured, warmed up at ``size``."""
+        hotswap_rank = settings.hotswap_rank if settings.lora_hotswap else None
+        renderer = cls(pipe, lock, dreambooth_cache_bytes=settings.dreambooth_cache_bytes, hotswap_rank=hotswap_rank)
+        if settings.compile_unet:
+            renderer.compile(size=size)
+        return renderer
+
+    def compile(self, *, size: tuple[int, int] | None = None, backend: Any = "inductor") -> None:
+        """Put the shared UNet under ``torch.compile`` and compile it now, with LoRA off and (with a
+        slot) on, at ``size`` with guidance: the first users' draws then wait for no compilation.
+
+        Other shapes (sizes, batch sizes) and InstantID's attention processors compile on first use.
+        """
+        pipe: Any = cast(Any, self._pipe)  # diffusers' pipelines are untyped
+        warm_up: dict[str, Any] = {"num_inference_steps": 2, "guidance_scale": 5.0, "output_type": "latent"}
+        if size is not None:
+            warm_up.update(width=size[0], height=size[1])
+        with self._lock:
+            compile_unet(pipe, backend)
+            pipe("warm-up", **warm_up)
+            if self._slot is not None:
+                self._slot.activate()  # the slot's zero weights: the same graph as any user's
+                try:
+                    pipe("warm-up", **warm_up)
+                finally:
+                    pipe.disable_lora()
+
+    @property
+    def hotswapped_adapters(self) -> list[str]:
+        """Ids of the adapters read for the hotswap slot, least recently used first."""
+        return list(self._swappable)
 
     @property
     def loaded_adapters(self) -> list[str]:
@@ -209,12 +256,17 @@ class Renderer:
         with self._lock:
             if adapter_id in self._loaded:
                 self._unload(adapter_id)
+            self._swappable.pop(adapter_id, None)
+            if self._slot is not None and self._slot.holder == adapter_id:
+                self._slot.clear()
 
     def _activate(self, adapter: AdapterRef | None) -> None:
         """Make ``adapter`` the only active LoRA, loading it on first use; None: LoRA off."""
         if adapter is None:
-            if self._loaded:
+            if self._loaded or self._slot is not None:
                 self._pipe.disable_lora()
+            return
+        if self._slot is not None and self._swap(adapter, self._slot):
             return
         if adapter.adapter_id in self._loaded:
             self._loaded.move_to_end(adapter.adapter_id)
@@ -223,11 +275,30 @@ class Renderer:
         self._pipe.set_adapters([adapter.adapter_id])
         self._pipe.enable_lora()
 
+    def _swap(self, adapter: AdapterRef, slot: HotswapSlot) -> bool:
+        """Put ``adapter`` in the slot and switch it on; False when it goes the ordinary way instead."""
+        packed = self._swappable.get(adapter.adapter_id)
+        if packed is not None:
+            self._swappable.move_to_end(adapter.adapter_id)
+        elif adapter.adapter_id in self._loaded:
+            return False  # refused before, still loaded the ordinary way
+        else:
+            _check_ref(adapter)
+            lora = slot.read(adapter.path)
+            reason = slot.refusal(lora)
+            if reason is not None:
+                _log.info("LoRA adapter %s loads without hotswap: %s", adapter.adapter_id, reason)
+                return False
+            while len(self._swappable) >= self._max_adapters:
+                self._swappable.popitem(last=False)
+            packed = self._swappable[adapter.adapter_id] = slot.pack(lora)
+        if slot.holder != adapter.adapter_id:
+            slot.swap_in(adapter.adapter_id, packed)
+        slot.activate()
+        return True
+
     def _load(self, adapter: AdapterRef) -> None:
-        if not _ADAPTER_ID.fullmatch(adapter.adapter_id):
-            raise RenderInputError(f"adapter id {adapter.adapter_id!r} must be 1-64 letters, digits, _ or -")
-        if not adapter.path.is_file():
-            raise RenderInputError(f"adapter file {adapter.path} does not exist")
+        _check_ref(adapter)
         while len(self._loaded) >= self._max_adapters:
             self._unload(next(iter(self._loaded)))
         _log.info("loading LoRA adapter %s", adapter.adapter_id)
@@ -257,6 +328,13 @@ def img2img_for(pipe: TextToImagePipeline) -> Img2ImgPipeline:
     if isinstance(pipe, StableDiffusionPipeline):
         return StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
     raise RenderInputError(f"no image-to-image pipeline for {type(pipe).__name__}")
+
+
+def _check_ref(adapter: AdapterRef) -> None:
+    if not _ADAPTER_ID.fullmatch(adapter.adapter_id):
+        raise RenderInputError(f"adapter id {adapter.adapter_id!r} must be 1-64 letters, digits, _ or -")
+    if not adapter.path.is_file():
+        raise RenderInputError(f"adapter file {adapter.path} does not exist")
 
 
 def _check_draw(prompt: str, num_images: int, steps: int, size: tuple[int, int] | None) -> None:
