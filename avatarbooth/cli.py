@@ -214,6 +214,13 @@ async def _platform(
 
 
 def _run_worker(config: AppConfig, *, burst: bool, metrics_port: int | None = None) -> int:
+    if config.blob_store.kind != "local":  # engine.worker still opens a LocalBlobStore (issue 14)
+        print(
+            f'avatarbooth: the worker does not read blobs from S3 yet, but [storage] blob_store = '
+            f'"{config.blob_store.kind}"; set blob_store = "local" until it does',
+            file=sys.stderr,
+        )
+        return 2
     if not config.engine.redis_url:
         print(
             "avatarbooth: a worker alone needs a queue server: set [queue] redis_url in config.toml "

@@ -20,6 +20,8 @@ from bot.settings import BotSettings
 from bot.telegram.settings import TelegramSettings
 from bot.safety import BlocklistFileError, PromptBlocklist, load_blocklist
 from engine.settings import EngineSettings
+from storage.blobs import BLOB_STORES, BlobStoreSettings
+from storage.errors import StorageError
 
 DEFAULT_CONFIG = Path("config.toml")
 _S = TypeVar("_S")
@@ -47,6 +49,7 @@ class AppConfig:
     redis_url: str | None  # None: start the embedded Valkey server
     bot: BotSettings
     engine: EngineSettings
+    blob_store: BlobStoreSettings
     base_model: str | None = None  # a Hub repo id that `models pull` fetches in place of the preset's base
     telegram: TelegramSettings = TelegramSettings()
     discord: DiscordSettings = DiscordSettings()
@@ -73,6 +76,7 @@ _SECTIONS = {
 _ENGINE_KEYS = {
     "preset", "device", "dtype", "models_dir", "preview_steps", "draw_steps", "face_detail", "base_model",
     "dreambooth_cache_gib", "lora_hotswap", "hotswap_rank", "compile_unet",
+    "few_step",
 }
 _DTYPES = ("auto", "float16", "bfloat16", "float32")  # engine.pipelines.base.RESIDENT_DTYPES, without importing torch
 _DREAMBOOTH_OPTIMIZERS = ("adamw", "adafactor")
@@ -91,7 +95,8 @@ def load_config(
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; known: {sorted(_SECTIONS)}")
 
-    data_dir = _data_dir(raw.get("storage", {}), base_dir, env)
+    data_dir = _data_dir(_section(raw, "storage"), base_dir, env)
+    blob_store = _blob_store_settings(_section(raw, "storage"), data_dir)
     redis_url = env.get("AVATARBOOTH_REDIS_URL") or _section(raw, "queue").get("redis_url") or None
     engine = _engine_settings(raw, data_dir, redis_url or "", preset)
     return AppConfig(
@@ -100,6 +105,7 @@ def load_config(
         redis_url=redis_url,
         bot=_bot_settings(raw),
         engine=engine,
+        blob_store=blob_store,
         base_model=_base_model(_section(raw, "engine")),
         telegram=_table_settings(TelegramSettings, "telegram", _section(raw, "telegram")),
         discord=_table_settings(DiscordSettings, "discord", _section(raw, "discord")),
@@ -162,6 +168,55 @@ def _data_dir(storage: Mapping[str, Any], base_dir: Path, env: Mapping[str, str]
     return data_dir.resolve()
 
 
+_STORAGE_KEYS = {"data_dir", "blob_store", "s3_bucket", "s3_prefix", "blob_cache_gib"}
+# Where S3 settings that never go in config.toml come from instead (boto3 reads them itself).
+_STORAGE_FROM_ENV = {
+    "endpoint": "AWS_ENDPOINT_URL", "endpoint_url": "AWS_ENDPOINT_URL", "s3_endpoint": "AWS_ENDPOINT_URL",
+    "s3_endpoint_url": "AWS_ENDPOINT_URL", "region": "AWS_DEFAULT_REGION", "s3_region": "AWS_DEFAULT_REGION",
+    "access_key": "AWS_ACCESS_KEY_ID", "access_key_id": "AWS_ACCESS_KEY_ID", "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+    "s3_access_key": "AWS_ACCESS_KEY_ID", "s3_access_key_id": "AWS_ACCESS_KEY_ID", "secret_key": "AWS_SECRET_ACCESS_KEY",
+    "secret_access_key": "AWS_SECRET_ACCESS_KEY", "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "s3_secret_key": "AWS_SECRET_ACCESS_KEY", "s3_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+}
+_DEFAULT_BLOB_CACHE_GIB = 20
+
+
+def _blob_store_settings(storage: Mapping[str, Any], data_dir: Path) -> BlobStoreSettings:
+    for key in storage:
+        if key.lower() in _STORAGE_FROM_ENV:
+            raise ConfigError(
+                f"[storage] {key}: S3 endpoints, regions and keys never go in config.toml; set "
+                f"{_STORAGE_FROM_ENV[key.lower()]} in the environment (boto3 reads it)"
+            )
+    unknown = set(storage) - _STORAGE_KEYS
+    if unknown:
+        raise ConfigError(f"[storage] unknown setting(s) {sorted(unknown)}; known: {', '.join(sorted(_STORAGE_KEYS))}")
+    kind = storage.get("blob_store", "local")
+    if kind not in BLOB_STORES:
+        raise ConfigError(f'[storage] blob_store must be "local" (files under data_dir) or "s3", got {kind!r}')
+    bucket, prefix = storage.get("s3_bucket", ""), storage.get("s3_prefix", "")
+    for key, value in (("s3_bucket", bucket), ("s3_prefix", prefix)):
+        if not isinstance(value, str):
+            raise ConfigError(f"[storage] {key} must be a string, got {value!r}")
+    if kind == "s3" and not bucket:
+        raise ConfigError(
+            '[storage] blob_store = "s3" needs s3_bucket = "<an existing bucket>"; the endpoint, region and '
+            "keys come from AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
+    if kind == "local" and (bucket or prefix):
+        raise ConfigError('[storage] s3_bucket and s3_prefix are used only with blob_store = "s3": set it, or remove them')
+    gib = storage.get("blob_cache_gib", _DEFAULT_BLOB_CACHE_GIB)
+    if isinstance(gib, bool) or not isinstance(gib, (int, float)) or gib <= 0:
+        raise ConfigError(f"[storage] blob_cache_gib must be a number of GiB above 0, got {gib!r}")
+    try:
+        return BlobStoreSettings(
+            local_dir=data_dir / "blobs", kind=kind, s3_bucket=bucket, s3_prefix=prefix,
+            cache_dir=data_dir / "blob-cache", cache_bytes=int(gib * 2**30),
+        )
+    except (ValueError, StorageError) as e:
+        raise ConfigError(f"[storage] {e}") from e
+
+
 def _engine_settings(
     raw: Mapping[str, Any], data_dir: Path, redis_url: str, preset: str | None
 ) -> EngineSettings:
@@ -193,6 +248,7 @@ def _engine_settings(
         lora_hotswap=bool(_bool(engine, "lora_hotswap", False)),
         hotswap_rank=_positive_int(engine, "hotswap_rank", EngineSettings.hotswap_rank),
         compile_unet=bool(_bool(engine, "compile_unet", False)),
+        few_step=bool(_bool(engine, "few_step", False)),
         random_flip=_bool(training, "random_flip", False),
         train_text_encoder=_bool(training, "train_text_encoder", False),
         gradient_checkpointing=_bool(training, "gradient_checkpointing", None),

@@ -30,8 +30,9 @@ from bot.jobs import JobClient
 from bot.runner import JobRunner
 from bot.service import BotService
 from engine.api import WORKER_KEY_PREFIX
-from storage.blobs import LocalBlobStore
+from storage.blobs import BlobStore, open_blob_store
 from storage.db import Database
+from storage.errors import StorageError
 
 _log = logging.getLogger(__name__)
 
@@ -54,10 +55,12 @@ class Running:
 async def serve_chat(
     config: AppConfig, *, start_worker: bool = True, status: IO[str] = sys.stderr, serve_metrics: bool = False
 ) -> AsyncIterator[Running]:
-    """Start (embedded Valkey →) worker → database, blobs, metrics and service; stop them in reverse
-    order. ``serve_metrics`` (`avatarbooth run`): /metrics and /healthz where ``[metrics]`` says, and
-    the worker started here serves its own at ``worker_port``; otherwise neither does."""
+    """Open the blob store, start (embedded Valkey →) worker → database, metrics and service; stop
+    them in reverse order. ``serve_metrics`` (`avatarbooth run`): /metrics and /healthz where
+    ``[metrics]`` says, and the worker started here serves its own at ``worker_port``; otherwise
+    neither does."""
     async with AsyncExitStack() as stack:
+        blobs = await asyncio.to_thread(_open_blobs, config)  # first: a bad [storage] fails before all else
         url = config.redis_url
         children: list[Child] = []
         valkey: EmbeddedValkey | None = None
@@ -76,7 +79,6 @@ async def serve_chat(
             await stack.enter_async_context(Supervisor(children, status=status))
         db = await stack.enter_async_context(Database.open(config.database_path))
         jobs = await stack.enter_async_context(await JobClient.connect(url))
-        blobs = LocalBlobStore(config.engine.blobs_dir)
         observer = None
         if serve_metrics and config.metrics.port is not None:
             from avatarbooth.metrics import MetricsError, serving
@@ -106,6 +108,14 @@ async def serve_chat(
         finally:
             settling.cancel()
             await asyncio.gather(settling, return_exceptions=True)
+
+
+def _open_blobs(config: AppConfig) -> BlobStore:
+    """The configured blob store; a bucket that cannot be used stops the start-up, saying why."""
+    try:
+        return open_blob_store(config.blob_store)
+    except StorageError as e:
+        raise StartupError(f"the blob store cannot be used: {e}") from e
 
 
 ERASURE_RETRY_S = 2.0

@@ -30,6 +30,7 @@ class EngineSettings:
     lora_hotswap: bool = False
     hotswap_rank: int = 16  # the slot's rank: at least every user's LoRA rank ([training] trains 16)
     compile_unet: bool = False  # torch.compile the resident UNet at start-up (warm-up draw); with lora_hotswap, switching users does not recompile
+    few_step: bool = False  # previews and draws in few-step mode unless a request says (PreviewRequest.fast)
     face_detail: bool = True  # every draw's face redrawn at the model's resolution, kept when it looks more like the user
     # [training] switches, for every method that has them (engine.train.methods applies them):
     random_flip: bool = False  # mirrored crops as augmentation; off: they erase facial asymmetries

@@ -11,27 +11,30 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from storage.errors import BlobNotFound, InvalidBlobKey, StorageError
+from storage.errors import BlobNotFound, StorageError
+from storage.keys import (
+    KEY_RE,
+    REF_SUFFIX,
+    HashingWriter,
+    check_key,
+    check_name,
+    check_suffix,
+    checked_bucket,
+    checked_prefix,
+)
 
 _log = logging.getLogger(__name__)
 
-# Owners and kinds are single folder names: no dots (so no ".."), no separators.
-_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
-_SUFFIX = r"\.[a-z0-9]{1,16}"
-_NAME_RE = re.compile(_NAME)
-_SUFFIX_RE = re.compile(_SUFFIX)
-_KEY_RE = re.compile(rf"(?P<owner>{_NAME})/(?P<kind>{_NAME})/[0-9a-f]{{64}}(?P<suffix>{_SUFFIX})")
 # Temp files start with a dot and end with .tmp, so they can never match a key.
 _TEMP_PREFIX = ".incoming-"
 _TEMP_SUFFIX = ".tmp"
-_REF_SUFFIX = ".ref.json"  # named references; never a key either (keys end in one suffix)
 
 
 def owner_for(user_id: int) -> str:
@@ -97,9 +100,9 @@ class LocalBlobStore:
 
     def put(self, owner: str, kind: str, data: bytes, suffix: str) -> str:
         """Store `data` atomically and return its key ``"{owner}/{kind}/{sha256}{suffix}"``."""
-        _check_name("owner", owner)
-        _check_name("kind", kind)
-        _check_suffix(suffix)
+        check_name("owner", owner)
+        check_name("kind", kind)
+        check_suffix(suffix)
         key = f"{owner}/{kind}/{hashlib.sha256(data).hexdigest()}{suffix}"
         final = self.root / key
         if final.exists():  # same key means same content: nothing to write
@@ -116,9 +119,9 @@ class LocalBlobStore:
     def put_written(self, owner: str, kind: str, suffix: str, write: Callable[[IO[bytes]], object]) -> str:
         """Stream `write`'s output into a temp file, hashing it as it goes, then rename it to its
         key; nothing of it is held in memory. A failing `write` leaves nothing behind."""
-        _check_name("owner", owner)
-        _check_name("kind", kind)
-        _check_suffix(suffix)
+        check_name("owner", owner)
+        check_name("kind", kind)
+        check_suffix(suffix)
         folder = self.root / owner / kind
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -128,7 +131,7 @@ class LocalBlobStore:
         temp = Path(temp_name)
         try:
             with os.fdopen(fd, "wb") as handle:
-                hashing = _HashingWriter(handle)
+                hashing = HashingWriter(handle)
                 write(hashing)  # type: ignore[arg-type]  # a write-only file, which is all it needs
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -173,7 +176,7 @@ class LocalBlobStore:
 
     def delete_owner(self, owner: str) -> int:
         """Remove the owner's whole folder (all kinds); returns how many blob files it held."""
-        _check_name("owner", owner)
+        check_name("owner", owner)
         folder = self.root / owner
         if not folder.is_dir():
             return 0
@@ -207,56 +210,58 @@ class LocalBlobStore:
 
     def _ref_file(self, owner: str, kind: str, name: str) -> Path:
         for what, value in (("owner", owner), ("kind", kind), ("reference name", name)):
-            _check_name(what, value)
-        return self.root / owner / kind / f"{name}{_REF_SUFFIX}"
+            check_name(what, value)
+        return self.root / owner / kind / f"{name}{REF_SUFFIX}"
 
     def _is_blob(self, path: Path) -> bool:
         key = path.relative_to(self.root).as_posix()
-        return path.is_file() and _KEY_RE.fullmatch(key) is not None
+        return path.is_file() and KEY_RE.fullmatch(key) is not None
 
     def _file(self, key: str) -> Path:
         """The path a valid key maps to; refuses keys that could point outside the root."""
-        if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
-            raise InvalidBlobKey(
-                f"blob key {key!r} is invalid; keys look like 'u1/photo/<64 hex digits>.png' "
-                "and come from BlobStore.put"
-            )
-        return self.root / key
+        return self.root / check_key(key)
 
 
-def _check_name(what: str, value: str) -> None:
-    """Owners and kinds become folder names, so they must be one plain path component."""
-    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
-        raise InvalidBlobKey(
-            f"blob {what} {value!r} is invalid; use 1-64 letters, digits, '_' or '-', "
-            "starting with a letter or digit (no dots or slashes)"
-        )
+BLOB_STORES = ("local", "s3")
 
 
-def _check_suffix(suffix: str) -> None:
-    if not isinstance(suffix, str) or not _SUFFIX_RE.fullmatch(suffix):
-        raise InvalidBlobKey(
-            f"blob suffix {suffix!r} is invalid; use a dot and 1-16 lowercase letters "
-            "or digits, such as '.png', '.json' or '.safetensors'"
-        )
+@dataclass(frozen=True)
+class BlobStoreSettings:
+    """Which blob store to open (``[storage]`` in config.toml). S3's endpoint, region and keys are
+    not settings: boto3 reads them from AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID and
+    AWS_SECRET_ACCESS_KEY itself."""
+
+    local_dir: Path  # "local": the blobs' folder
+    kind: str = "local"  # one of BLOB_STORES
+    s3_bucket: str = ""
+    s3_prefix: str = ""  # "" or folder names, e.g. "avatarbooth/prod"
+    cache_dir: Path | None = None  # "s3": local copies for `path`; None: <local_dir>-cache
+    cache_bytes: int = 20 * 2**30
+
+    def __post_init__(self) -> None:
+        if self.kind not in BLOB_STORES:
+            raise ValueError(f"blob_store must be one of {', '.join(map(repr, BLOB_STORES))}, got {self.kind!r}")
+        if self.kind == "s3" and not self.s3_bucket:
+            raise ValueError('blob_store = "s3" needs s3_bucket, the name of an existing bucket')
+        if self.s3_bucket:
+            checked_bucket(self.s3_bucket)  # raises InvalidBlobKey saying what a name may hold
+        checked_prefix(self.s3_prefix)
+        if self.cache_bytes <= 0:
+            raise ValueError(f"the blob cache needs a size above 0 bytes, got {self.cache_bytes}")
 
 
-class _HashingWriter:
-    """A write-only file that hashes what passes through it (what `torch.save` and friends need)."""
+def open_blob_store(settings: BlobStoreSettings) -> BlobStore:
+    """The configured store. An S3 store is checked first (the bucket exists and the keys may use
+    it), so a wrong setting fails at start-up with a `StorageError` saying what to set."""
+    if settings.kind == "local":
+        return LocalBlobStore(settings.local_dir)
+    from storage.cache import BlobCache  # boto3 is loaded only where S3 is used
+    from storage.s3 import S3BlobStore
 
-    def __init__(self, handle: IO[bytes]) -> None:
-        self._handle = handle
-        self._sha = hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self._sha.update(data)
-        return self._handle.write(data)
-
-    def flush(self) -> None:
-        self._handle.flush()
-
-    def hexdigest(self) -> str:
-        return self._sha.hexdigest()
+    cache_dir = settings.cache_dir or settings.local_dir.with_name(f"{settings.local_dir.name}-cache")
+    store = S3BlobStore(settings.s3_bucket, BlobCache(cache_dir, settings.cache_bytes), prefix=settings.s3_prefix)
+    store.check()
+    return store
 
 
 def _write_atomically(final: Path, data: bytes) -> None:
