@@ -2,7 +2,9 @@
 
 The one place in the project that downloads. Each preset has a manifest of components (SDXL base,
 InstantID, antelopev2, the safety checker, ...); each component names its files on the Hugging Face
-Hub (or a release archive) and where they go inside ``models_dir/<preset>/``. For every file:
+Hub (or a release archive) and where they go inside ``models_dir/<preset>/``. An optional component
+(SDXL-Lightning's LoRA, for few-step mode) that cannot be fetched is reported and fails no pull.
+For every file:
 
 * already there and verified (recorded in ``<preset>/.pulled.json`` with its size, mtime and hashes,
   and still matching what the hub says) → skipped, so running the command again is cheap;
@@ -31,6 +33,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
+
+from engine.presets import FEW_STEP_LORA
 
 Report = Callable[[str], None]
 
@@ -87,6 +91,7 @@ class Component:
     licence: str
     files: tuple[HubFile, ...] = ()
     archive: UrlArchive | None = None
+    optional: bool = False  # the preset works without it: failing to fetch it fails no pull
 
 
 def _hub(
@@ -117,6 +122,7 @@ SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the maintained mirror of runwayml's repo
 INSTANTID_REPO = "InstantX/InstantID"
 SAFETY_CHECKER_REPO = "CompVis/stable-diffusion-safety-checker"
+LIGHTNING_REPO = "ByteDance/SDXL-Lightning"
 
 # The commit of each repository that is pulled, so that what is verified is what was reviewed (a
 # branch can move). Each SHA was seen as that repository's commit in public sources: download URLs
@@ -127,6 +133,9 @@ SD15_REVISION = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"  # resolve/<sha>/sche
 # a cache snapshot of this repository at it holds unet/diffusion_pytorch_model.fp16.safetensors
 INSTANTID_REVISION = "57b32dfee076092ad2930c71fd6d439c2c3b1820"  # resolve/<sha>/ip-adapter.bin
 SAFETY_CHECKER_REVISION = "cb41f3a270d63d454d385fc2e4f571c487c253c5"  # resolve/<sha>/pytorch_model.bin
+LIGHTNING_REVISION = "c9a24f48e1c025556787b0c58dd67a091ece2e44"  # tree/<sha> (43 commits) lists the LoRA;
+# it is unchanged since its upload ("Add safetensors", 1b39ebb): LFS sha256 and size as below, at any commit.
+LIGHTNING_LORA_SHA256 = "5aa30d94cdf7950a8b53a693682650ee061eddb128c5435a8f88defea73b2ac6"  # 393,854,592 bytes
 
 ANTELOPEV2_URL = "https://github.com/deepinsight/insightface/releases/download/model-zoo/antelopev2.zip"
 """Where insightface's own downloader (``FaceAnalysis(name="antelopev2")``, insightface 2.x) fetches the
@@ -249,8 +258,17 @@ _SAFETY_CHECKER = Component(
     ),
 )
 
+_FEW_STEP = Component(
+    "SDXL-Lightning 8-step LoRA (few-step mode; optional: without it every image draws the full way)",
+    "CreativeML Open RAIL++-M licence (openrail++): use-based restrictions apply; read it at "
+    f"https://huggingface.co/{LIGHTNING_REPO}",
+    files=(HubFile(LIGHTNING_REPO, (("sdxl_lightning_8step_lora.safetensors", FEW_STEP_LORA),),
+                   revision=LIGHTNING_REVISION, sha256=LIGHTNING_LORA_SHA256),),
+    optional=True,
+)
+
 MANIFESTS: dict[str, tuple[Component, ...]] = {
-    "sdxl": (_SDXL, _INSTANTID, _ANTELOPEV2, _SAFETY_CHECKER),
+    "sdxl": (_SDXL, _INSTANTID, _ANTELOPEV2, _SAFETY_CHECKER, _FEW_STEP),
     "sd15": (_SD15, _ANTELOPEV2, _SAFETY_CHECKER),
 }
 """What ``pull`` fetches for each real preset."""
@@ -738,8 +756,9 @@ def pull(
 ) -> int:
     """Fetch and verify ``preset``'s weights into ``models_dir/<preset>/``; return an exit status.
 
-    0: everything is in place; 1: some component failed (each failure is reported with what to do, the
-    others are still fetched); 2: an unknown preset. ``hub`` defaults to the real Hugging Face Hub.
+    0: everything is in place, or all but optional components; 1: some other component failed (each
+    failure is reported with what to do, the others are still fetched); 2: an unknown preset. ``hub``
+    defaults to the real Hugging Face Hub.
     ``antelopev2_zip`` is a local copy of insightface's antelopev2.zip to use instead of downloading it.
     ``components`` replaces the preset's manifest (``MANIFESTS[preset]``).
     """
@@ -754,30 +773,37 @@ def pull(
     root = models_dir / preset
     run = _Pull(preset, root, models_dir / STAGING_DIR / preset, hub or HuggingFaceHub(), report, antelopev2_zip)
     report(f"Pulling the {preset!r} preset into {root}")
-    failures: list[str] = []
+    failures: list[Component] = []
     for component in components:
         try:
             run.component(component)
         except PullError as e:
             report(f"  FAILED: {e}")
-            failures.append(component.name)
-    if failures:
+            failures.append(component)
+    if required := [c.name for c in failures if not c.optional]:
         report(
-            f"{len(failures)} component(s) of {preset!r} could not be pulled: {', '.join(failures)}. "
+            f"{len(required)} component(s) of {preset!r} could not be pulled: {', '.join(required)}. "
             "Fix what is reported above and run the command again; verified files are kept."
         )
         return 1
+    done = f"Done: {run.fetched} file(s) fetched, {run.kept} already in place and verified."
+    if failures:  # optional ones only; their staged downloads stay, for the next run to resume
+        names = ", ".join(c.name for c in failures)
+        report(f"{done} NOT pulled (optional, the preset works without it): {names}. Fix what is reported "
+               "above and run the command again to fetch it.")
+        return 0
     shutil.rmtree(run.staging, ignore_errors=True)
     with contextlib.suppress(OSError):
         run.staging.parent.rmdir()  # only when no other preset's pull is pending
-    report(f"Done: {run.fetched} file(s) fetched, {run.kept} already in place and verified.")
+    report(done)
     return 0
 
 
-def files_for(preset: str) -> list[str]:
-    """Every path (relative to the preset folder) that ``pull`` lays out for ``preset``, first choices only."""
+def files_for(preset: str, *, optional: bool = False) -> list[str]:
+    """The paths (relative to the preset folder) that ``pull`` lays out for ``preset``, first choices only;
+    those of optional components (the few-step LoRA) too with ``optional``."""
     paths: list[str] = []
-    for component in MANIFESTS.get(preset, ()):
+    for component in (c for c in MANIFESTS.get(preset, ()) if optional or not c.optional):
         paths += [f.candidates[0][1] for f in component.files]
         if component.archive is not None:
             paths += [m.dest for m in component.archive.members]

@@ -18,7 +18,7 @@ from typing import TextIO
 from bot import texts
 from bot.chat.failures import failure_text
 from bot.chat.intake import Incoming, NotReceived, take_photos
-from bot.options import parse_options, parse_train_words
+from bot.options import PREVIEW_OPTIONS, parse_options, parse_train_words
 from bot.replies import ImageOut
 from bot.service import BotService, Reply, UserRef
 from storage.errors import StorageError
@@ -181,10 +181,10 @@ class ConsoleAdapter:
         return await self._service.photos(self._user)
 
     async def _preview(self, rest: str) -> Reply:
-        options = parse_options(rest, allowed=("--style", "--ar"))
+        options = parse_options(rest, allowed=PREVIEW_OPTIONS)
         return await self._service.preview(
             self._user, options.prompt or None, on_progress=self._progress,
-            style=options.style, aspect=options.aspect,
+            style=options.style, aspect=options.aspect, fast=options.fast,
         )
 
     async def _train(self, rest: str) -> Reply:
@@ -195,7 +195,7 @@ class ConsoleAdapter:
         options = parse_options(rest)
         return await self._service.draw(
             self._user, options.prompt, on_progress=self._progress,
-            style=options.style, aspect=options.aspect, boost=options.boost,
+            style=options.style, aspect=options.aspect, boost=options.boost, fast=options.fast,
         )
 
     async def _pack(self, rest: str) -> Reply:

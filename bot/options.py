@@ -1,5 +1,5 @@
-"""The options of /preview and /draw (``--style S``, ``--ar W:H``, ``--boost``) and the words of
-/train, read the same way wherever commands arrive as text (console, Telegram)."""
+"""The options of /preview and /draw (``--style S``, ``--ar W:H``, ``--boost``, ``--fast``) and the
+words of /train, read the same way wherever commands arrive as text (console, Telegram)."""
 
 from __future__ import annotations
 
@@ -18,25 +18,29 @@ class PromptOptions:
     style: str | None = None
     aspect: str | None = None
     boost: bool = False
+    fast: bool = False  # few-step mode: faster, a little less detail
 
 
 _VALUE_OPTIONS = {"--style": ("style", "--style anime"), "--ar": ("aspect", "--ar 3:4")}
-_FLAG_OPTIONS = ("--boost",)
+_FLAG_OPTIONS = {"--boost": "boost", "--fast": "fast"}  # each sets its PromptOptions field to True
 PROMPT_OPTIONS = (*_VALUE_OPTIONS, *_FLAG_OPTIONS)
+"""What /draw takes."""
+PREVIEW_OPTIONS = ("--style", "--ar", "--fast")
+"""What /preview takes: the boost is for drawing from a trained model."""
 
 
 def parse_options(rest: str, allowed: Collection[str] = PROMPT_OPTIONS) -> PromptOptions:
     """Leading ``--name value``, ``--name=value`` and ``--flag`` words, then the prompt.
 
-    >>> parse_options("--ar 3:4 --boost me as an astronaut")
-    PromptOptions(prompt='me as an astronaut', style=None, aspect='3:4', boost=True)
+    >>> parse_options("--ar 3:4 --boost --fast me as an astronaut")
+    PromptOptions(prompt='me as an astronaut', style=None, aspect='3:4', boost=True, fast=True)
 
     Raises ``UnknownOption`` for an option not in ``allowed``, ``MissingOptionValue`` for a
     value option with nothing after it and ``RepeatedOption`` for one given twice (which value was
     meant is the user's to say, not ours to guess).
     """
     values: dict[str, str] = {}
-    boost = False
+    flags: set[str] = set()
     seen: set[str] = set()
     remaining = rest.strip()
     while remaining.startswith("--"):
@@ -48,7 +52,7 @@ def parse_options(rest: str, allowed: Collection[str] = PROMPT_OPTIONS) -> Promp
             raise RepeatedOption(name)
         seen.add(name)
         if name in _FLAG_OPTIONS:
-            boost = True
+            flags.add(_FLAG_OPTIONS[name])
             continue
         field_name, example = _VALUE_OPTIONS[name]
         if not has_value:
@@ -56,7 +60,10 @@ def parse_options(rest: str, allowed: Collection[str] = PROMPT_OPTIONS) -> Promp
         if not value:
             raise MissingOptionValue(name, example)
         values[field_name] = value
-    return PromptOptions(remaining, style=values.get("style"), aspect=values.get("aspect"), boost=boost)
+    return PromptOptions(
+        remaining, style=values.get("style"), aspect=values.get("aspect"),
+        boost="boost" in flags, fast="fast" in flags,
+    )
 
 
 def parse_train_words(rest: str) -> tuple[str | None, str | None]:

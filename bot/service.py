@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bot import texts
+from bot.class_words import check_class_word, class_word_for, known_gender
 from bot.errors import (
     BotError,
     ConsentRequired,
@@ -53,7 +54,6 @@ from bot.errors import (
     TooManyPhotos,
     TrainingAlreadyRunning,
     UnknownAspect,
-    UnknownClassWord,
     UnknownMethod,
 )
 from bot.jobs import JobClient
@@ -63,7 +63,7 @@ from bot.quota import DrawQuota
 from bot.replies import ImageOut, Offer, Reply, ResumedWork, Unreceived, Upload, UserRef
 from bot.runner import UNQUEUED, JobRunner, ProgressCallback
 from bot.safety import PromptBlocklist
-from bot.settings import AUTO_CLASS_WORD, CLASS_WORD_CHOICES, BotSettings
+from bot.settings import AUTO_CLASS_WORD, BotSettings
 from bot.styles import STYLES, apply_style
 from bot.upscale import Upscaler
 from bot.uploads import RefusedUpload, accept_upload
@@ -71,7 +71,6 @@ from engine.api import (
     ASPECT_RATIOS,
     DEFAULT_ASPECT,
     JOB_TRIES,
-    ApparentGender,
     CheckPhotoRequest,
     CheckPhotoResult,
     DrawRequest,
@@ -266,7 +265,7 @@ class BotService:
                 PhotoStatus.ACCEPTED,
                 embedding_key=result.embedding_key,
                 crop_key=result.crop_key,
-                apparent_gender=_known_gender(result.apparent_gender),
+                apparent_gender=known_gender(result.apparent_gender),
             )
             line = texts.photo_accepted(label)
         else:
@@ -299,10 +298,12 @@ class BotService:
         *,
         style: str | None = None,
         aspect: str | None = None,
+        fast: bool = False,
     ) -> Reply:
         """Zero-shot InstantID images from the enrolled photos, before any training.
 
-        ``aspect`` is a width:height ratio from ``engine.api.ASPECT_RATIOS``; None: square.
+        ``aspect`` is a width:height ratio from ``engine.api.ASPECT_RATIOS``; None: square. ``fast``
+        asks for few-step mode; without it the worker's configured default draws.
         """
         words = self._check_prompt(prompt, required=False) or self.settings.default_preview_prompt
         text, negative = self._styled(words, style)
@@ -318,6 +319,7 @@ class BotService:
             num_images=self.settings.preview_num_images,
             class_word=await self._class_word(account.id),
             aspect=shape,
+            fast=_fast(fast),
         )
         job = await self._quota.reserve(
             account.id,
@@ -335,19 +337,20 @@ class BotService:
         style: str | None = None,
         aspect: str | None = None,
         boost: bool = False,
+        fast: bool = False,
     ) -> Reply:
         """Draw `prompt` (in a style preset, if named) from the user's newest model, or with InstantID
         until one exists.
 
         ``aspect`` is a width:height ratio from ``engine.api.ASPECT_RATIOS`` (None: square);
         ``boost`` adds InstantID on the enrolled faces to a LoRA model's draw (SDXL presets; ignored
-        elsewhere).
+        elsewhere); ``fast`` asks for few-step mode, as in `preview`.
         """
         text, negative = self._styled(self._check_prompt(prompt, required=True), style)
         shape = _aspect(aspect)
         account = await self._consented(user)
         model = await self._db.latest_model(account.id)
-        options = _DrawOptions(aspect=shape, negative_prompt=negative, identity_boost=boost)
+        options = _DrawOptions(aspect=shape, negative_prompt=negative, identity_boost=boost, fast=_fast(fast))
         return await self._draw(account, text, model, options, on_progress)
 
     async def pack(
@@ -370,7 +373,7 @@ class BotService:
     ) -> Reply:
         """The prompt of one of the user's images again, from the same model, with a new seed."""
         account, image = await self._own_image(user, image_id)
-        options = _DrawOptions(aspect=await self._shape_of(image))
+        options = await self._redraw_of(image)
         return await self._draw(account, image.prompt, await self._model_of(image), options, on_progress)
 
     async def more_like(
@@ -378,7 +381,7 @@ class BotService:
     ) -> Reply:
         """Variations of one of the user's images: same prompt and model, starting from that image."""
         account, image = await self._own_image(user, image_id)
-        options = _DrawOptions(aspect=await self._shape_of(image), variation_of=image.blob_key)
+        options = await self._redraw_of(image, variation_of=image.blob_key)
         return await self._draw(account, image.prompt, await self._model_of(image), options, on_progress)
 
     async def upscale(self, user: UserRef, image_id: int, on_progress: ProgressCallback | None = None) -> Reply:
@@ -412,12 +415,20 @@ class BotService:
             raise NotYourImage()
         return account, image
 
-    async def _shape_of(self, image: GeneratedImage) -> str:
-        """The aspect ratio the image was drawn at, so a redraw keeps its shape."""
+    async def _drawn_with(self, image: GeneratedImage) -> dict[str, Any]:
+        """The request the image was drawn from; empty when its job is gone."""
         job = await self._db.get_job(image.job_id) if image.job_id is not None else None
         request = (job.payload or {}).get("request") if job is not None else None
-        aspect = request.get("aspect") if isinstance(request, dict) else None
-        return aspect if isinstance(aspect, str) and aspect in ASPECT_RATIOS else DEFAULT_ASPECT
+        return request if isinstance(request, dict) else {}
+
+    async def _shape_of(self, image: GeneratedImage) -> str:
+        """The aspect ratio the image was drawn at, so a redraw keeps its shape."""
+        return _shape_in(await self._drawn_with(image))
+
+    async def _redraw_of(self, image: GeneratedImage, variation_of: str | None = None) -> _DrawOptions:
+        """A redraw of the image keeps its shape and, when it was drawn fast, few-step mode."""
+        drawn = await self._drawn_with(image)
+        return _DrawOptions(aspect=_shape_in(drawn), variation_of=variation_of, fast=_fast(drawn.get("fast") is True))
 
     async def _model_of(self, image: GeneratedImage) -> PersonalModel | None:
         if image.model_id is None:
@@ -451,6 +462,7 @@ class BotService:
             negative_prompt=options.negative_prompt,
             variation_of=options.variation_of,
             identity_boost=options.identity_boost,
+            fast=options.fast,
         )
         meta: dict[str, Any] = {"prompt": text}
         if model is not None:
@@ -536,7 +548,7 @@ class BotService:
         None: the configured word, or with "auto" the one the photos' apparent genders agree on.
         """
         chosen = self._check_method(method)
-        named_word = _check_class_word(class_word)
+        named_word = check_class_word(class_word)
         account = await self._consented(user)
         async with self._lock(account.id):
             if await self._db.active_job(account.id, str(JobName.TRAIN)) is not None:
@@ -774,32 +786,6 @@ class BotService:
         return self._user_locks.setdefault(user_id, asyncio.Lock())
 
 
-_CLASS_WORDS = {ApparentGender.FEMALE: "woman", ApparentGender.MALE: "man"}
-
-
-def class_word_for(apparent_genders: Sequence[str | None]) -> str:
-    """"woman" or "man" when more than half of the photos read so; "person" when unknown or mixed."""
-    for gender, word in _CLASS_WORDS.items():
-        if sum(g == gender for g in apparent_genders) * 2 > len(apparent_genders):
-            return word
-    return "person"
-
-
-def _known_gender(value: str | None) -> str | None:
-    """A worker's apparent gender when it is one the database keeps; anything else counts as unknown."""
-    return value if value in tuple(ApparentGender) else None
-
-
-def _check_class_word(word: str | None) -> str | None:
-    """The class word a user named, in lower case; None when none was named."""
-    named = (word or "").strip().lower()
-    if not named:
-        return None
-    if named not in CLASS_WORD_CHOICES:
-        raise UnknownClassWord((word or "").strip(), CLASS_WORD_CHOICES)
-    return named
-
-
 def _meta(job: Job) -> dict[str, Any]:
     meta = (job.payload or {}).get("meta", {})
     return meta if isinstance(meta, dict) else {}
@@ -822,14 +808,26 @@ def _aspect(aspect: str | None) -> str:
     return aspect.strip()
 
 
+def _shape_in(request: Mapping[str, Any]) -> str:
+    aspect = request.get("aspect")
+    return aspect if isinstance(aspect, str) and aspect in ASPECT_RATIOS else DEFAULT_ASPECT
+
+
 @dataclass(frozen=True)
 class _DrawOptions:
-    """How a draw differs from the plain one: its shape, style's negative prompt, a variation."""
+    """How a draw differs from the plain one: its shape, style's negative prompt, a variation, the
+    boost, few-step mode."""
 
     aspect: str = DEFAULT_ASPECT
     negative_prompt: str = ""
     variation_of: str | None = None  # blob key of the image "more like this" starts from
     identity_boost: bool = False
+    fast: bool | None = None  # as DrawRequest.fast: None leaves it to the worker's default
+
+
+def _fast(asked: bool) -> bool | None:
+    """Few-step mode when the user asked for it; else the worker's configured default (None)."""
+    return True if asked else None
 
 
 def _new_seed() -> int:

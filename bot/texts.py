@@ -39,12 +39,12 @@ Commands:
   /agree                         give your consent (nothing is stored before this)
   /photo PATH...                 send 3 to 5 selfies (quote paths with spaces)
   /photos                        your photos and whether each was accepted
-  /preview [--style S] [--ar W:H] [PROMPT]
+  /preview [--style S] [--ar W:H] [--fast] [PROMPT]
                                  an instant picture of you, before any training
   /train [lora|ti|dreambooth] [woman|man|person]
                                  train your personal model (lora is the default; "me" in
                                  your prompts becomes that word, by your photos unless named)
-  /draw [--style S] [--ar W:H] [--boost] PROMPT
+  /draw [--style S] [--ar W:H] [--boost] [--fast] PROMPT
                                  draw a picture, e.g. /draw --ar 3:4 me as an astronaut
   /styles                        the style presets for --style
   /pack [NAME]                   a pack of avatars in several styles from your model
@@ -54,7 +54,8 @@ Commands:
   /forget                        erase everything stored about you
   /help                          this list
 Options: --ar picks the shape (1:1, 3:4, 4:3, 2:3, 3:2, 9:16, 16:9; square by default);
-  --boost adds your enrolled face to a LoRA model's drawing for a closer likeness."""
+  --boost adds your enrolled face to a LoRA model's drawing for a closer likeness;
+  --fast draws faster, with a little less detail."""
 
 UNKNOWN_COMMAND = "I don't know {command!r}. Send /help for the list of commands."
 NOT_A_COMMAND = "Commands start with '/'. Send /help for the list of commands."
@@ -92,8 +93,8 @@ PROMPT_BLOCKED = (
 )
 UNKNOWN_ASPECT = "There is no aspect ratio {aspect!r}. Choose one of: {choices} (width:height)."
 UNKNOWN_OPTION = (
-    "I don't know the option {option!r} here. /preview takes --style S and --ar W:H; /draw also "
-    "takes --boost. Options go before the prompt."
+    "I don't know the option {option!r} here. /preview takes --style S, --ar W:H and --fast; "
+    "/draw also takes --boost. Options go before the prompt."
 )
 MISSING_OPTION_VALUE = "The option {option} needs a value, e.g. {example}."
 REPEATED_OPTION = "You gave {option} twice. Give it once, with the value you want, and send it again."
@@ -511,15 +512,18 @@ TELEGRAM_HELP = """\
 Commands:
   /start                         what is stored and why; a button to agree
   /photos                        your photos and whether each was accepted
-  /preview [--style S] [PROMPT]  an instant picture of you, before any training
+  /preview [--style S] [--fast] [PROMPT]
+                                 an instant picture of you, before any training
   /train [lora|ti|dreambooth] [woman|man|person]
                                  train your personal model (lora is the default; "me" in
                                  your prompts becomes that word, by your photos unless named)
-  /draw [--style S] PROMPT       draw a picture, e.g. /draw me as an astronaut
+  /draw [--style S] [--fast] PROMPT
+                                 draw a picture, e.g. /draw me as an astronaut
   /styles                        the style presets for --style
   /status                        your photos, models and running jobs
   /forget                        erase everything stored about you
   /help                          this list
+--fast draws faster, with a little less detail.
 Selfies: send 3 to 5 right here, as photos or as files (files keep full quality); an album is fine.
 Under each picture: Draw again, More like this, 2× upscale (sent as a file), Full size, Delete."""
 TELEGRAM_COMMANDS = (
@@ -571,18 +575,19 @@ Commands:
   /agree                         give your consent (nothing is stored before this)
   /enroll photo1 .. photo5       attach 3 to 5 selfies (or send them to me by DM)
   /photos                        your photos and whether each was accepted
-  /preview [prompt] [style] [aspect]
+  /preview [prompt] [style] [aspect] [fast]
                                  an instant picture of you, before any training
   /train [method] [subject]      train your personal model (lora is the default; subject:
                                  woman, man or person, by your photos unless named)
-  /draw prompt [style] [aspect] [boost]
+  /draw prompt [style] [aspect] [boost] [fast]
                                  draw a picture, e.g. /draw me as an astronaut
   /pack [name]                   a pack of avatars in several styles from your model
   /status                        your photos, models and running jobs
   /forget                        erase everything stored about you
   /help                          this list
 style: a look from a menu (anime, oil painting, ...); aspect: the shape (3:4, 16:9, ...);
-boost: adds your enrolled face to your model's drawing for a closer likeness.
+boost: adds your enrolled face to your model's drawing for a closer likeness;
+fast: draws faster, with a little less detail.
 Under each picture: Draw again, More like this, 2× upscale, Delete (only for you)."""
 DISCORD_COMMANDS = {
     "start": "What is stored and why; agree to it",
@@ -607,6 +612,7 @@ DISCORD_DRAW_PROMPT_OPTION = "What to draw, e.g. me as an astronaut"
 DISCORD_STYLE_OPTION = "A style preset (see /help); none keeps your prompt as it is"
 DISCORD_ASPECT_OPTION = "The picture's shape, width:height (square by default)"
 DISCORD_BOOST_OPTION = "Add your enrolled face to your model's drawing for a closer likeness"
+DISCORD_FAST_OPTION = "Draw faster, with a little less detail"
 DISCORD_CONSENT_BUTTON_HINT = "Press \u201cI agree\u201d below (or send /agree) to continue."
 DISCORD_NOT_YOUR_CONSENT = (
     "This button belongs to someone else's /start. Send /start to read the consent text yourself."

@@ -211,6 +211,9 @@ class PreviewRequest(_Message):
     num_images: int = 1
     class_word: str = "person"  # what "me" in the prompt becomes (there is no personal token yet)
     aspect: str = DEFAULT_ASPECT  # a key of ASPECT_RATIOS
+    # Few-step mode (the preset's distilled LoRA, e.g. 8 steps, no CFG): True, False, or None for the
+    # worker's default ([engine] few_step). Where the preset has no distilled weights, the full path draws.
+    fast: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,7 @@ class DrawRequest(_Message):
     # prompt, model and negative prompt given; one image, so num_images, keep, aspect, the variation
     # and the boost are ignored.
     upscale_of: str | None = None
+    fast: bool | None = None  # few-step mode, as PreviewRequest.fast; ignored by the upscale
 
 
 @dataclass(frozen=True)

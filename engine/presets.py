@@ -16,6 +16,8 @@ Layout of a preset's folder (``models_dir/<name>/``)::
     ip-adapter.bin          SDXL family: InstantID's adapter checkpoint
     sd15/                   SD1.5 family: a StableDiffusionPipeline folder (model_index.json, unet/, ...)
     antelopev2/             both: scrfd_10g_bnkps.onnx, glintr100.onnx (required), genderage.onnx (optional: the class word)
+    few-step/               SDXL family, optional: sdxl_lightning_8step_lora.safetensors (few-step mode,
+                            ByteDance/SDXL-Lightning, openrail++); without it, requests for it draw the full way
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ from pathlib import Path
 
 from engine.errors import UnknownPreset, WeightsMissing
 from engine.faces.analyzer import FaceCheckSettings
+
+FEW_STEP_LORA = "few-step/sdxl_lightning_8step_lora.safetensors"
+"""The distilled LoRA under a SDXL preset's folder: SDXL-Lightning's 8-step LoRA, in its published
+(kohya-style ``lora_unet_*``) key layout; the tiny preset builds one of the same layout."""
+FEW_STEP_STEPS = 8
+FEW_STEP_GUIDANCE = 0.0  # SDXL-Lightning is distilled without classifier-free guidance
+# and sampled with Euler on "trailing" timesteps (the model card's scheduler settings).
 
 FAMILY_SDXL = "sdxl"
 FAMILY_SD15 = "sd15"
@@ -104,6 +113,11 @@ class Preset:
     def safety_checker_dir(self) -> Path:
         """The NSFW image checker (diffusers' StableDiffusionSafetyChecker folder)."""
         return self.root / "safety_checker"
+
+    @property
+    def few_step_lora_path(self) -> Path | None:
+        """The distilled few-step LoRA (SDXL family; None for SD1.5, which has none)."""
+        return self.root / FEW_STEP_LORA if self.family == FAMILY_SDXL else None
 
     @property
     def face_models_dir(self) -> Path:

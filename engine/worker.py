@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import io
 import logging
 import math
@@ -22,8 +23,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -128,7 +129,7 @@ class WorkerContext:
         base = ResidentBase.load(preset, device=device, dtype=resident_dtype(device.split(":", 1)[0], settings.dtype))
         faces = FaceAnalyzer(preset.face_models_dir, preset.face_checks)
         size = (preset.resolution, preset.resolution)
-        renderer = Renderer.from_settings(base.text2img, base.gpu_lock, settings, size)
+        renderer = Renderer.from_settings(base.text2img, base.gpu_lock, settings, size, preset.few_step_lora_path)
         nsfw = NsfwChecker.load(preset.safety_checker_dir, device)
         gpu_bytes = None
         if base.device.type == "cuda":
@@ -232,6 +233,7 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
             num_images=request.num_images,
             class_word=request.class_word or "person",
             aspect=request.aspect,
+            fast=request.fast,
         )
         return _preview(app, fallback, detail=True)
     personalisation = _personalisation(app, request)
@@ -251,11 +253,13 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
         variation_of = Image.open(io.BytesIO(app.blobs.get(request.variation_of))).convert("RGB")
     app.report(request.job_id, stage="rendering")
     steps = app.settings.draw_steps or app.preset.inference_steps
+    fast = _fast(app, request)
 
     def draw(start: Image.Image | None, strength: float, **options: Any) -> list[Image.Image]:
         return app.renderer.draw(
             prompt, adapter=personalisation, negative_prompt=request.negative_prompt, seed=request.seed,
-            steps=steps, guidance=app.preset.guidance_scale, variation_of=start, strength=strength, **options,
+            steps=steps, guidance=app.preset.guidance_scale, variation_of=start, strength=strength, fast=fast,
+            **options,
         )
 
     images = draw(
@@ -263,8 +267,10 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
         on_step=lambda done, total: _step(app, request.job_id, done, total),
     )
     records = _records(app, request.embedding_keys) if request.embedding_keys else []
-    redraw: FaceRedraw
-    if isinstance(personalisation, AdapterRef) and app.base.instantid is not None and records:
+    redraw: FaceRedraw | None = None  # few-step mode is for speed: no face-detail pass
+    if fast:
+        pass
+    elif isinstance(personalisation, AdapterRef) and app.base.instantid is not None and records:
         lora = personalisation
         redraw = _instantid_redraw(app, request, records, prompt, steps, lambda: app.renderer.lora_active(lora))
     else:  # TI and DreamBooth (InstantID is not wired to them) and SD1.5: the user's model alone
@@ -327,7 +333,15 @@ def _instantid_images(
     """InstantID from the mean raw embedding of the request's enrolled faces, posed like the most
     frontal and largest of them (``pose_index``), the identity tokens masked to that face's region
     (``render_preview``), stored and ranked; with ``detail`` the faces get the face-detail pass,
-    through InstantID too."""
+    through InstantID too. In few-step mode (``_fast``) the distilled LoRA draws on top, with its steps
+    and guidance, and there is no face-detail pass."""
+    guidance = None
+    if _fast(app, request):
+        assert app.renderer.few_step is not None  # _fast checked it
+        steps, guidance, detail = app.renderer.few_step.steps, app.renderer.few_step.guidance, False
+        while_locked = functools.partial(_stacked, while_locked, functools.partial(
+            app.renderer.few_step_active, app.base.require_instantid()
+        ))
     records = _records(app, request.embedding_keys)
     pose = records[pose_index(records)]
     images = render_preview(
@@ -344,11 +358,28 @@ def _instantid_images(
         out_size=out_size,
         while_locked=while_locked,
         bbox=pose.bbox,
+        guidance=guidance,
     )
     keep = request.keep if isinstance(request, DrawRequest) else None
     redraw = _instantid_redraw(app, request, records, prompt, steps, while_locked) if detail else None
     return _store_ranked(app, request.owner, images, records, request.seed, prompt, keep=keep, redraw=redraw)
 
+
+
+def _fast(app: WorkerContext, request: PreviewRequest | DrawRequest) -> bool:
+    """Few-step mode for ``request``: its own choice, else ``[engine] few_step``; only where the
+    preset's distilled LoRA is on disk (elsewhere the full path draws)."""
+    wanted = app.settings.few_step if request.fast is None else request.fast
+    return wanted and app.renderer.few_step is not None
+
+
+@contextmanager
+def _stacked(
+    first: Callable[[], AbstractContextManager[object]] | None, second: Callable[[], AbstractContextManager[object]]
+) -> Iterator[None]:
+    """``first`` (e.g. the user's LoRA) entered, then ``second`` (the distilled LoRA) inside it."""
+    with (first or nullcontext)(), second():
+        yield
 
 
 def _instantid_redraw(

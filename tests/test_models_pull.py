@@ -16,6 +16,8 @@ import pytest
 from safetensors.numpy import save as save_safetensors
 
 from avatarbooth.models import (
+    LIGHTNING_REPO,
+    LIGHTNING_REVISION,
     MANIFESTS,
     RECORD_FILE,
     STAGING_DIR,
@@ -27,6 +29,7 @@ from avatarbooth.models import (
     files_for,
     pull,
 )
+from engine.presets import FEW_STEP_LORA
 
 
 def _safetensors(seed: int) -> bytes:
@@ -136,10 +139,18 @@ def _served(components: Sequence[Component]) -> tuple[dict[str, dict[str, bytes]
     return repos, urls
 
 
-def _with_archive_hashes(components: Sequence[Component], urls: dict[str, bytes]) -> list[Component]:
-    """The manifest with the archive's pinned hashes swapped for those of the fake archive."""
+def _with_served_hashes(
+    components: Sequence[Component], repos: dict[str, dict[str, bytes]], urls: dict[str, bytes]
+) -> list[Component]:
+    """The manifest with its pinned hashes (the archive's, a hub file's) swapped for those of the fake files."""
     fixed = []
     for component in components:
+        files = tuple(
+            dataclasses.replace(f, sha256=hashlib.sha256(repos[f.repo_id][f.candidates[0][0]]).hexdigest())
+            if f.sha256 and f.candidates[0][0] in repos.get(f.repo_id, {}) else f
+            for f in component.files
+        )
+        component = dataclasses.replace(component, files=files)
         archive = component.archive
         if archive is not None:
             data = urls[archive.url]
@@ -157,7 +168,7 @@ def _with_archive_hashes(components: Sequence[Component], urls: dict[str, bytes]
 @pytest.fixture
 def sdxl_hub() -> tuple[FakeHub, list[Component]]:
     repos, urls = _served(MANIFESTS["sdxl"])
-    return FakeHub(repos, urls), _with_archive_hashes(MANIFESTS["sdxl"], urls)
+    return FakeHub(repos, urls), _with_served_hashes(MANIFESTS["sdxl"], repos, urls)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-sd15"])
@@ -188,7 +199,8 @@ def test_sdxl_lands_where_the_presets_expect(tmp_path: Path, sdxl_hub: tuple[Fak
     # fp16 variant files are stored under the plain names that from_pretrained(folder) looks for
     assert (root / "sdxl/unet/diffusion_pytorch_model.safetensors").is_file()
     assert not list(root.rglob("*.fp16.*"))
-    assert load_preset("sdxl", tmp_path).name == "sdxl"  # its required files are all there
+    preset = load_preset("sdxl", tmp_path)  # its required files are all there
+    assert preset.few_step_lora_path == root / FEW_STEP_LORA and preset.few_step_lora_path.is_file()
     assert not (tmp_path / STAGING_DIR).exists()
     assert any("NON-COMMERCIAL" in line for line in lines)  # insightface's licence note
     assert (root / RECORD_FILE).is_file()
@@ -198,11 +210,12 @@ def test_sd15_lands_where_the_presets_expect(tmp_path: Path) -> None:
     from engine.presets import load_preset
 
     repos, urls = _served(MANIFESTS["sd15"])
-    manifest = _with_archive_hashes(MANIFESTS["sd15"], urls)
+    manifest = _with_served_hashes(MANIFESTS["sd15"], repos, urls)
     assert pull("sd15", tmp_path, hub=FakeHub(repos, urls), report=lambda _: None, components=manifest) == 0
     assert load_preset("sd15", tmp_path).name == "sd15"
     assert (tmp_path / "sd15/sd15/unet/diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / "sd15/safety_checker/model.safetensors").is_file()
+    assert not (tmp_path / "sd15" / FEW_STEP_LORA).exists()  # no few-step LoRA for SD1.5
 
 
 def test_a_second_pull_downloads_nothing(tmp_path: Path, sdxl_hub: tuple[FakeHub, list[Component]]) -> None:
@@ -212,7 +225,7 @@ def test_a_second_pull_downloads_nothing(tmp_path: Path, sdxl_hub: tuple[FakeHub
     lines: list[str] = []
     assert pull("sdxl", tmp_path, hub=hub, report=lines.append, components=manifest) == 0
     assert (len(hub.downloads), len(hub.fetches)) == (downloads, fetches)
-    assert lines[-1].startswith(f"Done: 0 file(s) fetched, {len(files_for('sdxl'))} already in place")
+    assert lines[-1].startswith(f"Done: 0 file(s) fetched, {len(files_for('sdxl', optional=True))} already in place")
 
 
 def test_a_corrupted_download_fails_with_a_clear_message(
@@ -235,6 +248,57 @@ def test_a_corrupted_download_fails_with_a_clear_message(
     assert (tmp_path / "sdxl/sdxl/unet/diffusion_pytorch_model.safetensors").read_bytes() == good
 
 
+def test_the_few_step_lora_comes_from_sdxl_lightning_at_its_pinned_commit(
+    tmp_path: Path, sdxl_hub: tuple[FakeHub, list[Component]]
+) -> None:
+    hub, manifest = sdxl_hub
+    lines: list[str] = []
+    assert pull("sdxl", tmp_path, hub=hub, report=lines.append, components=manifest) == 0
+
+    published = "sdxl_lightning_8step_lora.safetensors"
+    assert hub.downloads.count((LIGHTNING_REPO, published)) == 1
+    assert {revision for repo, revision in hub.revisions if repo == LIGHTNING_REPO} == {LIGHTNING_REVISION}
+    assert (tmp_path / "sdxl" / FEW_STEP_LORA).read_bytes() == hub.repos[LIGHTNING_REPO][published]
+    assert any("openrail++" in line for line in lines)  # its licence note
+    assert FEW_STEP_LORA in files_for("sdxl", optional=True) and FEW_STEP_LORA not in files_for("sdxl")
+
+
+def test_a_few_step_lora_that_fails_is_reported_and_fails_no_pull(
+    tmp_path: Path, sdxl_hub: tuple[FakeHub, list[Component]]
+) -> None:
+    from engine.presets import load_preset
+
+    hub, manifest = sdxl_hub
+    published = "sdxl_lightning_8step_lora.safetensors"
+    good = hub.repos[LIGHTNING_REPO][published]
+    hub.corrupt[(LIGHTNING_REPO, published)] = good[:-8] + b"\0" * 8
+    lines: list[str] = []
+
+    assert pull("sdxl", tmp_path, hub=hub, report=lines.append, components=manifest) == 0
+    failure = next(line for line in lines if "FAILED" in line)
+    assert published in failure and "failed verification" in failure
+    summary = lines[-1]
+    assert "NOT pulled (optional" in summary and "SDXL-Lightning" in summary and "run the command again" in summary
+    assert not (tmp_path / "sdxl" / FEW_STEP_LORA).exists()
+    assert load_preset("sdxl", tmp_path).name == "sdxl"  # the preset works, without few-step mode
+
+    del hub.corrupt[(LIGHTNING_REPO, published)]
+    lines.clear()
+    assert pull("sdxl", tmp_path, hub=hub, report=lines.append, components=manifest) == 0
+    assert lines[-1].startswith("Done: 1 file(s) fetched")
+    assert (tmp_path / "sdxl" / FEW_STEP_LORA).read_bytes() == good
+    assert not (tmp_path / STAGING_DIR).exists()
+
+
+def test_the_few_step_lora_is_checked_against_its_published_sha256(tmp_path: Path) -> None:
+    lora = next(c for c in MANIFESTS["sdxl"] if c.optional)
+    repos, urls = _served([lora])  # a file that is not the published one, under its name
+    lines: list[str] = []
+    assert pull("sdxl", tmp_path, hub=FakeHub(repos, urls), report=lines.append, components=[lora]) == 0
+    assert any("FAILED" in line and "sha256" in line and "5aa30d94" in line for line in lines)
+    assert not (tmp_path / "sdxl" / FEW_STEP_LORA).exists()
+
+
 def test_a_damaged_file_on_disk_is_fetched_again(tmp_path: Path, sdxl_hub: tuple[FakeHub, list[Component]]) -> None:
     hub, manifest = sdxl_hub
     assert pull("sdxl", tmp_path, hub=hub, report=lambda _: None, components=manifest) == 0
@@ -249,7 +313,7 @@ def test_a_damaged_file_on_disk_is_fetched_again(tmp_path: Path, sdxl_hub: tuple
 
 def test_a_wrong_archive_is_refused_and_a_local_copy_can_be_given(tmp_path: Path) -> None:
     repos, urls = _served(MANIFESTS["sdxl"])
-    manifest = _with_archive_hashes(MANIFESTS["sdxl"], urls)
+    manifest = _with_served_hashes(MANIFESTS["sdxl"], repos, urls)
     archive = next(c.archive for c in manifest if c.archive is not None)
     good = urls[archive.url]
     urls[archive.url] = _zip({"antelopev2/other.onnx": _onnx_model("other")})
@@ -328,7 +392,7 @@ def test_every_hub_file_is_pinned_to_a_commit() -> None:
 def test_every_listing_and_download_asks_for_the_pinned_commit(tmp_path: Path, preset: str) -> None:
     repos, urls = _served(MANIFESTS[preset])
     hub = FakeHub(repos, urls)
-    manifest = _with_archive_hashes(MANIFESTS[preset], urls)
+    manifest = _with_served_hashes(MANIFESTS[preset], repos, urls)
     assert pull(preset, tmp_path, hub=hub, report=lambda _: None, components=manifest) == 0
 
     pinned = {(f.repo_id, f.revision) for c in MANIFESTS[preset] for f in c.files}
@@ -344,10 +408,12 @@ def test_a_custom_base_model_without_fp16_files_is_pulled_in_place_of_sdxl_base(
     manifest = with_base_model("sdxl", "someone/sdxl-finetune")
     repos, urls = _served(MANIFESTS["sdxl"])
     # The fine-tune's repository has only full-precision files, under the plain names.
-    custom = {path.replace(".fp16.", "."): data for path, data in repos.pop("stabilityai/stable-diffusion-xl-base-1.0").items()}
+    base = repos.pop("stabilityai/stable-diffusion-xl-base-1.0")
+    custom = {path.replace(".fp16.", "."): data for path, data in base.items()}
     repos["someone/sdxl-finetune"] = custom
     hub = FakeHub(repos, urls)
-    assert pull("sdxl", tmp_path, hub=hub, report=lambda _: None, components=_with_archive_hashes(manifest, urls)) == 0
+    served = _with_served_hashes(manifest, repos, urls)
+    assert pull("sdxl", tmp_path, hub=hub, report=lambda _: None, components=served) == 0
     assert load_preset("sdxl", tmp_path).name == "sdxl"
     fetched = {path for repo, path in hub.downloads if repo == "someone/sdxl-finetune"}
     assert "unet/diffusion_pytorch_model.safetensors" in fetched

@@ -171,6 +171,7 @@ class SlashCommands(commands.Cog, name=COG_NAME):
         prompt=texts.DISCORD_PREVIEW_PROMPT_OPTION,
         style=texts.DISCORD_STYLE_OPTION,
         aspect=texts.DISCORD_ASPECT_OPTION,
+        fast=texts.DISCORD_FAST_OPTION,
     )
     @app_commands.choices(style=_STYLE_CHOICES, aspect=_ASPECT_CHOICES)
     async def preview(
@@ -179,10 +180,11 @@ class SlashCommands(commands.Cog, name=COG_NAME):
         prompt: str | None = None,
         style: str | None = None,
         aspect: str | None = None,
+        fast: bool = False,
     ) -> None:
         await self._answer_service_call(
             interaction,
-            lambda u, p: self.service.preview(u, prompt, on_progress=p, style=style, aspect=aspect),
+            lambda u, p: self.service.preview(u, prompt, on_progress=p, style=style, aspect=aspect, fast=fast),
             private=False,
         )
 
@@ -203,6 +205,7 @@ class SlashCommands(commands.Cog, name=COG_NAME):
         style=texts.DISCORD_STYLE_OPTION,
         aspect=texts.DISCORD_ASPECT_OPTION,
         boost=texts.DISCORD_BOOST_OPTION,
+        fast=texts.DISCORD_FAST_OPTION,
     )
     @app_commands.choices(style=_STYLE_CHOICES, aspect=_ASPECT_CHOICES)
     async def draw(
@@ -212,10 +215,13 @@ class SlashCommands(commands.Cog, name=COG_NAME):
         style: str | None = None,
         aspect: str | None = None,
         boost: bool = False,
+        fast: bool = False,
     ) -> None:
         await self._answer_service_call(
             interaction,
-            lambda u, p: self.service.draw(u, prompt, on_progress=p, style=style, aspect=aspect, boost=boost),
+            lambda u, p: self.service.draw(
+                u, prompt, on_progress=p, style=style, aspect=aspect, boost=boost, fast=fast
+            ),
             private=False,
         )
 

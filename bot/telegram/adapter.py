@@ -57,7 +57,7 @@ from bot.chat.failures import failure_text
 from bot.chat.intake import Incoming, NotReceived, take_photos
 from bot.chat.tasks import TaskSet
 from bot.inbox import Inbox
-from bot.options import parse_options, parse_train_words
+from bot.options import PREVIEW_OPTIONS, parse_options, parse_train_words
 from bot.replies import Offer
 from bot.service import BotService, ProgressCallback, Reply, ResumedWork, UserRef
 from bot.telegram.buttons import inline_button
@@ -544,9 +544,10 @@ class TelegramAdapter:
         }
 
     async def _preview(self, user: UserRef, rest: str, on_progress: ProgressCallback) -> Reply:
-        options = parse_options(rest, allowed=("--style", "--ar"))
+        options = parse_options(rest, allowed=PREVIEW_OPTIONS)
         return await self._service.preview(
-            user, options.prompt or None, on_progress=on_progress, style=options.style, aspect=options.aspect
+            user, options.prompt or None, on_progress=on_progress,
+            style=options.style, aspect=options.aspect, fast=options.fast,
         )
 
     async def _train(self, user: UserRef, rest: str, on_progress: ProgressCallback) -> Reply:
@@ -557,7 +558,7 @@ class TelegramAdapter:
         options = parse_options(rest)
         return await self._service.draw(
             user, options.prompt, on_progress=on_progress,
-            style=options.style, aspect=options.aspect, boost=options.boost,
+            style=options.style, aspect=options.aspect, boost=options.boost, fast=options.fast,
         )
 
     async def _pack(self, channel: Channel, user: User, rest: str) -> None:

@@ -478,8 +478,9 @@ def render_preview(
     mask_identity: bool = True,
     init_image: Image.Image | None = None,
     strength: float = 1.0,
+    guidance: float | None = None,
 ) -> list[Image.Image]:
-    """Zero-shot InstantID images of one face, with the preset's guidance and identity weights.
+    """Zero-shot InstantID images of one face, with the preset's guidance (or ``guidance``) and identity weights.
 
     ``embedding`` is the face's 512-d insightface embedding (InstantID was trained on the raw
     ``embedding``, not the normalised one); ``kps`` are its five keypoints in the coordinates of an
@@ -508,7 +509,7 @@ def render_preview(
             face_embedding=face,
             keypoint_image=keypoint_image,
             num_inference_steps=steps or preset.inference_steps,
-            guidance_scale=preset.guidance_scale,
+            guidance_scale=preset.guidance_scale if guidance is None else guidance,
             identity_strength=preset.identity_strength,
             ip_adapter_scale=preset.ip_adapter_scale,
             generator=generators,

@@ -19,7 +19,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -33,6 +33,7 @@ from diffusers import (
 from PIL import Image
 
 from engine.errors import EngineError
+from engine.render.fast import FewStep
 from engine.render.hotswap import HotswapSlot, SlotWeights, compile_unet
 from engine.personal.dreambooth import WeightsCache, WeightSwapper
 from engine.personal.ti import loaded_ti
@@ -108,9 +109,11 @@ class Renderer:
         max_adapters: int = DEFAULT_MAX_ADAPTERS,
         dreambooth_cache_bytes: int = DEFAULT_DREAMBOOTH_CACHE_BYTES,
         hotswap_rank: int | None = None,
+        few_step: FewStep | None = None,
     ) -> None:
         """``hotswap_rank``: open a hotswap slot of that rank (≥ every user's LoRA rank to be swapped);
-        None loads every LoRA as its own adapter. The slot must open before any LoRA is loaded."""
+        None loads every LoRA as its own adapter. The slot must open before any LoRA is loaded.
+        ``few_step``: the preset's distilled LoRA, for ``draw(fast=True)``; None: no few-step mode."""
         if max_adapters < 1:
             raise ValueError(f"max_adapters must be at least 1, got {max_adapters}")
         self._pipe = pipe
@@ -120,16 +123,26 @@ class Renderer:
         self._slot = HotswapSlot(pipe, hotswap_rank) if hotswap_rank is not None else None
         self._swappable: OrderedDict[str, SlotWeights] = OrderedDict()  # packed once for the slot, least recent first
         self._img2img: Img2ImgPipeline | None = None
+        self.few_step = few_step
         self._weight_swapper: WeightSwapper | None = None
         self.dreambooth_weights = WeightsCache(dreambooth_cache_bytes)
 
     @classmethod
     def from_settings(
-        cls, pipe: TextToImagePipeline, lock: threading.Lock, settings: EngineSettings, size: tuple[int, int]
+        cls,
+        pipe: TextToImagePipeline,
+        lock: threading.Lock,
+        settings: EngineSettings,
+        size: tuple[int, int],
+        few_step_path: Path | None = None,
     ) -> Renderer:
-        """The worker's renderer: hotswap and ``torch.compile`` as configured, warmed up at ``size``."""
+        """The worker's renderer: hotswap and ``torch.compile`` as configured, warmed up at ``size``;
+        few-step mode where ``few_step_path`` (the preset's distilled LoRA) is on disk."""
         hotswap_rank = settings.hotswap_rank if settings.lora_hotswap else None
-        renderer = cls(pipe, lock, dreambooth_cache_bytes=settings.dreambooth_cache_bytes, hotswap_rank=hotswap_rank)
+        renderer = cls(
+            pipe, lock, dreambooth_cache_bytes=settings.dreambooth_cache_bytes, hotswap_rank=hotswap_rank,
+            few_step=FewStep.for_preset(few_step_path),
+        )
         if settings.compile_unet:
             renderer.compile(size=size)
         return renderer
@@ -178,8 +191,12 @@ class Renderer:
         variation_of: Image.Image | None = None,
         strength: float = 0.6,
         on_step: Callable[[int, int], None] | None = None,
+        fast: bool = False,
     ) -> list[Image.Image]:
         """Draw ``num_images`` images of ``prompt``; image ``i`` uses a generator seeded ``seed + i``.
+
+        With ``fast`` the distilled LoRA draws on top (``engine.render.fast``) with its own step count,
+        guidance and sampler, in place of ``steps`` and ``guidance``.
 
         ``on_step(done, total)`` runs after every denoising step; an exception it raises (the worker's
         cancellation) stops the draw there, with the lock released and any LoRA switched off.
@@ -189,6 +206,9 @@ class Renderer:
         plain base draws. With ``variation_of``
         the images are variations of that image (image-to-image at ``strength``: 0 keeps it, 1 redraws).
         """
+        if fast:
+            few_step = self._require_few_step()
+            steps, guidance = few_step.steps, few_step.guidance
         _check_draw(prompt, num_images, steps, size)
         if not 0.0 < strength <= 1.0:
             raise RenderInputError(f"strength must lie in (0, 1], got {strength}")
@@ -213,12 +233,25 @@ class Renderer:
                 personalised.enter_context(loaded_ti(self._pipe, adapter.path, adapter.token))
             elif unet_weights is not None:
                 personalised.enter_context(self._swapper().swapped(unet_weights))
+            if fast:
+                variations = [self._variations()] if variation_of is not None else []
+                personalised.enter_context(self._require_few_step().active(self._pipe, variations))
             if variation_of is None:
                 result = self._pipe(width=width, height=height, **common)
             else:
                 start = variation_of.convert("RGB").resize((width, height)) if width and height else variation_of
                 result = self._variations()(image=start, strength=strength, **common)
         return list(result.images)
+
+    def few_step_active(self, *pipes: Any) -> AbstractContextManager[None]:
+        """The distilled LoRA on the shared UNet, with its sampler on ``pipes`` (e.g. InstantID's), for
+        a draw that holds the lock itself (``render_preview``'s ``while_locked``)."""
+        return self._require_few_step().active(self._pipe, pipes)
+
+    def _require_few_step(self) -> FewStep:
+        if self.few_step is None:
+            raise RenderInputError("few-step mode needs the preset's distilled LoRA: run `avatarbooth models pull`")
+        return self.few_step
 
     def _unet_weights(self, ref: UnetWeightsRef) -> Mapping[str, torch.Tensor]:
         """The user's UNet weights, read outside the lock; recent users' stay in host memory."""

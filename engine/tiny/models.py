@@ -10,6 +10,7 @@ Layout of a built ``tiny`` preset (SDXL)::
     ├── sdxl/               StableDiffusionXLPipeline.save_pretrained
     ├── identitynet/        ControlNetModel.save_pretrained (InstantID's IdentityNet)
     ├── ip-adapter.bin      InstantID's adapter: image_proj.* (Resampler), ip_adapter.* (to_k/v_ip)
+    ├── few-step/           sdxl_lightning_8step_lora.safetensors: SDXL-Lightning's layout, random weights
     ├── antelopev2/         scrfd_10g_bnkps.onnx + glintr100.onnx + genderage.onnx (engine.tiny.faces)
     └── .complete           written last
 
@@ -24,12 +25,17 @@ Layout of a built ``tiny-sd15`` preset (no InstantID: it exists for SDXL only)::
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+
+# engine.presets.FEW_STEP_LORA: presets imports this module to build the tiny presets, so this module
+# cannot import presets; tests/engine/test_tiny.py checks the file lands where presets looks.
+FEW_STEP_LORA = "few-step/sdxl_lightning_8step_lora.safetensors"
 
 if TYPE_CHECKING:
     import torch
@@ -63,6 +69,10 @@ _RESAMPLER_DEPTH = 4  # diffusers' loader assumes InstantID's depth of 4
 _KEYPOINT_GAIN = 30.0  # see _wake_identitynet
 _SDXL_VAE_SCALE = 0.13025
 _SD15_VAE_SCALE = 0.18215
+
+FEW_STEP_RANK = 4
+"""Default rank of ``write_few_step_lora``'s LoRA (the published SDXL-Lightning LoRA's is 64)."""
+_FEW_STEP_UP_GAIN = 1.0  # at the published scale alpha/rank = 1/8: a change of ~0.4x a typical base weight
 
 # What the UNet is conditioned on besides the latents, per family: SDXL's UNet attends to both text
 # encoders and takes the pooled text + six size numbers ("text_time"); SD1.5's attends to one encoder.
@@ -114,9 +124,13 @@ def build_tiny_sd15(dest: Path, *, seed: int = 0) -> Path:
 def build_tiny_preset(dest: Path, *, seed: int = 0) -> Path:
     """Build the whole tiny SDXL preset into ``dest`` (see the module docstring), or reuse a finished one.
 
-    Built atomically (``_build_atomically``), so a half-built preset is never seen. Returns ``dest``.
+    Built atomically (``_build_atomically``), so a half-built preset is never seen. A finished build
+    from before few-step mode gets its few-step LoRA added. Returns ``dest``.
     """
-    return _build_atomically(dest, lambda work: _build_parts(work, seed), label="tiny preset")
+    _build_atomically(dest, lambda work: _build_parts(work, seed), label="tiny preset")
+    if not (dest / FEW_STEP_LORA).is_file():  # a build from before few-step mode
+        write_few_step_lora(_tiny_unet(seed), dest / FEW_STEP_LORA, seed=seed + 3)
+    return dest
 
 
 def build_tiny_sd15_preset(dest: Path, *, seed: int = 0) -> Path:
@@ -166,7 +180,63 @@ def _build_parts(work: Path, seed: int) -> None:
     _wake_identitynet(identitynet)
     identitynet.save_pretrained(work / "identitynet", safe_serialization=True)
     _save_instantid_adapter(work / "ip-adapter.bin", unet, seed + 2)
+    write_few_step_lora(unet, work / FEW_STEP_LORA, seed=seed + 3)
     build_tiny_face_models(work / "antelopev2")
+
+
+def write_few_step_lora(unet: UNet2DConditionModel, path: Path, *, seed: int = 0, rank: int = FEW_STEP_RANK) -> Path:
+    """Write a random LoRA for ``unet`` (an SDXL UNet, any size) in SDXL-Lightning's published layout.
+
+    Kohya-style keys on diffusers module names, ``lora_unet_<module path, dots as underscores>`` with
+    ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha`` each, over ``few_step_lora_modules``;
+    convolutions get a k×k down and a 1×1 up; float16 throughout, alpha included; no metadata; alpha
+    is rank/8, the published scale (rank 64, alpha 8). Both factors are random and non-zero (a fresh
+    LoRA's up-projection is zero), so the LoRA changes the image as the distilled one does. The same
+    ``seed`` writes the same bytes, to a temporary sibling renamed into place. Returns ``path``.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, weight_shape in few_step_lora_modules(unet).items():  # (out, in) or (out, in, k, k)
+        fan_in = math.prod(weight_shape[1:])
+        down = torch.randn((rank, *weight_shape[1:]), generator=generator) / fan_in**0.5
+        up = _FEW_STEP_UP_GAIN * torch.randn((weight_shape[0], rank), generator=generator)
+        key = "lora_unet_" + name.replace(".", "_")
+        state[f"{key}.lora_down.weight"] = down.half()
+        state[f"{key}.lora_up.weight"] = (up if len(weight_shape) == 2 else up[:, :, None, None]).half()
+        state[f"{key}.alpha"] = torch.tensor(rank / 8, dtype=torch.float16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        os.replace(tmp, path)  # a concurrent builder's file holds the same bytes
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def few_step_lora_modules(unet: UNet2DConditionModel) -> dict[str, tuple[int, ...]]:
+    """The modules SDXL-Lightning's LoRA adapts, with their weights' shapes: every Linear and Conv2d
+    of the transformer blocks, the attentions' proj_in/proj_out, the resnets' (conv1, conv2,
+    time_emb_proj, conv_shortcut) and the down/upsamplers' convolutions; not conv_in, conv_out, nor the
+    time and added-condition embeddings. On SDXL base that is the published file's 788 modules.
+
+    LoRA layers already in ``unet`` (peft's) are seen through: their base layer is the module.
+    """
+    import torch
+
+    adapted = ("transformer_blocks", "proj_in", "proj_out", ".resnets.", "samplers.")
+    found: dict[str, tuple[int, ...]] = {}
+    for name, module in cast("torch.nn.Module", unet).named_modules():  # diffusers' classes are untyped
+        name = name.removesuffix(".base_layer")
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or ".lora_" in name:
+            continue
+        if any(part in name for part in adapted):
+            found[name] = tuple(module.weight.shape)
+    return found
 
 
 def _wake_identitynet(controlnet: Any) -> None:

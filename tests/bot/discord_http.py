@@ -707,8 +707,9 @@ def command_interaction(
 ) -> Json:
     """An APPLICATION_COMMAND interaction for a synced slash command, as the gateway delivers it.
 
-    `options` are string/integer options; `attachments` maps option names to attachment payloads
-    (from `FakeDiscord.attachment`), which go into `data.resolved`.
+    `options` are string, integer and boolean options (each of the type the synced command declares);
+    `attachments` maps option names to attachment payloads (from `FakeDiscord.attachment`), which go
+    into `data.resolved`.
     """
     synced = fake.commands.get(str(place.guild_id)) or fake.commands.get(None) or []
     command = next((c for c in synced if c["name"] == name), None)
@@ -717,8 +718,9 @@ def command_interaction(
     data: Json = {"id": command["id"], "name": name, "type": 1, "options": []}
     if "guild_id" in command:
         data["guild_id"] = command["guild_id"]
+    declared = {o["name"]: o["type"] for o in command.get("options", [])}
     for option, value in (options or {}).items():
-        kind = 4 if isinstance(value, int) else 3
+        kind = declared.get(option, 4 if isinstance(value, int) else 3)
         data["options"].append({"name": option, "type": kind, "value": value})
     if attachments:
         data["resolved"] = {"attachments": {a["id"]: a for a in attachments.values()}}

@@ -232,7 +232,11 @@ async def test_commands_sync_to_the_guild_and_the_token_is_never_logged(
     ]
     draw = next(c for c in fake.commands[str(place.guild_id)] if c["name"] == "draw")
     assert [(o["name"], o["type"], o.get("required", False)) for o in draw["options"]] == [
-        ("prompt", 3, True), ("style", 3, False), ("aspect", 3, False), ("boost", 5, False)
+        ("prompt", 3, True), ("style", 3, False), ("aspect", 3, False), ("boost", 5, False), ("fast", 5, False)
+    ]
+    preview = next(c for c in fake.commands[str(place.guild_id)] if c["name"] == "preview")
+    assert [(o["name"], o["type"], o.get("required", False)) for o in preview["options"]] == [
+        ("prompt", 3, False), ("style", 3, False), ("aspect", 3, False), ("fast", 5, False)
     ]
     train = next(c for c in fake.commands[str(place.guild_id)] if c["name"] == "train")
     assert [(o["name"], [c["value"] for c in o["choices"]]) for o in train["options"]] == [

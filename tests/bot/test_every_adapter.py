@@ -12,7 +12,7 @@ import asyncio
 import io
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 
@@ -22,10 +22,11 @@ from bot.console import ConsoleAdapter
 from bot.errors import ConsentRequired, NotEnoughPhotos
 from bot.inbox import Inbox
 from bot.jobs import JobClient
+from bot.options import parse_options
 from bot.service import BotService, UserRef
 from bot.settings import BotSettings
 from bot.telegram.adapter import PLATFORM as TELEGRAM
-from engine.api import Refusal
+from engine.api import QUEUE_INTERACTIVE, Refusal
 from storage.blobs import LocalBlobStore
 from storage.db import Database
 from tests.bot.discord_http import FakeDiscord, Person, Place, custom_ids
@@ -33,6 +34,7 @@ from tests.bot.fake_telegram import FakeTelegram
 from tests.bot.test_discord import TOKEN as DISCORD_TOKEN
 from tests.bot.test_discord import command, edit_of, followup_of, press
 from tests.bot.test_discord import serving as serving_discord
+from tests.bot.test_service import consented, seed_accepted
 from tests.bot.test_telegram import button, telegram_settings
 from tests.bot.test_telegram import serving as serving_telegram
 
@@ -54,12 +56,17 @@ class Front(Protocol):
     async def agree(self) -> str:
         """Take up the consent offer of /start the way the platform shows it; the answer's text."""
 
+    async def ask(self, line: str) -> None:
+        """Send a /preview or /draw line, options before the prompt (Discord: the slash command's
+        options), without waiting for the answer."""
+
 
 class ConsoleFront:
     def __init__(self, service: BotService, out_dir: Path) -> None:
         self.user = UserRef("console", "tester")
         self._service = service
         self._out_dir = out_dir
+        self._asked: list[asyncio.Task[str]] = []
 
     async def _run(self, line: str) -> str:
         stdout = io.StringIO()
@@ -81,6 +88,15 @@ class ConsoleFront:
         start = await self.say("/start", until="/agree")  # the console offers consent as a command
         assert start
         return await self.say("/agree", until="consent")
+
+    async def ask(self, line: str) -> None:
+        self._asked.append(asyncio.create_task(self._run(line)))
+
+    async def close(self) -> None:
+        """Stop the console sessions still waiting for a job."""
+        for task in self._asked:
+            task.cancel()
+        await asyncio.gather(*self._asked, return_exceptions=True)
 
 
 class TelegramFront:
@@ -130,6 +146,9 @@ class TelegramFront:
         self._tg.press(self._ann, offer, data)
         return await self._answer("consent", before)
 
+    async def ask(self, line: str) -> None:
+        self._tg.send_text(self._ann, line)
+
 
 class DiscordFront:
     def __init__(self, fake: FakeDiscord, place: Place) -> None:
@@ -164,6 +183,15 @@ class DiscordFront:
         recorded = await self._fake.wait_for(followup_of(pressed), timeout=20)
         return str(recorded.json["content"])
 
+    async def ask(self, line: str) -> None:
+        name, _, rest = line.removeprefix("/").partition(" ")
+        typed = parse_options(rest)  # the same request, as Discord's options: those left unset are not sent
+        given: dict[str, Any] = {
+            "prompt": typed.prompt, "style": typed.style, "aspect": typed.aspect, "boost": typed.boost, "fast": typed.fast
+        }
+        options = {option: value for option, value in given.items() if value}
+        await command(self._fake, self._alice, self._place, name, options=options)
+
 
 # --- fixtures --------------------------------------------------------------------------------------
 
@@ -175,19 +203,35 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
 
 
 @pytest.fixture
-async def service(db: Database, tmp_path: Path, valkey_url: str) -> AsyncIterator[BotService]:
+def blobs(tmp_path: Path) -> LocalBlobStore:
+    return LocalBlobStore(tmp_path / "blobs")
+
+
+@pytest.fixture
+async def jobs(valkey_url: str) -> AsyncIterator[JobClient]:
+    async with await JobClient.connect(valkey_url, poll_delay=0.02) as client:
+        yield client
+
+
+@pytest.fixture
+def service(db: Database, blobs: LocalBlobStore, jobs: JobClient) -> BotService:
     settings = BotSettings(max_upload_bytes=MAX_UPLOAD, interactive_timeout_s=60, training_timeout_s=120)
-    async with await JobClient.connect(valkey_url, poll_delay=0.02) as jobs:
-        yield BotService(db, LocalBlobStore(tmp_path / "blobs"), jobs, settings, preset_name="tiny")
+    return BotService(db, blobs, jobs, settings, preset_name="tiny")
 
 
 @pytest.fixture(params=ADAPTERS)
 async def front(request: pytest.FixtureRequest, service: BotService, db: Database, tmp_path: Path) -> AsyncIterator[Front]:
     if request.param == "console":
-        yield ConsoleFront(service, tmp_path / "out")
+        console = ConsoleFront(service, tmp_path / "out")
+        try:
+            yield console
+        finally:
+            await console.close()
     elif request.param == "telegram":
-        async with FakeTelegram() as tg, serving_telegram(service, Inbox(db, TELEGRAM), telegram_settings(tg)):
-            yield TelegramFront(tg)
+        async with FakeTelegram() as tg:
+            settings = telegram_settings(tg, shutdown_grace_s=0.5)  # a job no worker runs is cut off at the stop
+            async with serving_telegram(service, Inbox(db, TELEGRAM), settings):
+                yield TelegramFront(tg)
     else:
         place = Place.guild_channel()
         async with FakeDiscord(tmp_path, token=DISCORD_TOKEN) as fake, serving_discord(fake, service, place):
@@ -244,3 +288,44 @@ async def test_a_failure_gets_the_same_reply_that_says_what_to_do(front: Front, 
     expected = NotEnoughPhotos(0, service.settings.min_photos).user_message
     reply = await front.say("/preview", until=expected)
     assert expected in reply
+
+
+async def queued_requests(jobs: JobClient, count: int) -> dict[str, dict[str, Any]]:
+    """The requests of the first ``count`` jobs on the interactive queue (no worker takes them), by job
+    name, as a worker would receive them."""
+    async with asyncio.timeout(20):
+        while len(queued := await jobs.redis.queued_jobs(queue_name=QUEUE_INTERACTIVE)) < count:
+            await asyncio.sleep(0.02)
+    return {job.function: job.args[0] for job in queued}
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "default"])
+async def test_fast_asks_for_few_step_mode_and_its_absence_leaves_the_workers_default(
+    front: Front, service: BotService, db: Database, blobs: LocalBlobStore, jobs: JobClient, fast: bool
+) -> None:
+    # Discord: /preview and /draw with the boolean option fast set, or left unset.
+    user_id = await consented(service, db, front.user)
+    await seed_accepted(db, blobs, user_id, service.settings.min_photos)
+    flag = " --fast" if fast else ""
+    await front.ask(f"/preview{flag}")
+    await front.ask(f"/draw{flag} me as an astronaut")
+    requests = await queued_requests(jobs, 2)
+    expected = True if fast else None
+    assert {name: request["fast"] for name, request in requests.items()} == {"preview": expected, "draw": expected}
+    assert requests["draw"]["prompt"] == "me as an astronaut"
+
+
+@pytest.mark.parametrize("front", ["console", "telegram"], indirect=True)  # on Discord, fast is a boolean
+async def test_a_fast_with_a_value_or_given_twice_is_refused_before_anything_is_queued(
+    front: Front, service: BotService, db: Database, blobs: LocalBlobStore
+) -> None:
+    user_id = await consented(service, db, front.user)
+    await seed_accepted(db, blobs, user_id, service.settings.min_photos)
+    for line, refusal in [
+        ("/draw --fast=x me", texts.UNKNOWN_OPTION.format(option="--fast=x")),
+        ("/preview --fast=yes", texts.UNKNOWN_OPTION.format(option="--fast=yes")),
+        ("/draw --fast --ar 3:4 --fast me", texts.REPEATED_OPTION.format(option="--fast")),
+        ("/preview --fast --fast", texts.REPEATED_OPTION.format(option="--fast")),
+    ]:
+        assert refusal in await front.say(line, until=refusal)
+    assert await db.list_jobs(user_id) == []

@@ -7,8 +7,8 @@ import io
 import pytest
 
 from bot.console import ConsoleAdapter
-from bot.options import PromptOptions, parse_options
-from bot.errors import PromptBlocked, UnknownStyleName
+from bot.options import PREVIEW_OPTIONS, PromptOptions, parse_options
+from bot.errors import PromptBlocked, RepeatedOption, UnknownOption, UnknownStyleName
 from bot.service import BotService, UserRef
 from bot.styles import STYLES
 from storage.db import Database
@@ -66,6 +66,19 @@ def test_a_style_option_is_read_before_the_prompt() -> None:
     assert parse_options("--style anime me as an astronaut") == PromptOptions("me as an astronaut", style="anime")
     assert parse_options("--style=oil-painting me") == PromptOptions("me", style="oil-painting")
     assert parse_options("me as an astronaut") == PromptOptions("me as an astronaut")
+
+
+def test_fast_is_a_flag_of_preview_and_draw_that_takes_no_value_and_comes_once() -> None:
+    assert parse_options("--fast --ar 3:4 me") == PromptOptions("me", aspect="3:4", fast=True)
+    assert parse_options("--boost --fast me") == PromptOptions("me", boost=True, fast=True)
+    assert parse_options("--fast", allowed=PREVIEW_OPTIONS) == PromptOptions("", fast=True)
+    assert parse_options("me --fast") == PromptOptions("me --fast")  # after the prompt: the prompt's words
+    with pytest.raises(UnknownOption, match="'--fast=x'"):
+        parse_options("--fast=x me")
+    with pytest.raises(RepeatedOption, match="--fast twice"):
+        parse_options("--fast --style anime --fast me")
+    with pytest.raises(UnknownOption, match="'--boost'"):  # the boost is for drawing from a model
+        parse_options("--fast --boost", allowed=PREVIEW_OPTIONS)
 
 
 async def test_styles_lists_every_preset(service: BotService, tmp_path: object) -> None:

@@ -16,6 +16,7 @@ import re
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from arq.constants import result_key_prefix
@@ -37,7 +38,8 @@ from bot.errors import (
     UnknownMethod,
 )
 from bot.jobs import JobClient
-from bot.service import BotService, Reply, Upload, UserRef, class_word_for
+from bot.class_words import class_word_for
+from bot.service import BotService, Reply, Upload, UserRef
 from bot.settings import BotSettings
 from engine.api import QUEUE_INTERACTIVE, QUEUE_TRAINING, progress_key
 from storage.blobs import LocalBlobStore, owner_for
@@ -423,10 +425,12 @@ async def test_unknown_and_disabled_methods_say_what_to_use(service: BotService)
         assert "/train lora" in disabled.value.user_message
 
 
-async def submitted_class_word(service: BotService, db: Database, user: UserRef = ALICE, **train: str | None) -> str:
+async def submitted_class_word(
+    service: BotService, db: Database, user: UserRef = ALICE, *, method: str | None = None, class_word: str | None = None
+) -> str:
     """The class word of the training request ``train`` submits (no worker runs: it is left queued)."""
     user_id = (await db.get_or_create_user(user.platform, user.platform_user_id)).id
-    training = asyncio.ensure_future(service.train(user, **train))
+    training = asyncio.ensure_future(service.train(user, method, class_word=class_word))
     try:
         await wait_for_submitted(db, user_id)
     finally:
@@ -609,6 +613,37 @@ async def test_draw_without_a_model_uses_instantid(
     assert request.get("adapter_key") is None
     accepted = await db.list_photos(user_id, "accepted")
     assert request["embedding_keys"] == [p.embedding_key for p in accepted]
+
+
+async def submitted_request(db: Database, user_id: int, call: Awaitable[Reply]) -> dict[str, Any]:
+    """The request of the job ``call`` submits (no worker runs: it is left queued, then dropped)."""
+    known = {job.id for job in await db.list_jobs(user_id)}
+    running = asyncio.ensure_future(call)
+    try:
+        async with asyncio.timeout(10):
+            while not (new := [j for j in await db.list_jobs(user_id) if j.id not in known and j.attempts]):
+                await asyncio.sleep(0.02)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    request: dict[str, Any] = new[0].payload["request"]  # type: ignore[index]
+    return request
+
+
+@pytest.mark.parametrize("fast", [True, None], ids=["fast", "default"])
+async def test_a_redraw_keeps_the_shape_and_few_step_mode_of_its_image(
+    service: BotService, db: Database, blobs: LocalBlobStore, fast: bool | None
+) -> None:
+    user_id = await consented(service, db)
+    await seed_accepted(db, blobs, user_id, 3)
+    drawn = await db.create_job(user_id, "draw", QUEUE_INTERACTIVE, {"request": {"aspect": "3:4", "fast": fast}, "meta": {}})
+    await db.update_job(drawn.id, state="done")
+    image = await db.add_image(user_id, drawn.id, f"{owner_for(user_id)}/images/{drawn.id:064x}.png", "me", 1, None)
+
+    rerolled = await submitted_request(db, user_id, service.reroll(ALICE, image.id))
+    varied = await submitted_request(db, user_id, service.more_like(ALICE, image.id))
+    assert (rerolled["aspect"], rerolled["fast"], rerolled["variation_of"]) == ("3:4", fast, None)
+    assert (varied["aspect"], varied["fast"], varied["variation_of"]) == ("3:4", fast, image.blob_key)
 
 
 # --- drawing limits ----------------------------------------------------------------------------------
