@@ -38,6 +38,7 @@ from engine.train.likeness import BestByLikeness, Judge
 from engine.train.stages import (
     TrainingInputError,
     TrainingState,
+    adamw,
     noise_scheduler_for,
     prepare_latents,
     prepare_prompts,
@@ -190,7 +191,7 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: DreamBoothSetting
             params, lr=settings.learning_rate, weight_decay=settings.weight_decay,
             scale_parameter=False, relative_step=False, warmup_init=False, beta1=None,
         )
-    return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    return adamw(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
 
 
 # --- the run -------------------------------------------------------------------------------------------

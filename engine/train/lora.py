@@ -40,6 +40,7 @@ from engine.train.stages import (
     TrainingInputError,
     TrainingLatents,
     TrainingState,
+    adamw,
     dreambooth_step,
     noise_scheduler_for,
     prepare_latents,
@@ -219,7 +220,7 @@ def start_training(
     """A fresh ``TrainingState``: AdamW over the adapters, the run's seeded RNG, step 0."""
     encoders = dict(text_encoders or {})
     params = [p for module in (unet, *encoders.values()) for p in trainable_parameters(module)]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    optimizer = adamw(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     return TrainingState(unet=unet, optimizer=optimizer, generator=generator, text_encoders=encoders)
 

@@ -37,6 +37,7 @@ from engine.train.stages import (
     NoisedBatch,
     PromptConditioning,
     TrainingInputError,
+    adamw,
     denoising_loss,  # noise-prediction MSE for either family; shared so every trainer means the same loss
     encode_crops,
     noise_scheduler_for,
@@ -255,9 +256,7 @@ def _init_vector(tokenizer: Any, table: torch.nn.Embedding, word: str) -> torch.
 
 def start_training(trainable: TiTrainable, settings: TiTrainSettings) -> TiTrainingState:
     """A fresh ``TiTrainingState``: AdamW over the new rows, the run's seeded RNG, step 0."""
-    optimizer = torch.optim.AdamW(
-        trainable.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
-    )
+    optimizer = adamw(trainable.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     return TiTrainingState(trainable=trainable, optimizer=optimizer, generator=generator)
 

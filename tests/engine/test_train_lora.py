@@ -28,7 +28,7 @@ from engine.train.lora import (
     start_training,
     train_lora,
 )
-from engine.train.stages import TrainingInputError, TrainingState, encode_latents, prepare_data
+from engine.train.stages import TrainingInputError, TrainingState, adamw, encode_latents, prepare_data
 from tests.support import noise_crops
 
 pytestmark = pytest.mark.slow
@@ -352,6 +352,37 @@ def test_text_encoder_lora_draws_the_same_in_a_fresh_process(
     # The resident encoders now hold adapters loaded for drawing: a new run's copies carry only their own.
     copies = build_trainable_text_encoders(te_run.pipe, te_run.lock, te_run.settings)
     assert all(list(encoder.peft_config) == ["default"] for encoder in copies.values())
+
+
+def test_the_trainable_copy_attends_with_pytorch_sdpa(run: Run) -> None:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    processors = run.state.unet.attn_processors
+    assert processors and all(type(p) is AttnProcessor2_0 for p in processors.values())
+
+
+def test_the_fused_adamw_update_is_the_default_one_within_rounding(run: Run) -> None:
+    """``adamw`` fuses the update on CUDA only; here the fused kernel (which the CPU has too) is
+    checked against the default one, on the LoRA's own shapes, over three steps."""
+    assert not run.state.optimizer.defaults["fused"]  # the CPU keeps the default: bit-for-bit as before
+    lora = [p for p in run.state.unet.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(0)
+    grads = [[torch.randn(p.shape, generator=generator) for p in lora] for _ in range(3)]
+    copies = {}
+    for fused in (False, True):
+        params = [torch.nn.Parameter(p.detach().clone()) for p in lora]
+        optimizer = adamw(params, lr=5e-2, weight_decay=1e-2)
+        if fused:
+            optimizer = torch.optim.AdamW(params, lr=5e-2, weight_decay=1e-2, fused=True)
+        for step in grads:
+            for param, grad in zip(params, step, strict=True):
+                param.grad = grad.clone()
+            optimizer.step()
+        copies[fused] = params
+    moved = max((a - b).abs().max().item() for a, b in zip(copies[False], lora, strict=True))
+    assert moved > 1e-2  # the steps did move the weights
+    for default, fused in zip(copies[False], copies[True], strict=True):
+        assert torch.allclose(default, fused, rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_checkpointing_trains_the_same_lora(te_run: TextEncoderRun, tiny_preset_dir: Path) -> None:
