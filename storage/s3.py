@@ -61,6 +61,17 @@ MIB = 2**20
 _DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys
 _ERASE_ROUNDS = 5  # list-and-delete rounds before an erasure is reported unfinished
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+
+
+@contextmanager
+def _missing_blob(key: str) -> Iterator[None]:
+    """S3's "no such object" for ``key`` as ``BlobNotFound``; other errors pass on."""
+    try:
+        yield
+    except ClientError as exc:
+        if _code(exc) in _MISSING:
+            raise BlobNotFound(key) from exc
+        raise
 _REFUSED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
             "InvalidToken", "AllAccessDisabled"}
 _UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
@@ -168,13 +179,8 @@ class S3BlobStore:
     def get(self, key: str) -> bytes:
         """The bytes stored under `key`, straight from the bucket; raises `BlobNotFound`."""
         name = self._object(key)
-        with self._translated(f"read blob {key!r}"):
-            try:
-                return self._client.get_object(Bucket=self.bucket, Key=name)["Body"].read()
-            except ClientError as exc:
-                if _code(exc) in _MISSING:
-                    raise BlobNotFound(key) from exc
-                raise
+        with self._translated(f"read blob {key!r}"), _missing_blob(key):
+            return self._client.get_object(Bucket=self.bucket, Key=name)["Body"].read()
 
     def exists(self, key: str) -> bool:
         """Whether a blob is stored under `key` (raises `InvalidBlobKey` for a malformed key)."""
@@ -193,13 +199,8 @@ class S3BlobStore:
         def download(handle: IO[bytes]) -> None:
             self._client.download_fileobj(self.bucket, name, handle, Config=self._transfer)
 
-        with self._translated(f"fetch blob {key!r}"):
-            try:
-                return self.cache.fill(key, download)
-            except ClientError as exc:
-                if _code(exc) in _MISSING:
-                    raise BlobNotFound(key) from exc
-                raise
+        with self._translated(f"fetch blob {key!r}"), _missing_blob(key):
+            return self.cache.fill(key, download)
 
     def delete(self, key: str) -> None:
         """Remove the blob and this host's cached copy; deleting a missing blob is a no-op."""

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 from types import TracebackType
 
 from avatarbooth.orphans import guarded
+from tests.support import free_port
 
 # Test credentials: moto accepts any; distinctive so a test can look for them in logs.
 ACCESS_KEY_ID = "AKIATESTONLY7EXAMPLE"
@@ -81,13 +81,6 @@ class MotoServer:
             self._process.kill()
             self._process.wait()
         self._process = None
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (the kernel's pick)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def bucket_name(stem: str = "test") -> str:

@@ -4,12 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import ExifTags, Image, ImageEnhance, ImageOps
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionXLPipeline
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now on 127.0.0.1 (the kernel's pick)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def load_tiny_sdxl(preset_dir: Path) -> StableDiffusionXLPipeline:
+    """A fresh tiny SDXL pipeline from the tiny preset's folder, progress bars off."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(preset_dir / "sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @asynccontextmanager

@@ -59,10 +59,11 @@ class FewStep:
         euler: Any = EulerDiscreteScheduler.from_config  # untyped
 
         unet = pipe.unet
-        held = {id(layer): list(layer.active_adapters) for layer in _lora_layers(unet)}
-        was_off = all(layer.disable_adapters for layer in _lora_layers(unet))
-        self._load(pipe)  # adds layers and may change what is active: put back on leaving
         layers = _lora_layers(unet)
+        held = {id(layer): list(layer.active_adapters) for layer in layers}
+        was_off = all(layer.disable_adapters for layer in layers)
+        if self._load(pipe):  # adds layers and may change what is active: put back on leaving
+            layers = _lora_layers(unet)
         before = [[a for a in held.get(id(layer), []) if a != FEW_STEP] for layer in layers]
         pipes = [pipe, *(p for p in schedulers_of if p is not pipe)]
         schedulers = [p.scheduler for p in pipes]
@@ -82,12 +83,14 @@ class FewStep:
             if was_off:
                 unet.disable_lora()
 
-    def _load(self, pipe: Any) -> None:
+    def _load(self, pipe: Any) -> bool:
+        """Load the distilled LoRA into ``pipe`` unless it is there; True when it was loaded now."""
         if self._loaded_into == id(pipe.unet):
-            return
+            return False
         _log.info("loading the few-step LoRA %s", self.path.name)
         pipe.load_lora_weights(str(self.path), adapter_name=FEW_STEP)
         self._loaded_into = id(pipe.unet)
+        return True
 
 
 def _lora_layers(unet: Any) -> list[Any]:

@@ -15,13 +15,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import EulerDiscreteScheduler
 from PIL import Image
 
 from engine.presets import FEW_STEP_GUIDANCE, FEW_STEP_LORA, FEW_STEP_STEPS
 from engine.render.fast import FEW_STEP, FewStep
 from engine.render.renderer import AdapterRef, Renderer, RenderInputError
 from engine.train.lora import LoraTrainSettings, train_lora
+from tests.support import load_tiny_sdxl
 
 SIZE = 64
 PROMPT = "a photo of sks person"
@@ -29,12 +30,6 @@ DRAW: dict[str, Any] = {"seed": 3, "size": (SIZE, SIZE), "steps": 2, "guidance":
 MAX_ROUNDING = 1  # of 255 (see the module docstring)
 
 pytestmark = pytest.mark.slow
-
-
-def load_pipe(preset_dir: Path) -> StableDiffusionXLPipeline:
-    pipe = StableDiffusionXLPipeline.from_pretrained(preset_dir / "sdxl")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +45,7 @@ def user_lora(tiny_preset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     crops = [Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(2)]
     settings = LoraTrainSettings(steps=3, rank=4, alpha=4, learning_rate=5e-2, resolution=SIZE, seed=7)
     path = tmp_path_factory.mktemp("user") / "user.safetensors"
-    path.write_bytes(train_lora(load_pipe(tiny_preset_dir), threading.Lock(), crops, "sks", "person", settings).weights)
+    path.write_bytes(train_lora(load_tiny_sdxl(tiny_preset_dir), threading.Lock(), crops, "sks", "person", settings).weights)
     return AdapterRef("user_a", path)
 
 
@@ -60,7 +55,7 @@ def as_array(image: Image.Image) -> np.ndarray:
 
 def reference(preset_dir: Path, few_step_file: Path, user: AdapterRef | None = None) -> np.ndarray:
     """The few-step draw done the plain diffusers way."""
-    pipe = load_pipe(preset_dir)
+    pipe = load_tiny_sdxl(preset_dir)
     pipe.load_lora_weights(str(few_step_file), adapter_name="lightning")
     adapters = ["lightning"]
     if user is not None:
@@ -88,7 +83,7 @@ def draw(renderer: Renderer, adapter: AdapterRef | None = None) -> np.ndarray:
 def test_a_fast_draw_is_the_distilled_lora_with_its_sampler_and_leaves_the_base_as_it_was(
     tiny_preset_dir: Path, few_step_file: Path
 ) -> None:
-    renderer = Renderer(load_pipe(tiny_preset_dir), threading.Lock(), few_step=FewStep(few_step_file))
+    renderer = Renderer(load_tiny_sdxl(tiny_preset_dir), threading.Lock(), few_step=FewStep(few_step_file))
     before = draw(renderer)
     scheduler = renderer._pipe.scheduler
     calls: list[int] = []
@@ -109,7 +104,7 @@ def test_a_fast_draw_stacks_on_the_users_lora_and_their_next_draw_is_unchanged(
     tiny_preset_dir: Path, few_step_file: Path, user_lora: AdapterRef, hotswap_rank: int | None
 ) -> None:
     renderer = Renderer(
-        load_pipe(tiny_preset_dir), threading.Lock(), few_step=FewStep(few_step_file), hotswap_rank=hotswap_rank
+        load_tiny_sdxl(tiny_preset_dir), threading.Lock(), few_step=FewStep(few_step_file), hotswap_rank=hotswap_rank
     )
     user_before, base_before = draw(renderer, user_lora), draw(renderer)
     fast = fast_draw(renderer, user_lora)
@@ -121,7 +116,7 @@ def test_a_fast_draw_stacks_on_the_users_lora_and_their_next_draw_is_unchanged(
 
 
 def test_fast_mode_without_the_distilled_lora_says_how_to_get_it(tiny_preset_dir: Path) -> None:
-    renderer = Renderer(load_pipe(tiny_preset_dir), threading.Lock())
+    renderer = Renderer(load_tiny_sdxl(tiny_preset_dir), threading.Lock())
     with pytest.raises(RenderInputError, match="models pull"):
         renderer.draw(PROMPT, fast=True, **DRAW)
     assert FewStep.for_preset(tiny_preset_dir / "few-step" / "absent.safetensors") is None

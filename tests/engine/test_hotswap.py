@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 from engine.render.hotswap import SLOT, SLOT_TARGETS
 from engine.render.renderer import AdapterRef, Renderer
 from engine.settings import EngineSettings
 from engine.train.lora import LoraTrainSettings, train_lora
+from tests.support import load_tiny_sdxl
 
 SIZE = 64
 PROMPT = "a photo of sks person"
@@ -34,17 +34,11 @@ MAX_ROUNDING = 1  # of 255, per pixel channel (see the module docstring)
 pytestmark = pytest.mark.slow
 
 
-def load_pipe(preset_dir: Path) -> StableDiffusionXLPipeline:
-    pipe = StableDiffusionXLPipeline.from_pretrained(preset_dir / "sdxl")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_preset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, AdapterRef]:
     """Users' LoRAs: two the slot takes (ranks 4 and 8, scales 1 and 2), one of rank 32 and one with
     text-encoder weights, which it does not."""
-    pipe, lock, folder = load_pipe(tiny_preset_dir), threading.Lock(), tmp_path_factory.mktemp("adapters")
+    pipe, lock, folder = load_tiny_sdxl(tiny_preset_dir), threading.Lock(), tmp_path_factory.mktemp("adapters")
     refs = {}
     for user, seed, rank, alpha, text_encoder in (
         ("user_a", 1, 4, 4, False),
@@ -67,12 +61,12 @@ def adapters(tiny_preset_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="module")
 def ordinary(tiny_preset_dir: Path) -> Renderer:
     """Today's path: one adapter per user, switched with ``set_adapters``."""
-    return Renderer(load_pipe(tiny_preset_dir), threading.Lock())
+    return Renderer(load_tiny_sdxl(tiny_preset_dir), threading.Lock())
 
 
 @pytest.fixture
 def hotswap(tiny_preset_dir: Path) -> Iterator[Renderer]:
-    yield Renderer(load_pipe(tiny_preset_dir), threading.Lock(), hotswap_rank=RANK)
+    yield Renderer(load_tiny_sdxl(tiny_preset_dir), threading.Lock(), hotswap_rank=RANK)
 
 
 def draw(renderer: Renderer, adapter: AdapterRef | None = None, **overrides: Any) -> np.ndarray:
@@ -132,7 +126,7 @@ def test_forgetting_the_slots_user_empties_the_slot(hotswap: Renderer, adapters:
 
 def test_settings_open_the_slot(tiny_preset_dir: Path) -> None:
     settings = EngineSettings("tiny", tiny_preset_dir, tiny_preset_dir, "redis://unused", lora_hotswap=True)
-    pipe = load_pipe(tiny_preset_dir)
+    pipe = load_tiny_sdxl(tiny_preset_dir)
     Renderer.from_settings(pipe, threading.Lock(), settings, (SIZE, SIZE))
     assert list(pipe.unet.peft_config) == [SLOT]
     assert not getattr(pipe.unet, "_compiled_call_impl", None)  # compile_unet is off by default
@@ -155,7 +149,7 @@ def test_switching_users_under_torch_compile_does_not_recompile(
 ) -> None:
     torch._dynamo.reset()
     backend = CountingBackend()
-    renderer = Renderer(load_pipe(tiny_preset_dir), threading.Lock(), hotswap_rank=RANK)
+    renderer = Renderer(load_tiny_sdxl(tiny_preset_dir), threading.Lock(), hotswap_rank=RANK)
     renderer.compile(size=(SIZE, SIZE), backend=backend)
     warmed = backend.compilations
     assert warmed > 0

@@ -22,7 +22,7 @@ from avatarbooth.valkey import EmbeddedValkey
 from bot.runner import OUTCOMES
 from bot.service import Upload, UserRef
 from engine.api import JobName, TrainingMethod
-from tests.support import face_photo, running_worker
+from tests.support import face_photo, free_port, running_worker
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,12 +36,6 @@ LABEL_VALUES = {
     "outcome": set(OUTCOMES),
     "device": {f"cuda:{n}" for n in range(16)},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def write_config(tmp_path: Path, models_dir: Path, redis_url: str, metrics: str) -> Path:

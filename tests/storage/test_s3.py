@@ -18,7 +18,8 @@ from storage.cache import BlobCache
 from storage.errors import BlobNotFound, InvalidBlobKey, StorageError
 from storage.keys import checked_bucket, checked_prefix
 from storage.s3 import MIB, S3BlobStore
-from tests.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, bucket_name, free_port
+from tests.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, bucket_name
+from tests.support import free_port
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
