@@ -71,7 +71,8 @@ class FewStep:
             for layer, active in zip(layers, before, strict=True):
                 keep = [] if was_off else active
                 layer.set_adapter([*keep, FEW_STEP] if FEW_STEP in layer.lora_A else keep)
-            unet.enable_lora()
+            for layer in layers:  # unet.enable_lora() would walk every module again
+                layer.enable_adapters(True)
             for p, scheduler in zip(pipes, schedulers, strict=True):
                 p.scheduler = euler(scheduler.config, timestep_spacing="trailing")
             yield
@@ -81,7 +82,8 @@ class FewStep:
             for layer, active in zip(layers, before, strict=True):
                 layer.set_adapter(active)
             if was_off:
-                unet.disable_lora()
+                for layer in layers:
+                    layer.enable_adapters(False)
 
     def _load(self, pipe: Any) -> bool:
         """Load the distilled LoRA into ``pipe`` unless it is there; True when it was loaded now."""
