@@ -214,13 +214,6 @@ async def _platform(
 
 
 def _run_worker(config: AppConfig, *, burst: bool, metrics_port: int | None = None) -> int:
-    if config.blob_store.kind != "local":  # engine.worker still opens a LocalBlobStore (issue 14)
-        print(
-            f'avatarbooth: the worker does not read blobs from S3 yet, but [storage] blob_store = '
-            f'"{config.blob_store.kind}"; set blob_store = "local" until it does',
-            file=sys.stderr,
-        )
-        return 2
     if not config.engine.redis_url:
         print(
             "avatarbooth: a worker alone needs a queue server: set [queue] redis_url in config.toml "
@@ -236,6 +229,7 @@ def _run_worker(config: AppConfig, *, burst: bool, metrics_port: int | None = No
     from avatarbooth.metrics import MetricsError, serving
     from engine.errors import EngineError
     from engine.worker import run_worker
+    from storage.errors import StorageError
 
     async def serve() -> None:
         task = asyncio.current_task()
@@ -254,7 +248,7 @@ def _run_worker(config: AppConfig, *, burst: bool, metrics_port: int | None = No
         asyncio.run(serve())
     except asyncio.CancelledError:
         _log.info("worker stopped")
-    except (EngineError, MetricsError) as e:
+    except (EngineError, MetricsError, StorageError) as e:
         print(f"avatarbooth worker: {e}", file=sys.stderr)
         return 1
     return 0

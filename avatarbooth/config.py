@@ -98,7 +98,7 @@ def load_config(
     data_dir = _data_dir(_section(raw, "storage"), base_dir, env)
     blob_store = _blob_store_settings(_section(raw, "storage"), data_dir)
     redis_url = env.get("AVATARBOOTH_REDIS_URL") or _section(raw, "queue").get("redis_url") or None
-    engine = _engine_settings(raw, data_dir, redis_url or "", preset)
+    engine = _engine_settings(raw, data_dir, redis_url or "", preset, blob_store)
     return AppConfig(
         config_path=path,
         data_dir=data_dir,
@@ -218,7 +218,7 @@ def _blob_store_settings(storage: Mapping[str, Any], data_dir: Path) -> BlobStor
 
 
 def _engine_settings(
-    raw: Mapping[str, Any], data_dir: Path, redis_url: str, preset: str | None
+    raw: Mapping[str, Any], data_dir: Path, redis_url: str, preset: str | None, blob_store: BlobStoreSettings
 ) -> EngineSettings:
     engine = _section(raw, "engine")
     queue = _section(raw, "queue")
@@ -235,6 +235,7 @@ def _engine_settings(
         models_dir=models_dir,
         blobs_dir=data_dir / "blobs",
         redis_url=redis_url,
+        blob_store=blob_store if blob_store.kind != "local" else None,
         device=str(engine.get("device", "auto")),
         dtype=_choice(engine, "engine", "dtype", _DTYPES),
         dreambooth_cache_bytes=_cache_bytes(engine),

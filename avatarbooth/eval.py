@@ -650,7 +650,7 @@ def _run(
     from engine.worker import WorkerContext
 
     progress(f"loading the {config.engine.preset} preset")
-    settings = dataclasses.replace(config.engine, blobs_dir=work / "blobs")
+    settings = dataclasses.replace(config.engine, blobs_dir=work / "blobs", blob_store=None)
     app = WorkerContext.load(settings)
     clip, reason = load_clip(settings.models_dir, tiny=app.preset.is_tiny, work_dir=work, device=app.base.device)
     return evaluate(app, identities, methods, token=config.bot.token, clip=clip, clip_reason=reason or None,

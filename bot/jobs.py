@@ -8,6 +8,7 @@ Results come back as the raw dicts the worker returned; `bot.service` parses the
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -28,6 +29,7 @@ from redis.exceptions import RedisError, ResponseError
 from bot import texts
 from bot.errors import JobFailed, QueueUnavailable
 from engine.api import (
+    CACHED_KEY_PREFIX,
     JOB_QUEUES,
     CheckPhotoRequest,
     DrawRequest,
@@ -173,6 +175,22 @@ class JobClient:
             await self._redis.set(erased_key(owner), "1", px=int(ttl_s * 1000))
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"mark erased: {exc}") from exc
+
+    async def wait_uncached(self, owner: str, timeout_s: float = 5.0) -> bool:
+        """Whether no worker lists cached copies of ``owner``'s blobs, waiting up to ``timeout_s``
+        for their sweeps to drop them (``engine.erasure``; call after `mark_erased`)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                keys = [key async for key in self._redis.scan_iter(match=CACHED_KEY_PREFIX + "*", count=100)]
+                lists = await self._redis.mget(keys) if keys else []
+            except (RedisError, OSError) as exc:
+                raise QueueUnavailable(f"look up cached copies: {exc}") from exc
+            if not any(owner in json.loads(value) for value in lists if value):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.2)
 
     async def unsettled(self, job_ids: Iterable[str]) -> list[str]:
         """Those of the jobs a worker still runs, or whose kept result or entry is still stored."""

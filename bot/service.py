@@ -670,6 +670,8 @@ class BotService:
                 await self._jobs.forget_jobs(erasure.job_ids)  # results an aborted job left after it
                 if await self._jobs.unsettled(erasure.job_ids):
                     left.append("queue entries")
+                elif not await self._jobs.wait_uncached(owner):
+                    left.append("copies in a worker's blob cache")
                 elif not await self._jobs.compact_log():
                     left.append("the queue's append-only file not rewritten")
             except QueueUnavailable:

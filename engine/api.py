@@ -42,6 +42,12 @@ ERASED_KEY_PREFIX = "avatarbooth:erased:"
 keeps what one wrote. (Owners are never reused, so the key names no person once the rows are gone.)"""
 
 
+CACHED_KEY_PREFIX = "avatarbooth:cached:"
+"""``CACHED_KEY_PREFIX + <host>:<pid>``: a JSON list of the owners whose blobs that worker's local
+cache holds copies of, refreshed every second with a short expiry (engine.erasure); /forget is done
+only once no worker lists the owner."""
+
+
 def erased_key(owner: str) -> str:
     return ERASED_KEY_PREFIX + owner
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from storage.blobs import BlobStoreSettings
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -15,6 +17,7 @@ class EngineSettings:
     models_dir: Path
     blobs_dir: Path
     redis_url: str
+    blob_store: BlobStoreSettings | None = None  # None: a local store at blobs_dir ([storage] blob_store)
     device: str = "auto"  # "auto" picks CUDA when present, else CPU
     dtype: str = "auto"  # the resident modules' dtype; "auto": float16 on CUDA, float32 on CPU (engine.pipelines.base)
     # Host memory for users' DreamBooth weights kept between draws (pinned on a GPU host); 0 keeps none.

@@ -62,6 +62,7 @@ from engine.api import (
 )
 from engine.pipelines.base import ResidentBase, resident_dtype
 from engine.errors import EngineError, PreviewUnavailable
+from engine.erasure import sweep_erased_copies
 from engine.faces.analyzer import FaceAnalyzer, FaceRecord, identity_embedding, mean_embedding
 from engine.pipelines.instantid import pose_index, render_preview
 from engine.pipelines.nsfw import NsfwChecker
@@ -85,7 +86,7 @@ from engine.train.likeness import judge_by_faces
 from engine.train.memory import GIB, MemoryPlan, NotEnoughGpuMemory, TrainingShape, check_fits, plan_training
 from engine.train.methods import TrainingRun, UnknownTrainingMethod, memory_shape, train_personal_model
 from engine.train.stages import TrainingInputError
-from storage.blobs import LocalBlobStore
+from storage.blobs import BlobStore, BlobStoreSettings, open_blob_store
 from storage.errors import BlobNotFound
 
 _log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class WorkerContext:
     faces: FaceAnalyzer
     renderer: Renderer
     nsfw: NsfwChecker
-    blobs: LocalBlobStore
+    blobs: BlobStore
     redis: ArqRedis | None = None
     loop: asyncio.AbstractEventLoop | None = None
     gpu_bytes: int | None = None  # the GPU's memory, which training plans must fit; None on the CPU
@@ -121,7 +122,9 @@ class WorkerContext:
 
     @classmethod
     def load(cls, settings: EngineSettings) -> WorkerContext:
-        """Load the preset's models (slow: seconds for tiny, a minute for SDXL). Call once."""
+        """Load the preset's models (slow: seconds for tiny, a minute for SDXL). Call once. The blob
+        store is opened first, so a wrong [storage] setting fails before the models load."""
+        blobs = open_blob_store(settings.blob_store or BlobStoreSettings(local_dir=settings.blobs_dir))
         preset = load_preset(settings.preset, settings.models_dir)
         if settings.resolution is not None:
             preset = preset.at_resolution(settings.resolution)
@@ -136,7 +139,6 @@ class WorkerContext:
             import torch
 
             gpu_bytes = torch.cuda.get_device_properties(base.device).total_memory
-        blobs = LocalBlobStore(settings.blobs_dir)
         return cls(settings, preset, base, faces, renderer, nsfw, blobs, gpu_bytes=gpu_bytes)
 
     def check_cancelled(self, job_id: str) -> None:
@@ -786,11 +788,12 @@ async def run_worker(settings: EngineSettings, *, burst: bool = False) -> None:
     workers = build_workers(app, redis, burst=burst)
     heartbeat = asyncio.create_task(_announce(redis))
     leases = asyncio.create_task(_renew_leases(app, redis))
+    sweep = asyncio.create_task(sweep_erased_copies(app.blobs, redis))
     try:
         await asyncio.gather(*(_serve(w, burst=burst) for w in workers))
     finally:
-        heartbeat.cancel()
-        leases.cancel()
+        for task in (heartbeat, leases, sweep):
+            task.cancel()
         for w in workers:
             await w.close()
         await redis.close()

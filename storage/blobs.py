@@ -87,6 +87,15 @@ class BlobStore(Protocol):
         """Remove the named document; a missing one is not an error."""
         ...
 
+    def cached_owners(self) -> list[str]:
+        """The owners whose blobs this host holds copies of, beside the store itself (none for a
+        local store: its files are the blobs)."""
+        ...
+
+    def uncache_owner(self, owner: str) -> int:
+        """Drop this host's copies of `owner`'s blobs, leaving the store as it is; returns how many."""
+        ...
+
 
 class LocalBlobStore:
     """A `BlobStore` in a local (or shared network) folder.
@@ -208,6 +217,13 @@ class LocalBlobStore:
     def delete_ref(self, owner: str, kind: str, name: str) -> None:
         self._ref_file(owner, kind, name).unlink(missing_ok=True)
 
+    def cached_owners(self) -> list[str]:
+        return []  # no copies: `path` hands out the blob's own file
+
+    def uncache_owner(self, owner: str) -> int:
+        check_name("owner", owner)
+        return 0
+
     def _ref_file(self, owner: str, kind: str, name: str) -> Path:
         for what, value in (("owner", owner), ("kind", kind), ("reference name", name)):
             check_name(what, value)
@@ -261,6 +277,7 @@ def open_blob_store(settings: BlobStoreSettings) -> BlobStore:
     cache_dir = settings.cache_dir or settings.local_dir.with_name(f"{settings.local_dir.name}-cache")
     store = S3BlobStore(settings.s3_bucket, BlobCache(cache_dir, settings.cache_bytes), prefix=settings.s3_prefix)
     store.check()
+    store.prune_cache()
     return store
 
 

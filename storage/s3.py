@@ -43,6 +43,7 @@ from storage.cache import BlobCache
 from storage.errors import BlobNotFound, StorageError
 from storage.keys import (
     KEY_RE,
+    NAME_RE,
     REF_SUFFIX,
     HashingWriter,
     check_key,
@@ -267,6 +268,29 @@ class S3BlobStore:
         where = self._ref(owner, kind, name)
         with self._translated(f"delete reference {name!r}"):
             self._client.delete_object(Bucket=self.bucket, Key=where)
+
+    def cached_owners(self) -> list[str]:
+        return self.cache.owners()
+
+    def uncache_owner(self, owner: str) -> int:
+        check_name("owner", owner)
+        return self.cache.discard_owner(owner)
+
+    def prune_cache(self) -> int:
+        """Drop the cached copies of every owner with no object left in the bucket (erased while
+        this host was down, so no /forget reached it); returns how many owners. Called at opening."""
+        pruned = 0
+        for owner in self.cache.owners():
+            if not NAME_RE.fullmatch(owner):
+                continue  # not an owner's folder: nothing of ours
+            with self._translated(f"look up the blobs of {owner}"):
+                page = self._client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}{owner}/", MaxKeys=1)
+            if not page.get("Contents"):
+                self.cache.discard_owner(owner)
+                pruned += 1
+        if pruned:
+            _log.info("dropped the cached copies of %d erased owners", pruned)
+        return pruned
 
     def _object(self, key: str) -> str:
         """The object name of a valid key; refuses malformed keys as the local store does."""

@@ -1,5 +1,5 @@
 """A real S3 server for tests and benchmarks: moto's standalone server, as a child process on
-127.0.0.1 (HTTP, a free port). boto3 talks to it over real HTTP, as it would to AWS or MinIO."""
+127.0.0.1 or a given address (HTTP, a free port). boto3 talks to it over real HTTP, as it would to AWS or MinIO."""
 
 from __future__ import annotations
 
@@ -25,15 +25,16 @@ class MotoServer:
     """``with MotoServer(log) as server:`` runs ``moto_server`` until the block ends (and dies with
     this process however it ends); ``server.env`` is what a client needs in the environment."""
 
-    def __init__(self, log_path: Path, *, start_timeout_s: float = 60.0) -> None:
+    def __init__(self, log_path: Path, *, host: str = "127.0.0.1", start_timeout_s: float = 60.0) -> None:
         self.log_path = log_path
+        self.host = host
         self._timeout_s = start_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
         self.port = 0
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -46,7 +47,7 @@ class MotoServer:
 
     def __enter__(self) -> MotoServer:
         self.port = free_port()
-        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        command = [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(guarded(command), stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -59,7 +59,12 @@ def test_bad_storage_settings_say_what_to_do(tmp_path: Path, text: str, message:
     assert "http://minio" not in str(caught.value)  # a value that never belonged there is not repeated
 
 
-def test_a_worker_refuses_s3_until_it_can_read_from_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = storage(tmp_path, 'blob_store = "s3"\ns3_bucket = "avatarbooth-blobs"\n[queue]\nredis_url = "redis://h:1"')
-    assert main(["worker", "--config", str(path)]) == 2
-    assert 'set blob_store = "local"' in capsys.readouterr().err
+def test_a_worker_with_a_missing_bucket_stops_at_once_naming_the_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], s3_env: dict[str, str], valkey_url: str
+) -> None:
+    path = storage(tmp_path, f'blob_store = "s3"\ns3_bucket = "no-such-bucket"\n[queue]\nredis_url = "{valkey_url}"\n'
+                             '[engine]\npreset = "tiny"\nmodels_dir = "absent"')
+    assert main(["worker", "--config", str(path)]) == 1  # the store is opened before any model loads
+    err = capsys.readouterr().err
+    assert "S3 bucket 'no-such-bucket' does not exist" in err and "set [storage] s3_bucket" in err
+    assert s3_env["AWS_ENDPOINT_URL"] not in err and s3_env["AWS_SECRET_ACCESS_KEY"] not in err

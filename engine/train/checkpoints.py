@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from engine.errors import EngineError
-from storage.blobs import LocalBlobStore
+from storage.blobs import BlobStore
 from storage.errors import BlobNotFound
 
 _log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class Checkpoint:
 class CheckpointStore:
     """The checkpoints of one training job (``job_id``) of one blob owner."""
 
-    def __init__(self, blobs: LocalBlobStore, owner: str, job_id: str) -> None:
+    def __init__(self, blobs: BlobStore, owner: str, job_id: str) -> None:
         if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
             raise CheckpointError(f"job id {job_id!r} must be 1-64 letters, digits, '_' or '-'")
         self._blobs = blobs

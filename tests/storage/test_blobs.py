@@ -143,6 +143,22 @@ def test_delete_owner_removes_one_owner_only(store: AnyStore) -> None:
     assert store.delete_owner("u10") == 1
 
 
+def test_dropping_an_owner_s_cached_copies_leaves_the_store_whole(store: AnyStore) -> None:
+    key = store.put_written("u1", "lora", ".safetensors", lambda f: f.write(b"weights"))
+    copy = store.path(key)
+    other = store.path(store.put("u2", "photo", PNG, ".png"))
+    is_copy = isinstance(store, S3BlobStore)  # a local store's path is the blob itself: nothing cached
+
+    assert store.cached_owners() == (["u1", "u2"] if is_copy else [])
+    assert store.uncache_owner("u1") == (1 if is_copy else 0)
+    assert copy.exists() is not is_copy
+    assert store.cached_owners() == (["u2"] if is_copy else [])
+    assert store.get(key) == b"weights" and store.path(key).read_bytes() == b"weights"
+    assert other.exists()
+    with pytest.raises(InvalidBlobKey):
+        store.uncache_owner("../u2")
+
+
 @pytest.mark.parametrize(
     ("owner", "kind", "suffix"),
     [
