@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,6 +36,9 @@ from tests.support import face_photo
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+    from tests.s3server import MotoServer
+
+ROOT = Path(__file__).resolve().parents[2]
 ALICE = UserRef("console", "alice")
 CACHE_GIB = 0.25
 
@@ -91,6 +97,31 @@ async def test_the_journey_keeps_every_blob_in_the_bucket_and_forget_lists_none_
         assert objects(s3_client, s3_bucket, f"bots/alpha/{owner}/") == []
         assert not (data_dir / "blob-cache" / owner).exists()
         assert objects(s3_client, s3_bucket, "") == []  # nothing of anyone else was ever written
+
+
+@pytest.mark.slow
+def test_the_demo_on_s3_writes_every_blob_to_the_bucket_and_ends_with_it_empty(
+    tmp_path: Path, tiny_preset_dir: Path, s3_server: MotoServer, s3_client: S3Client, s3_bucket: str
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[storage]\ndata_dir = "{tmp_path / "data"}"\nblob_store = "s3"\ns3_bucket = "{s3_bucket}"\n'
+        f'[engine]\npreset = "tiny"\nmodels_dir = "{tiny_preset_dir.parent}"\n'
+    )
+    done = subprocess.run(  # the AWS variables of s3_env reach the demo and its worker through the environment
+        [sys.executable, "-m", "avatarbooth", "demo", "--config", str(config), "--json"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["ok"] is True
+
+    # The S3 server's own request log: every blob the journey made was written to the bucket ...
+    written = re.findall(rf'"PUT /{s3_bucket}/(u\d+)/([a-z]+)/[0-9a-f]{{64}}\.[a-z]+ HTTP', s3_server.log_path.read_text())
+    assert {kind for _, kind in written} >= {"photos", "faces", "crops", "images", "models"}, written
+    # ... none to the data folder, and the demo's /forget left the bucket empty, verified by listing.
+    assert not (tmp_path / "data" / "blobs").exists()
+    assert objects(s3_client, s3_bucket, "") == []
+    assert not any(p.is_file() for p in (tmp_path / "data" / "blob-cache").rglob("*"))
 
 
 async def test_a_worker_drops_its_cached_copies_once_the_owner_is_erased_and_says_so(
