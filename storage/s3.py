@@ -140,6 +140,19 @@ class S3BlobStore:
                 if _code(exc) in _MISSING:
                     raise self._bucket_missing() from None
                 raise
+            try:
+                versioning = self._client.get_bucket_versioning(Bucket=self.bucket).get("Status")
+            except ClientError as exc:
+                if _code(exc) not in _REFUSED:
+                    raise
+                _log.warning("may not read the versioning of %s; /forget erases nothing if it is on", self.location)
+                versioning = None
+        if versioning in ("Enabled", "Suspended"):
+            raise StorageError(
+                f"S3 bucket {self.bucket!r} has versioning {versioning.lower()}: a delete there keeps the old "
+                "versions, so /forget could not erase a user; set [storage] s3_bucket to a bucket that never had "
+                "versioning on"
+            )
 
     def put(self, owner: str, kind: str, data: bytes, suffix: str) -> str:
         """Store `data` in one PUT and return its key ``"{owner}/{kind}/{sha256}{suffix}"``."""

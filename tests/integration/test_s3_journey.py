@@ -177,3 +177,14 @@ def test_opening_the_store_drops_copies_of_owners_erased_while_the_host_was_down
     assert reopened.cached_owners() == ["u2"]
     assert not (tmp_path / "cache" / "u1").exists()
     assert reopened.path(kept).read_bytes() == b"bob"
+
+
+def test_a_versioned_bucket_is_refused_at_opening_because_forget_could_not_erase_it(
+    tmp_path: Path, s3_bucket: str, s3_client: S3Client
+) -> None:
+    from storage.errors import StorageError
+
+    s3_client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
+    settings = BlobStoreSettings(local_dir=tmp_path / "b", kind="s3", s3_bucket=s3_bucket, cache_dir=tmp_path / "c")
+    with pytest.raises(StorageError, match=r"has versioning enabled: .*/forget could not erase .*set \[storage\] s3_bucket"):
+        open_blob_store(settings)
