@@ -76,7 +76,7 @@ _SECTIONS = {
 _ENGINE_KEYS = {
     "preset", "device", "dtype", "models_dir", "preview_steps", "draw_steps", "face_detail", "base_model",
     "dreambooth_cache_gib", "lora_hotswap", "hotswap_rank", "compile_unet",
-    "few_step",
+    "few_step", "resident_loras",
 }
 _DTYPES = ("auto", "float16", "bfloat16", "float32")  # engine.pipelines.base.RESIDENT_DTYPES, without importing torch
 _DREAMBOOTH_OPTIMIZERS = ("adamw", "adafactor")
@@ -240,6 +240,8 @@ def _engine_settings(
         dtype=_choice(engine, "engine", "dtype", _DTYPES),
         dreambooth_cache_bytes=_cache_bytes(engine),
         max_jobs=_positive_int(queue, "max_jobs", 4),
+        resident_loras=_positive_int(engine, "resident_loras", EngineSettings.resident_loras),
+        residency_wait_s=_residency_wait(queue),
         interactive_timeout_s=_positive_int(queue, "interactive_timeout_s", 300),
         training_timeout_s=_positive_int(queue, "training_timeout_s", 3600),
         train_steps=_optional_positive_int(training, "steps"),
@@ -264,6 +266,13 @@ def _choice(table: Mapping[str, Any], section: str, key: str, allowed: tuple[str
     if value not in allowed:
         raise ConfigError(f"[{section}] {key} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
     return str(value)
+
+
+def _residency_wait(queue: Mapping[str, Any]) -> float:
+    value = queue.get("residency_wait_s", EngineSettings.residency_wait_s)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 60:
+        raise ConfigError(f"[queue] residency_wait_s must be seconds from 0 (off) to 60, got {value!r}")
+    return float(value)
 
 
 def _cache_bytes(engine: Mapping[str, Any]) -> int:
@@ -295,7 +304,7 @@ _BOT_KEYS: dict[str, dict[str, str]] = {
     },
 }
 _ENGINE_ONLY = {
-    "queue": {"redis_url", "max_jobs"},
+    "queue": {"redis_url", "max_jobs", "residency_wait_s"},
     "training": {"steps", "random_flip", "train_text_encoder", "gradient_checkpointing", "dreambooth_optimizer",
                  "keep_best_by_likeness"},
 }

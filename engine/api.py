@@ -42,6 +42,11 @@ ERASED_KEY_PREFIX = "avatarbooth:erased:"
 keeps what one wrote. (Owners are never reused, so the key names no person once the rows are gone.)"""
 
 
+RESIDENT_KEY_PREFIX = "avatarbooth:resident:"
+"""``RESIDENT_KEY_PREFIX + <host>:<pid>``: a JSON object of the personal models that worker holds in
+memory, refreshed every quarter second with a short expiry; workers read each other's to route draws
+(engine.residency)."""
+
 CACHED_KEY_PREFIX = "avatarbooth:cached:"
 """``CACHED_KEY_PREFIX + <host>:<pid>``: a JSON list of the owners whose blobs that worker's local
 cache holds copies of, refreshed every second with a short expiry (engine.erasure); /forget is done

@@ -23,6 +23,9 @@ class EngineSettings:
     # Host memory for users' DreamBooth weights kept between draws (pinned on a GPU host); 0 keeps none.
     dreambooth_cache_bytes: int = 12 * 2**30  # two SDXL UNets in float16 (~5.1 GB each)
     max_jobs: int = 4  # concurrent jobs per queue; the GPU itself is shared through a lock
+    resident_loras: int = 8  # users' LoRAs kept loaded at once (an SDXL rank-16 one is ~90 MB of float32)
+    # How long a draw waits on the queue for a worker that holds the user's model (engine.residency); 0: off.
+    residency_wait_s: float = 1.0
     interactive_timeout_s: int = 300
     training_timeout_s: int = 3600
     train_steps: int | None = None  # None: the preset's default

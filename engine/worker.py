@@ -19,8 +19,6 @@ import functools
 import io
 import logging
 import math
-import os
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -31,12 +29,10 @@ from typing import Any, TypeVar
 import numpy as np
 from arq import Worker, func
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import in_progress_key_prefix
 from redis.exceptions import RedisError
 from PIL import Image, PngImagePlugin
 
 from engine.api import (
-    JOB_LEASE_S,
     JOB_TRIES,
     erased_key,
     ASPECT_RATIOS,
@@ -44,7 +40,6 @@ from engine.api import (
     JOB_QUEUES,
     QUEUE_INTERACTIVE,
     QUEUE_TRAINING,
-    WORKER_KEY_PREFIX,
     CheckPhotoRequest,
     CheckPhotoResult,
     DrawRequest,
@@ -81,18 +76,19 @@ from engine.render.renderer import (
     expand_me,
 )
 from engine.render.upscale import upscale
+from engine.residency import Residency, ResidentFirstWorker, adapter_id, log_residency
 from engine.settings import EngineSettings
 from engine.train.likeness import judge_by_faces
 from engine.train.memory import GIB, MemoryPlan, NotEnoughGpuMemory, TrainingShape, check_fits, plan_training
 from engine.train.methods import TrainingRun, UnknownTrainingMethod, memory_shape, train_personal_model
 from engine.train.stages import TrainingInputError
+from engine.upkeep import announce, renew_leases, serve_queue
 from storage.blobs import BlobStore, BlobStoreSettings, open_blob_store
 from storage.errors import BlobNotFound
 
 _log = logging.getLogger(__name__)
 
 _PROGRESS_TTL_S = 24 * 3600
-_READY_TTL_S = 30
 
 
 class InvalidRequest(EngineError):
@@ -239,6 +235,7 @@ def do_draw(app: WorkerContext, request: DrawRequest) -> ImagesResult:
         )
         return _preview(app, fallback, detail=True)
     personalisation = _personalisation(app, request)
+    log_residency(app.renderer, request.job_id, request.adapter_key, request.method)
     if (
         request.identity_boost
         and isinstance(personalisation, AdapterRef)
@@ -447,7 +444,7 @@ def _personalisation(app: WorkerContext, request: DrawRequest) -> Personalisatio
         raise InvalidRequest("a personal model needs its token and class word")
     path = app.blobs.path(request.adapter_key)
     if request.method == TrainingMethod.LORA:
-        return AdapterRef(_adapter_id(request.adapter_key), path)
+        return AdapterRef(adapter_id(request.adapter_key), path)
     if request.method == TrainingMethod.TEXTUAL_INVERSION:
         return EmbeddingRef(request.token, path)
     if request.method == TrainingMethod.DREAMBOOTH:
@@ -545,11 +542,6 @@ def _records(app: WorkerContext, keys: list[str]) -> list[FaceRecord]:
 def _image_size(record: FaceRecord) -> tuple[int, int]:
     width, height = record.image_size
     return int(width), int(height)
-
-
-def _adapter_id(adapter_key: str) -> str:
-    # peft adapter names must be valid module names: derive one from the content hash in the key.
-    return "u_" + adapter_key.rsplit("/", 1)[-1].split(".", 1)[0][:16]
 
 
 def _store_ranked(
@@ -737,7 +729,7 @@ def build_workers(app: WorkerContext, redis: ArqRedis, *, burst: bool = False) -
     ):
         functions = [func(f, name=str(name)) for name, f in _FUNCTIONS.items() if JOB_QUEUES[name] == queue]
         workers.append(
-            Worker(
+            (ResidentFirstWorker if queue == QUEUE_INTERACTIVE else Worker)(
                 functions=functions,
                 queue_name=queue,
                 redis_pool=redis,
@@ -786,57 +778,17 @@ async def run_worker(settings: EngineSettings, *, burst: bool = False) -> None:
     redis = await connect_redis(settings.redis_url)
     app.redis, app.loop = redis, asyncio.get_running_loop()
     workers = build_workers(app, redis, burst=burst)
-    heartbeat = asyncio.create_task(_announce(redis))
-    leases = asyncio.create_task(_renew_leases(app, redis))
+    interactive = next(w for w in workers if isinstance(w, ResidentFirstWorker))
+    interactive.residency = Residency(app.renderer, redis, settings.residency_wait_s, interactive.has_room)
+    residency = asyncio.create_task(interactive.residency.publish_forever())
+    heartbeat = asyncio.create_task(announce(redis))
+    leases = asyncio.create_task(renew_leases(app.cancelled, redis))
     sweep = asyncio.create_task(sweep_erased_copies(app.blobs, redis))
     try:
-        await asyncio.gather(*(_serve(w, burst=burst) for w in workers))
+        await asyncio.gather(*(serve_queue(w, burst=burst) for w in workers))
     finally:
-        for task in (heartbeat, leases, sweep):
+        for task in (heartbeat, leases, sweep, residency):
             task.cancel()
         for w in workers:
             await w.close()
         await redis.close()
-
-
-async def _serve(worker: Worker, *, burst: bool) -> None:
-    """arq's poll loop, taken up again when the queue server was unreachable (a restarted Valkey):
-    the jobs already running go on in their own tasks meanwhile."""
-    delay = 0.5
-    while True:
-        try:
-            await worker.main()
-            return
-        except (RedisError, OSError) as e:
-            if burst:
-                raise
-            _log.warning("the queue server is unreachable (%s); trying again in %.1f s", type(e).__name__, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-        else:
-            delay = 0.5
-
-
-async def _renew_leases(app: WorkerContext, redis: ArqRedis) -> None:
-    """Keep the in-progress key of every job this process runs at `JOB_LEASE_S` (see there)."""
-    while True:
-        running = list(app.cancelled)
-        if running:
-            try:
-                async with redis.pipeline(transaction=False) as pipe:
-                    for job_id in running:
-                        pipe.pexpire(in_progress_key_prefix + job_id, JOB_LEASE_S * 1000)
-                    await pipe.execute()
-            except (RedisError, OSError):
-                pass  # the server is away: the leases are renewed once it is back
-        await asyncio.sleep(JOB_LEASE_S / 5)
-
-
-async def _announce(redis: ArqRedis) -> None:
-    key = f"{WORKER_KEY_PREFIX}{socket.gethostname()}:{os.getpid()}"
-    while True:
-        try:
-            await redis.set(key, str(time.time()), ex=_READY_TTL_S)
-        except (RedisError, OSError):
-            pass
-        await asyncio.sleep(_READY_TTL_S / 3)

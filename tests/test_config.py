@@ -63,6 +63,15 @@ def test_hotswap_and_compile_are_opt_in_and_reach_the_engine(tmp_path: Path) -> 
     assert engine.lora_hotswap and engine.hotswap_rank == 32 and engine.compile_unet
 
 
+def test_residency_routing_is_on_by_default_and_reaches_the_engine(tmp_path: Path) -> None:
+    shipped = load_config(ROOT / "config.toml", env={}).engine
+    assert (shipped.resident_loras, shipped.residency_wait_s) == (8, 1.0)
+    path = tmp_path / "c.toml"
+    path.write_text("[engine]\nresident_loras = 2\n[queue]\nresidency_wait_s = 0\n")
+    engine = load_config(path, env={}).engine
+    assert (engine.resident_loras, engine.residency_wait_s) == (2, 0.0)
+
+
 def test_images_per_draw_sets_how_many_candidates_a_draw_ranks(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[limits]\nimages_per_draw = 1\n")
@@ -106,6 +115,9 @@ def test_the_preset_flag_wins_over_the_file(tmp_path: Path) -> None:
         ('[training]\ndreambooth_optimizer = "sgd"\n', "dreambooth_optimizer must be one of 'adamw', 'adafactor'"),
         ("[engine]\nhotswap_rank = 0\n", "hotswap_rank must be a positive whole number"),
         ('[engine]\ncompile_unet = "on"\n', "compile_unet must be true or false"),
+        ("[engine]\nresident_loras = 0\n", "resident_loras must be a positive whole number"),
+        ("[queue]\nresidency_wait_s = -1\n", r"\[queue\] residency_wait_s must be seconds from 0 \(off\) to 60"),
+        ('[queue]\nresidency_wait_s = "1s"\n', r"\[queue\] residency_wait_s must be seconds"),
     ],
 )
 def test_bad_settings_are_named_with_what_to_fix(tmp_path: Path, text: str, message: str) -> None:

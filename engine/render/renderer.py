@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-DEFAULT_MAX_ADAPTERS = 8
+DEFAULT_MAX_ADAPTERS = EngineSettings.resident_loras
 """Adapters kept loaded at once; an SDXL rank-16 attention LoRA is ~90 MB of float32."""
 
 DEFAULT_DREAMBOOTH_CACHE_BYTES = EngineSettings.dreambooth_cache_bytes
@@ -140,7 +140,8 @@ class Renderer:
         few-step mode where ``few_step_path`` (the preset's distilled LoRA) is on disk."""
         hotswap_rank = settings.hotswap_rank if settings.lora_hotswap else None
         renderer = cls(
-            pipe, lock, dreambooth_cache_bytes=settings.dreambooth_cache_bytes, hotswap_rank=hotswap_rank,
+            pipe, lock, max_adapters=settings.resident_loras, dreambooth_cache_bytes=settings.dreambooth_cache_bytes,
+            hotswap_rank=hotswap_rank,
             few_step=FewStep.for_preset(few_step_path),
         )
         if settings.compile_unet:
@@ -171,6 +172,11 @@ class Renderer:
     def hotswapped_adapters(self) -> list[str]:
         """Ids of the adapters read for the hotswap slot, least recently used first."""
         return list(self._swappable)
+
+    @property
+    def adapter_capacity(self) -> int:
+        """LoRAs held at once (loaded, or packed for the slot) before the least recent is dropped."""
+        return self._max_adapters
 
     @property
     def loaded_adapters(self) -> list[str]:
