@@ -255,6 +255,11 @@ async def test_a_worker_on_another_host_serves_the_journey_and_a_second_host_res
         assert value(during, "avatarbooth_queue_running", queue="training") == 1  # Bob's, on worker-1
         net.pull_the_plug(first)
         killed_at = time.monotonic()
+        # The dead host's lease lapses and the job waits on the queue again, as the operator sees it.
+        while not (value(scraped := scrape(net), "avatarbooth_queue_depth", queue="training") == 1
+                   and value(scraped, "avatarbooth_queue_running", queue="training") == 0):
+            assert time.monotonic() - killed_at < 60, "the killed host's job did not go back to the queue"
+            await asyncio.sleep(0.5)
         start_worker(second, bucket, tiny_preset_dir)
 
         bob = await next_event(chat, 300)
