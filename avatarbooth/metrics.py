@@ -20,7 +20,7 @@ from typing import Literal
 from aiohttp import web
 from arq.constants import in_progress_key_prefix
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -129,6 +129,23 @@ class GpuMemory(Collector):
         yield reserved
 
 
+class PersonalModelDraws(Collector):
+    """A worker's draws with a personal model, by whether it was in memory already (engine.residency)."""
+
+    def collect(self) -> Iterator[Metric]:
+        from engine.residency import DRAWS
+
+        held, loaded = DRAWS.counts()
+        draws = CounterMetricFamily(
+            "avatarbooth_personal_model_draws",
+            "Draws with a LoRA or DreamBooth model, by whether this worker held it in memory already.",
+            labels=["resident"],
+        )
+        draws.add_metric(["yes"], held)
+        draws.add_metric(["no"], loaded)
+        yield draws
+
+
 class MetricsServer:
     """``/metrics`` and ``/healthz`` of one process, on ``host:port`` (0: any free port)."""
 
@@ -142,6 +159,7 @@ class MetricsServer:
         self.registry.register(self._observed)
         if role == "worker":
             self.registry.register(GpuMemory())
+            self.registry.register(PersonalModelDraws())
         self.jobs = JobMetrics(self.registry) if role == "chat" else None
         self._redis = Redis.from_url(redis_url, socket_timeout=PROBE_TIMEOUT_S, socket_connect_timeout=PROBE_TIMEOUT_S)
         self._database = database

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -187,8 +188,30 @@ class ResidentFirstWorker(Worker):
         return self.job_counter < self.max_jobs
 
 
+class DrawCounts:
+    """This process's draws with a LoRA or DreamBooth model, by whether the model was held already:
+    the hit rate of routing by residency (`avatarbooth_personal_model_draws_total` on /metrics)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = {True: 0, False: 0}
+
+    def add(self, held: bool) -> None:
+        with self._lock:
+            self._counts[held] += 1
+
+    def counts(self) -> tuple[int, int]:
+        """(draws whose model was held, draws that had to load it)."""
+        with self._lock:
+            return self._counts[True], self._counts[False]
+
+
+DRAWS = DrawCounts()
+
+
 def log_residency(renderer: Renderer, job_id: str, blob_key: str | None, method: str | None) -> None:
-    """One line per draw with a LoRA or DreamBooth model: was it held already (the hit rate)?"""
+    """Count and log each draw with a LoRA or DreamBooth model: was it held already?"""
     if blob_key is not None and method in _HELD_METHODS:
         held = model_id(blob_key) in held_models(renderer)
+        DRAWS.add(held)
         _log.info("job %s: the personal model was %s", job_id, "resident" if held else "not resident")

@@ -35,6 +35,7 @@ LABEL_VALUES = {
     "method": {str(method) for method in TrainingMethod} | {"none"},
     "outcome": set(OUTCOMES),
     "device": {f"cuda:{n}" for n in range(16)},
+    "resident": {"yes", "no"},
 }
 
 
@@ -172,6 +173,7 @@ async def test_a_worker_process_serves_its_metrics_and_health_while_valkey_answe
             assert sample(text, "avatarbooth_gpu_memory_allocated_bytes", device="cuda:0") is not None
         else:
             assert "avatarbooth_gpu_memory_allocated_bytes{" not in text
+        assert sample(text, "avatarbooth_personal_model_draws_total", resident="yes") == 0  # no draw yet
         assert "avatarbooth_jobs_total" not in text and "avatarbooth_users_enrolled" not in text  # the chat side's
         assert_no_personal_labels(text)
 

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import io
 import re
+import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from avatarbooth.config import AppConfig, load_config
 from avatarbooth.runtime import WorkerProcess, serve_chat
 from bot.service import Upload, UserRef
-from tests.support import face_photo
+from tests.support import face_photo, free_port
 
 pytestmark = pytest.mark.slow
 USERS = [UserRef("console", "alice"), UserRef("console", "bob")]
@@ -28,14 +30,16 @@ DRAWS = 8  # in turn: alice, bob, alice, ...
 LINE = re.compile(r"job (draw-\d+): the personal model was (resident|not resident)")
 
 
-def host_config(folder: Path, models_dir: Path, bucket: str, valkey_url: str, wait_s: float) -> AppConfig:
+def host_config(
+    folder: Path, models_dir: Path, bucket: str, valkey_url: str, wait_s: float, metrics_port: int = 0
+) -> AppConfig:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     path.write_text(
         f'[storage]\ndata_dir = "{folder / "data"}"\nblob_store = "s3"\ns3_bucket = "{bucket}"\n'
         f'[engine]\npreset = "tiny"\nmodels_dir = "{models_dir}"\nresident_loras = 1\nface_detail = false\n'
         f'[queue]\nredis_url = "{valkey_url}"\nresidency_wait_s = {wait_s}\n'
-        f"[limits]\nimages_per_draw = 1\n[training]\nsteps = 20\n"
+        f"[limits]\nimages_per_draw = 1\n[training]\nsteps = 20\n[metrics]\nworker_port = {metrics_port}\n"
     )
     return load_config(path, preset="tiny")
 
@@ -43,12 +47,13 @@ def host_config(folder: Path, models_dir: Path, bucket: str, valkey_url: str, wa
 async def draws_in_turn(
     tmp_path: Path, phase: str, chat: AppConfig, models_dir: Path, bucket: str, valkey_url: str, wait_s: float
 ) -> list[str]:
-    """Start two workers, train both users' LoRAs, draw DRAWS times in turn; the residency of each draw."""
-    logs = []
+    """Start two workers, train both users' LoRAs, draw DRAWS times in turn; the residency of each draw,
+    from the workers' logs, checked against their /metrics counts."""
+    logs, ports = [], [free_port(), free_port()]
     with ExitStack() as stack:
-        for n in (1, 2):
-            config = host_config(tmp_path / phase / f"worker-{n}", models_dir, bucket, valkey_url, wait_s)
-            worker = stack.enter_context(WorkerProcess(config))
+        for n, port in enumerate(ports, start=1):
+            config = host_config(tmp_path / phase / f"worker-{n}", models_dir, bucket, valkey_url, wait_s, port)
+            worker = stack.enter_context(WorkerProcess(config, metrics=True))
             await worker.wait_ready(valkey_url)
             logs.append(worker.log_path)
         async with serve_chat(chat, start_worker=False, status=io.StringIO()) as running:
@@ -61,9 +66,23 @@ async def draws_in_turn(
             for n in range(DRAWS):
                 drawn = await service.draw(USERS[n % 2], "me as an astronaut")
                 assert drawn.images and "lora model v1" in drawn.text, drawn.text
+        counted = [sum(draws(port, resident) for port in ports) for resident in ("yes", "no")]
     found = {job: seen for log in logs for job, seen in LINE.findall(log.read_text())}
     assert len(found) == DRAWS, found  # one line per draw, from whichever worker drew it
-    return [found[job] for job in sorted(found, key=lambda job: int(job.split("-")[1]))]
+    seen = [found[job] for job in sorted(found, key=lambda job: int(job.split("-")[1]))]
+    assert counted == [seen.count("resident"), seen.count("not resident")], (counted, seen)
+    return seen
+
+
+def draws(port: int, resident: str) -> float:
+    """A worker's ``avatarbooth_personal_model_draws_total`` with that label, from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == "avatarbooth_personal_model_draws_total" and found.labels == {"resident": resident}:
+                return float(found.value)
+    raise AssertionError(f"no avatarbooth_personal_model_draws_total{{resident={resident!r}}} on port {port}")
 
 
 async def test_draws_go_to_the_worker_that_holds_the_users_lora(
