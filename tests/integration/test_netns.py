@@ -4,7 +4,8 @@ The chat host (namespace ``chat``) runs Valkey, an S3 server (moto's) and the ch
 `avatarbooth run` composes it (`netns_chat_host.py`). Worker hosts (``worker-1``, later
 ``worker-2``) each run `avatarbooth worker` in their own namespace and hostname, with their own data
 folder and their own copy of the model weights; they reach the chat host only at its veth address.
-Each host's folders are its own: no blob folder exists anywhere, every blob travels through the bucket.
+Each host's folders are its own: in its mount namespace the other hosts' folders (and the weights the
+test built) are covered by empty ones, no blob folder exists anywhere, every blob travels through the bucket.
 
 Alice's whole journey (enrol → preview → train → draw) runs on worker-1. Then, once Bob's training
 has stored a checkpoint, every process of worker-1's namespace is SIGKILLed and the namespace
@@ -18,6 +19,7 @@ where they are not at hand.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -68,24 +70,35 @@ class Host:
     address: str  # its own veth address; the chat host has one per worker link
     chat_address: str  # the chat host, as this host reaches it ("127.0.0.1" on the chat host itself)
     folder: Path
+    hidden: tuple[Path, ...] = ()  # the other hosts' folders and the test's shared weights: empty here
 
     def command(self, command: list[str]) -> list[str]:
-        """``command`` run on this host: in its network namespace, under its own hostname."""
-        in_host = ["ip", "netns", "exec", self.namespace, "unshare", "--uts", "sh", "-c",
-                   'hostname "$0" && exec "$@"', self.name, *command]
+        """``command`` run on this host: in its network namespace (`ip netns exec` gives it a mount
+        namespace of its own too, where ``hidden`` folders are covered by empty ones), under its own
+        hostname."""
+        script = ('name=$1; shift; while [ "$1" != -- ]; do mount -t tmpfs -o size=1m,mode=0755 hidden "$1" '
+                  '|| exit 1; shift; done; shift; hostname "$name" && exec "$@"')
+        folders = [str(folder) for folder in self.hidden]
+        in_host = ["ip", "netns", "exec", self.namespace, "unshare", "--uts", "sh", "-c", script, "host",
+                   self.name, *folders, "--", *command]
         return guarded(in_host)  # and dead with this test process, however it ends
 
 
 class Network:
     """The chat host and two worker hosts, each linked to the chat host by its own veth pair."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, shared: Path) -> None:
+        """``shared``: a folder of the test's (the tiny weights it built) that no host may see."""
         tag = f"ab{os.getpid() % 100000}"
-        self.chat = Host("chat", f"{tag}-chat", "10.77.1.1", "127.0.0.1", tmp_path / "chat")
-        self.workers = [
+        hosts = [Host("chat", f"{tag}-chat", "10.77.1.1", "127.0.0.1", tmp_path / "chat")] + [
             Host(f"worker-{n}", f"{tag}-w{n}", f"10.77.{n}.2", f"10.77.{n}.1", tmp_path / f"worker-{n}")
             for n in (1, 2)
         ]
+        hosts = [
+            dataclasses.replace(host, hidden=(shared, *(other.folder for other in hosts if other != host)))
+            for host in hosts
+        ]
+        self.chat, self.workers = hosts[0], hosts[1:]
         self._tag = tag
 
     def __enter__(self) -> Network:
@@ -130,11 +143,11 @@ def ip(*arguments: str) -> None:
 
 
 @pytest.fixture
-def network(tmp_path: Path) -> Iterator[Network]:
+def network(tmp_path: Path, tiny_preset_dir: Path) -> Iterator[Network]:
     reason = netns_unavailable()
     if reason is not None:
         pytest.skip(f"the two-host test needs Linux network namespaces: {reason}")
-    with Network(tmp_path) as net:
+    with Network(tmp_path, tiny_preset_dir.parent) as net:
         yield net
 
 
@@ -245,6 +258,11 @@ async def test_a_worker_on_another_host_serves_the_journey_and_a_second_host_res
         stderr=(net.chat.folder / "chat.log").open("ab"), env=host_env(net.chat), cwd=ROOT,
     )
     try:
+        # No host sees another's folder (nor the test's weights): only the network joins them.
+        for host in (net.chat, *net.workers):
+            for other in host.hidden:
+                seen = subprocess.run(host.command(["ls", "-A", str(other)]), capture_output=True, text=True)
+                assert seen.returncode == 0 and seen.stdout == "", (host.name, other, seen.stdout, seen.stderr)
         assert (await next_event(chat, 60))["event"] == "up"
         alice = await next_event(chat, 300)
         assert alice["accepted"] == 3 and alice["preview_images"] >= 1, alice
