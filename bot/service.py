@@ -671,7 +671,7 @@ class BotService:
                 if await self._jobs.unsettled(erasure.job_ids):
                     left.append("queue entries")
                 elif not await self._jobs.wait_uncached(owner):
-                    left.append("copies in a worker's blob cache")
+                    left.append("copies in a worker's blob cache or memory")
                 elif not await self._jobs.compact_log():
                     left.append("the queue's append-only file not rewritten")
             except QueueUnavailable:

@@ -49,8 +49,8 @@ memory, refreshed every quarter second with a short expiry; workers read each ot
 
 CACHED_KEY_PREFIX = "avatarbooth:cached:"
 """``CACHED_KEY_PREFIX + <host>:<pid>``: a JSON list of the owners whose blobs that worker's local
-cache holds copies of, refreshed every second with a short expiry (engine.erasure); /forget is done
-only once no worker lists the owner."""
+cache holds copies of, or whose models it holds in memory, refreshed every second with a short expiry
+(engine.erasure); /forget is done only once no worker lists the owner."""
 
 
 def erased_key(owner: str) -> str:

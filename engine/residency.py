@@ -34,7 +34,7 @@ from arq.jobs import deserialize_job as read_job_def
 from redis.exceptions import RedisError
 
 from engine.api import RESIDENT_KEY_PREFIX, JobName, TrainingMethod, deserialize_job
-from engine.render.renderer import Renderer
+from engine.render.renderer import AdapterRef, Personalisation, Renderer, UnetWeightsRef
 from engine.upkeep import worker_name
 
 _log = logging.getLogger(__name__)
@@ -186,6 +186,41 @@ class ResidentFirstWorker(Worker):
 
     def has_room(self) -> bool:
         return self.job_counter < self.max_jobs
+
+
+class OwnersInMemory:
+    """Whose personal models the renderer holds in memory, so that /forget can drop them there too
+    (`engine.erasure` asks for `owners` and calls `forget`). Draws note each model they use."""
+
+    def __init__(self, renderer: Renderer) -> None:
+        self._renderer = renderer
+        self._lock = threading.Lock()
+        self._refs: dict[str, tuple[str, Personalisation]] = {}  # model id → (owner, how it is held)
+
+    def note(self, owner: str, blob_key: str, ref: Personalisation) -> None:
+        if isinstance(ref, (AdapterRef, UnetWeightsRef)):
+            with self._lock:
+                self._refs[model_id(blob_key)] = (owner, ref)
+
+    def owners(self) -> list[str]:
+        """The owners of models held now (those the renderer has dropped meanwhile are forgotten)."""
+        held = held_models(self._renderer)
+        with self._lock:
+            for gone in [mid for mid in self._refs if mid not in held]:
+                del self._refs[gone]
+            return sorted({owner for owner, _ in self._refs.values()})
+
+    def forget(self, owner: str) -> int:
+        """Drop every model of ``owner`` from memory (waiting for a draw that uses the pipeline); returns how many."""
+        with self._lock:
+            refs = [ref for mid, (who, ref) in self._refs.items() if who == owner]
+            self._refs = {mid: entry for mid, entry in self._refs.items() if entry[0] != owner}
+        for ref in refs:
+            if isinstance(ref, AdapterRef):
+                self._renderer.forget(ref.adapter_id)
+            elif isinstance(ref, UnetWeightsRef):
+                self._renderer.forget_weights(ref.path)
+        return len(refs)
 
 
 class DrawCounts:

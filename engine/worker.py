@@ -76,7 +76,7 @@ from engine.render.renderer import (
     expand_me,
 )
 from engine.render.upscale import upscale
-from engine.residency import Residency, ResidentFirstWorker, adapter_id, log_residency
+from engine.residency import OwnersInMemory, Residency, ResidentFirstWorker, adapter_id, log_residency
 from engine.settings import EngineSettings
 from engine.train.likeness import judge_by_faces
 from engine.train.memory import GIB, MemoryPlan, NotEnoughGpuMemory, TrainingShape, check_fits, plan_training
@@ -115,6 +115,10 @@ class WorkerContext:
     gpu_bytes: int | None = None  # the GPU's memory, which training plans must fit; None on the CPU
     cancelled: dict[str, threading.Event] = field(default_factory=dict)  # job id → set when its time is up
     memory_plans: dict[TrainingShape, MemoryPlan] = field(default_factory=dict)  # estimated once per shape
+    in_memory: OwnersInMemory = field(init=False)  # whose models the renderer holds, for /forget
+
+    def __post_init__(self) -> None:
+        self.in_memory = OwnersInMemory(self.renderer)
 
     @classmethod
     def load(cls, settings: EngineSettings) -> WorkerContext:
@@ -443,13 +447,17 @@ def _personalisation(app: WorkerContext, request: DrawRequest) -> Personalisatio
     if not request.token or not request.class_word:
         raise InvalidRequest("a personal model needs its token and class word")
     path = app.blobs.path(request.adapter_key)
+    ref: Personalisation
     if request.method == TrainingMethod.LORA:
-        return AdapterRef(adapter_id(request.adapter_key), path)
-    if request.method == TrainingMethod.TEXTUAL_INVERSION:
-        return EmbeddingRef(request.token, path)
-    if request.method == TrainingMethod.DREAMBOOTH:
-        return UnetWeightsRef(path)
-    raise InvalidRequest(f"unknown model method {request.method!r}")
+        ref = AdapterRef(adapter_id(request.adapter_key), path)
+    elif request.method == TrainingMethod.TEXTUAL_INVERSION:
+        ref = EmbeddingRef(request.token, path)
+    elif request.method == TrainingMethod.DREAMBOOTH:
+        ref = UnetWeightsRef(path)
+    else:
+        raise InvalidRequest(f"unknown model method {request.method!r}")
+    app.in_memory.note(request.owner, request.adapter_key, ref)  # for /forget (engine.erasure)
+    return ref
 
 
 def do_train(app: WorkerContext, request: TrainRequest) -> TrainResult:
@@ -783,7 +791,7 @@ async def run_worker(settings: EngineSettings, *, burst: bool = False) -> None:
     residency = asyncio.create_task(interactive.residency.publish_forever())
     heartbeat = asyncio.create_task(announce(redis))
     leases = asyncio.create_task(renew_leases(app.cancelled, redis))
-    sweep = asyncio.create_task(sweep_erased_copies(app.blobs, redis))
+    sweep = asyncio.create_task(sweep_erased_copies(app.blobs, redis, app.in_memory))
     try:
         await asyncio.gather(*(serve_queue(w, burst=burst) for w in workers))
     finally:

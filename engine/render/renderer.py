@@ -299,6 +299,11 @@ class Renderer:
             if self._slot is not None and self._slot.holder == adapter_id:
                 self._slot.clear()
 
+    def forget_weights(self, path: Path) -> None:
+        """Drop the DreamBooth weights of ``path`` from the host cache, if held."""
+        with self._lock:
+            self.dreambooth_weights.drop(path)
+
     def _activate(self, adapter: AdapterRef | None) -> None:
         """Make ``adapter`` the only active LoRA, loading it on first use; None: LoRA off."""
         if adapter is None:

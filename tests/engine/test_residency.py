@@ -1,5 +1,6 @@
-"""Which draws a worker leaves on the queue for another (engine.residency): real tiny renderers with
-a real LoRA loaded, their entries published to a real Valkey, real arq jobs on the queue."""
+"""Which draws a worker leaves on the queue for another (engine.residency), and /forget of the models a
+worker holds in memory: real tiny renderers with real LoRAs loaded, their entries published to a real
+Valkey, real arq jobs on the queue."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ import pytest
 from arq.connections import ArqRedis
 from PIL import Image
 
-from engine.api import QUEUE_INTERACTIVE, RESIDENT_KEY_PREFIX, DrawRequest, JobName
+from engine.api import CACHED_KEY_PREFIX, QUEUE_INTERACTIVE, RESIDENT_KEY_PREFIX, DrawRequest, JobName, erased_key
+from engine.erasure import sweep_once
 from engine.render.renderer import AdapterRef, Renderer
-from engine.residency import Residency, adapter_id, held_models, model_id
+from engine.residency import OwnersInMemory, Residency, adapter_id, held_models, model_id
 from engine.train.lora import LoraTrainSettings, train_lora
 from engine.worker import connect_redis
+from storage.blobs import LocalBlobStore
 from tests.support import load_tiny_sdxl
 
 SIZE = 64
@@ -119,3 +122,26 @@ async def test_the_holder_takes_its_draw_and_a_free_slot_is_preferred_for_a_new_
     impatient = Residency(renderer, redis, 0.2, lambda: True, name="host-c:1")
     await asyncio.sleep(0.3)
     assert not await impatient.leave_for_another(new)
+
+
+async def test_forget_drops_an_erased_owners_loras_from_a_workers_memory_before_it_says_done(
+    tiny_preset_dir: Path, loras: dict[str, str], redis: ArqRedis, tmp_path: Path
+) -> None:
+    """/forget's worker side (engine.erasure.sweep_once): the owners a worker lists include those whose
+    models it holds loaded; an erased owner's LoRA is unloaded, and only then is the owner unlisted."""
+    renderer = Renderer(load_tiny_sdxl(tiny_preset_dir), threading.Lock(), max_adapters=2)
+    memory = OwnersInMemory(renderer)
+    for owner in ("u1", "u2"):
+        holding(renderer, loras[owner])
+        memory.note(owner, f"{owner}/models/{Path(loras[owner]).name}",
+                    AdapterRef(adapter_id(loras[owner]), Path(loras[owner])))
+    blobs, key = LocalBlobStore(tmp_path / "blobs"), f"{CACHED_KEY_PREFIX}host-a:1"
+    assert await sweep_once(blobs, redis, key, memory) == ["u1", "u2"]
+    assert json.loads(await redis.get(key)) == ["u1", "u2"]  # what the chat side's /forget waits on
+
+    await redis.set(erased_key("u1"), "1")
+    assert await sweep_once(blobs, redis, key, memory) == ["u2"]
+    assert renderer.loaded_adapters == [adapter_id(loras["u2"])]
+    assert held_models(renderer) == {model_id(loras["u2"])}
+    renderer.forget(adapter_id(loras["u2"]))  # evicted by the renderer: no longer anyone's in memory
+    assert await sweep_once(blobs, redis, key, memory) == []
