@@ -239,24 +239,24 @@ def _engine_settings(
         device=str(engine.get("device", "auto")),
         dtype=_choice(engine, "engine", "dtype", _DTYPES),
         dreambooth_cache_bytes=_cache_bytes(engine),
-        max_jobs=_positive_int(queue, "max_jobs", 4),
-        resident_loras=_positive_int(engine, "resident_loras", EngineSettings.resident_loras),
+        max_jobs=_positive_int(queue, "max_jobs", 4, where="[queue] "),
+        resident_loras=_positive_int(engine, "resident_loras", EngineSettings.resident_loras, where="[engine] "),
         residency_wait_s=_residency_wait(queue),
-        interactive_timeout_s=_positive_int(queue, "interactive_timeout_s", 300),
-        training_timeout_s=_positive_int(queue, "training_timeout_s", 3600),
-        train_steps=_optional_positive_int(training, "steps"),
-        preview_steps=_optional_positive_int(engine, "preview_steps"),
-        draw_steps=_optional_positive_int(engine, "draw_steps"),
-        face_detail=bool(_bool(engine, "face_detail", True)),
-        lora_hotswap=bool(_bool(engine, "lora_hotswap", False)),
-        hotswap_rank=_positive_int(engine, "hotswap_rank", EngineSettings.hotswap_rank),
-        compile_unet=bool(_bool(engine, "compile_unet", False)),
-        few_step=bool(_bool(engine, "few_step", False)),
-        random_flip=_bool(training, "random_flip", False),
-        train_text_encoder=_bool(training, "train_text_encoder", False),
-        gradient_checkpointing=_bool(training, "gradient_checkpointing", None),
+        interactive_timeout_s=_positive_int(queue, "interactive_timeout_s", 300, where="[queue] "),
+        training_timeout_s=_positive_int(queue, "training_timeout_s", 3600, where="[queue] "),
+        train_steps=_optional_positive_int(training, "steps", where="[training] "),
+        preview_steps=_optional_positive_int(engine, "preview_steps", where="[engine] "),
+        draw_steps=_optional_positive_int(engine, "draw_steps", where="[engine] "),
+        face_detail=bool(_bool(engine, "face_detail", True, where="[engine] ")),
+        lora_hotswap=bool(_bool(engine, "lora_hotswap", False, where="[engine] ")),
+        hotswap_rank=_positive_int(engine, "hotswap_rank", EngineSettings.hotswap_rank, where="[engine] "),
+        compile_unet=bool(_bool(engine, "compile_unet", False, where="[engine] ")),
+        few_step=bool(_bool(engine, "few_step", False, where="[engine] ")),
+        random_flip=_bool(training, "random_flip", False, where="[training] "),
+        train_text_encoder=_bool(training, "train_text_encoder", False, where="[training] "),
+        gradient_checkpointing=_bool(training, "gradient_checkpointing", None, where="[training] "),
         dreambooth_optimizer=_choice(training, "training", "dreambooth_optimizer", _DREAMBOOTH_OPTIMIZERS),
-        keep_best_by_likeness=_bool(training, "keep_best_by_likeness", False),
+        keep_best_by_likeness=_bool(training, "keep_best_by_likeness", False, where="[training] "),
     )
 
 
@@ -415,21 +415,22 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def _positive_int(section: Mapping[str, Any], key: str, default: int) -> int:
+def _positive_int(section: Mapping[str, Any], key: str, default: int, *, where: str = "") -> int:
+    """``where``: the table, as "[engine] ", for the message."""
     value = section.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{key} must be a positive whole number, got {value!r}")
+        raise ConfigError(f"{where}{key} must be a positive whole number, got {value!r}; fix config.toml")
     return value
 
 
-def _bool(section: Mapping[str, Any], key: str, default: bool | None) -> bool | None:
+def _bool(section: Mapping[str, Any], key: str, default: bool | None, *, where: str = "") -> bool | None:
     value = section.get(key, default)
     if value is not None and not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}; fix config.toml")
+        raise ConfigError(f"{where}{key} must be true or false, got {value!r}; fix config.toml")
     return value
 
 
-def _optional_positive_int(section: Mapping[str, Any], key: str) -> int | None:
+def _optional_positive_int(section: Mapping[str, Any], key: str, *, where: str = "") -> int | None:
     if section.get(key) in (None, 0):
         return None
-    return _positive_int(section, key, 1)
+    return _positive_int(section, key, 1, where=where)
