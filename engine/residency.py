@@ -58,7 +58,13 @@ def adapter_id(blob_key: str) -> str:
 
 def held_models(renderer: Renderer) -> set[str]:
     """The models ``renderer`` holds in memory now: LoRAs loaded or packed for the hotswap slot, and
-    DreamBooth weights in its host cache. Read from the event loop while a draw's thread may change
+    DreamBooth weights in its host cache."""
+    loras, unets = _held(renderer)
+    return loras | unets
+
+
+def _held(renderer: Renderer) -> tuple[set[str], set[str]]:
+    """(LoRA ids, DreamBooth ids) held. Read from the event loop while a draw's thread may change
     them: a read that meets a change is taken again."""
     for _ in range(10):
         try:
@@ -68,8 +74,8 @@ def held_models(renderer: Renderer) -> set[str]:
         except RuntimeError:  # "OrderedDict mutated during iteration"
             continue
     else:
-        return set()
-    return {name.removeprefix("u_") for name in loras} | {model_id(path.name) for path in unets}
+        return set(), set()
+    return {name.removeprefix("u_") for name in loras}, {model_id(path.name) for path in unets}
 
 
 @dataclass(frozen=True)
@@ -99,12 +105,13 @@ class Residency:
     def enabled(self) -> bool:
         return self._wait_ms > 0
 
-    def _free(self, held: set[str]) -> int:
-        return max(0, self._renderer.adapter_capacity - len(held))
+    def _free(self, loras: set[str]) -> int:
+        """LoRA slots left (DreamBooth weights are bounded by bytes, not by these slots)."""
+        return max(0, self._renderer.adapter_capacity - len(loras))
 
     async def publish(self) -> None:
-        held = held_models(self._renderer)
-        entry = {"models": sorted(held), "free": self._free(held), "room": self._room()}
+        loras, unets = _held(self._renderer)
+        entry = {"models": sorted(loras | unets), "free": self._free(loras), "room": self._room()}
         await self._redis.set(self.key, json.dumps(entry), ex=RESIDENT_TTL_S)
 
     async def publish_forever(self) -> None:
@@ -126,13 +133,13 @@ class Residency:
         if model is None or time.time() * 1000 - enqueued_ms >= self._wait_ms:
             self._jobs.pop(job_id, None)
             return False
-        held = held_models(self._renderer)
-        if model in held:
+        loras, unets = _held(self._renderer)
+        if model in loras or model in unets:
             return False
         peers = [peer for peer in (await self._others()).values() if peer.room]
         if any(model in peer.models for peer in peers):
             return True
-        return self._free(held) == 0 and any(peer.free > 0 for peer in peers)
+        return self._free(loras) == 0 and any(peer.free > 0 for peer in peers)
 
     async def _read(self, job_id: str) -> tuple[str | None, int] | None:
         try:
